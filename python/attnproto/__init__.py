@@ -1,0 +1,18 @@
+"""attnproto — hand-written attention kernels, measured honestly.
+
+The native core (``attnproto._attnproto``) is imported lazily so that the pure
+Python layers (references, CPU backend, findings store, CLI) work even where the
+extension is not built, e.g. when running from a source tree.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "native"]
+
+
+def native():
+    """Return the compiled ``_attnproto`` module (raises ImportError with the reason)."""
+    from . import _attnproto  # noqa: PLC0415  (deliberately lazy)
+
+    return _attnproto
