@@ -32,11 +32,17 @@ def run_matmul(backend, m: int, n: int, k: int, rng: np.random.Generator, *, ite
     c = backend.to_numpy(dc, np.float32, (m, n))
     ref = a.astype(np.float64) @ b.astype(np.float64)
     err = np.abs(c.astype(np.float64) - ref)
+    # Worst-case FP32 rounding bound of a length-k dot product: gamma_k |A||B|, gamma_k = ku/(1-ku).
+    unit_roundoff = float(np.finfo(np.float32).eps) / 2
+    gamma = k * unit_roundoff / (1 - k * unit_roundoff)
+    bound = gamma * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
+    bound = np.maximum(bound, np.finfo(np.float64).tiny)
     stats = backend.time_launch(kern, grid, (SMOKE_TILE, SMOKE_TILE), args, iters=iters)
     flops = 2.0 * m * n * k
     return {
         "max_abs_err": float(np.nanmax(err)) if np.isfinite(c).all() else float("inf"),
         "rel_err": float(np.linalg.norm(c - ref) / np.linalg.norm(ref)),
+        "bound_ratio": float(np.nanmax(err / bound)) if np.isfinite(c).all() else float("inf"),
         "all_written": bool(np.isfinite(c).all()),
         "timing": stats,
         "gflops": flops / (stats.median_ms * 1e-3) / 1e9,

@@ -1,0 +1,414 @@
+"""``attnproto`` command line: info, list, run, kb add|query|stats.
+
+Exit status: 0 success; 1 an experiment or the store failed; 2 bad usage
+(unknown experiment or backend, unavailable backend, unreadable input).
+Errors are one line on stderr, never a traceback, unless the failure is a bug.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .findings import BACKENDS, FindingError
+from .records import RecordError, default_out_dir, git_commit, make_run_info, results_dir, write_experiment_results
+from .report import format_table, progress_bar
+from .store import DEFAULT_QUERY_LIMIT, FindingStore, StoreError, default_db_path
+
+__all__ = ["BackendStatus", "CLIError", "backend_statuses", "build_parser", "main", "resolve_backend"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+AUTO = "auto"
+PROG = "attnproto"
+DEFAULT_SEED = 0
+# Backends tried by --backend auto when attnproto.backend cannot say, best first.
+AUTO_ORDER = ("cuda", "metal", "cpu")
+# Title/claim columns are cut to this many characters in kb query tables.
+QUERY_CELL_WIDTH = 72
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+class CLIError(Exception):
+    """A usage error: reported as one line, exit status 2."""
+
+
+@dataclass
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in _CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_status() -> BackendStatus:
+    import numpy as np  # noqa: PLC0415
+
+    return BackendStatus("cpu", True, "", {
+        "name": _cpu_model(),
+        "arch": platform.machine(),
+        "cores": os.cpu_count(),
+        "driver": f"numpy {np.__version__}",
+    })
+
+
+def _to_status(obj: Any) -> BackendStatus:
+    try:
+        name = obj.name
+        available = bool(obj.available)
+    except AttributeError as exc:
+        raise CLIError(f"attnproto.backend.list_backends() returned an object without {exc.name!r}") from None
+    info = getattr(obj, "info", None) or {}
+    return BackendStatus(str(name), available, str(getattr(obj, "reason", "") or ""), dict(info))
+
+
+def backend_statuses() -> tuple[list[BackendStatus], str | None]:
+    """All backends with availability; the note says why the native core is missing, if it is."""
+    try:
+        from . import backend as backend_mod  # noqa: PLC0415  (native core may be absent)
+
+        statuses = [_to_status(b) for b in backend_mod.list_backends()]
+    except ImportError as exc:
+        return [cpu_status()], f"native core not built ({exc})"
+    by_name = {s.name: s for s in statuses}
+    if "cpu" not in by_name:
+        statuses.insert(0, cpu_status())
+    elif not by_name["cpu"].info:
+        by_name["cpu"].info = cpu_status().info
+    return statuses, None
+
+
+def device_name(status: BackendStatus) -> str:
+    for key in ("name", "device_name", "device"):
+        value = status.info.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    if status.name == "cpu":
+        return "cpu"
+    raise CLIError(f"backend {status.name} reports no device name in its info {sorted(status.info)}")
+
+
+def driver_of(status: BackendStatus) -> str:
+    for key in ("driver", "driver_version"):
+        value = status.info.get(key)
+        if value not in (None, ""):
+            return str(value)
+    if status.name == "cpu":
+        import numpy as np  # noqa: PLC0415
+
+        return f"numpy {np.__version__}"
+    return "unknown"
+
+
+def resolve_backend(requested: str) -> BackendStatus:
+    """The status of the backend to run on; ``auto`` = best available (cuda, metal, cpu)."""
+    if requested != AUTO and requested not in BACKENDS:
+        raise CLIError(f"unknown backend {requested!r}; choose from {', '.join(BACKENDS + (AUTO,))}")
+    statuses, note = backend_statuses()
+    by_name = {s.name: s for s in statuses}
+    if requested == AUTO:
+        fallback = next((n for n in AUTO_ORDER if n in by_name and by_name[n].available), "cpu")
+        chosen: str | None = fallback
+        if note is None:
+            try:
+                from . import backend as backend_mod  # noqa: PLC0415
+
+                best = backend_mod.best_backend()
+                chosen = best if isinstance(best, str) else getattr(best, "name", None)
+            except ImportError:
+                chosen = fallback
+        if chosen not in by_name:
+            raise CLIError(f"attnproto.backend.best_backend() chose {chosen!r}, which list_backends() does not list")
+        return by_name[chosen]
+    status = by_name.get(requested)
+    if status is None:
+        raise CLIError(f"backend {requested} is not available: {note or 'not listed by attnproto.backend'}")
+    if not status.available:
+        raise CLIError(f"backend {requested} is not available: {status.reason or 'no reason given'}")
+    return status
+
+
+# ----------------------------------------------------------------- commands
+def _print_info_dict(info: Mapping[str, Any], indent: str = "    ") -> None:
+    for key in sorted(info):
+        value = info[key]
+        if isinstance(value, Mapping):
+            print(f"{indent}{key}:")
+            _print_info_dict(value, indent + "  ")
+        else:
+            print(f"{indent}{key}: {value}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    statuses, note = backend_statuses()
+    print(f"attnproto {__version__} (python {platform.python_version()})")
+    if note:
+        print(note)
+    rows = [{"backend": s.name, "available": s.available, "reason": s.reason or "-"} for s in statuses]
+    print(format_table(rows, ["backend", "available", "reason"]))
+    for s in statuses:
+        if s.available and s.info:
+            print(f"\n{s.name}:")
+            _print_info_dict(s.info)
+    return EXIT_OK
+
+
+def _experiments_module():
+    from . import experiments  # noqa: PLC0415  (imports every experiment module)
+
+    return experiments
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    exps = _experiments_module().all_experiments()
+    rows = [{"experiment": e.name, "prototype": e.prototype, "backends": ",".join(e.backends),
+             "description": e.description} for e in exps]
+    print(format_table(rows, ["experiment", "prototype", "backends", "description"]))
+    if args.verbose:
+        for e in exps:
+            print(f"\n{e.name}:\n{e.doc}")
+    return EXIT_OK
+
+
+def _record_tables(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One table per distinct set of config keys (e.g. per op), timing columns last."""
+    groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault(tuple(rec["config"]), []).append(rec)
+    tables = []
+    timing_columns = ["median_ms", "p10_ms", "p90_ms", "cv"]
+    for config_keys, recs in groups.items():
+        metric_keys: dict[str, None] = {}
+        rows = []
+        for rec in recs:
+            row = dict(rec["config"])
+            row.update(rec["metrics"])
+            metric_keys.update(dict.fromkeys(rec["metrics"]))
+            row.update({key: rec["timing"][key] for key in timing_columns})
+            rows.append(row)
+        tables.append(format_table(rows, list(config_keys) + list(metric_keys) + timing_columns))
+    return tables
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    experiments = _experiments_module()
+    status = resolve_backend(args.backend)
+    backend = status.name
+    if args.experiment == "all":
+        exps = experiments.supporting(backend)
+        if not exps:
+            raise CLIError(f"no registered experiment supports backend {backend}")
+    else:
+        try:
+            exp = experiments.get(args.experiment)
+        except experiments.UnknownExperimentError as exc:
+            raise CLIError(str(exc)) from None
+        if not exp.supports(backend):
+            raise CLIError(f"experiment {exp.name!r} does not support backend {backend} "
+                           f"(supports: {', '.join(exp.backends)})")
+        exps = [exp]
+
+    name = device_name(status)
+    driver = driver_of(status)
+    commit = git_commit()
+    out_root = Path(args.out) if args.out is not None else default_out_dir(backend)
+    run_info = make_run_info(backend=backend, device=status.info, driver=driver, commit=commit,
+                             argv=[PROG, *args.argv], quick=args.quick, seed=args.seed)
+    store = None if args.no_kb else FindingStore(args.db)
+    print(f"backend {backend} on {name} (driver {driver}, commit {commit[:12]})")
+    failures = []
+    try:
+        for exp in exps:
+            ctx = experiments.ExperimentContext(
+                experiment=exp.name, backend=backend, device=dict(status.info), device_name=name,
+                driver=driver, commit=commit, quick=args.quick,
+                progress=lambda iterable=None, total=None, desc="": progress_bar(iterable, total=total, desc=desc),
+                out_dir=results_dir(out_root, backend, name, exp.name),
+                rng=np.random.default_rng([args.seed, zlib.crc32(exp.name.encode("utf-8"))]),
+            )
+            try:
+                result = experiments.run_experiment(exp, ctx)
+                paths = write_experiment_results(out_root, experiment=exp.name, backend=backend,
+                                                 device_name=name, records=result.records,
+                                                 findings=result.findings, run_info=run_info)
+            except (experiments.ExperimentError, RecordError, FindingError) as exc:
+                print(f"attnproto: error: experiment {exp.name} failed: {exc}", file=sys.stderr)
+                failures.append(exp.name)
+                continue
+            print(f"\n== {exp.name} ({exp.prototype}) on {backend}: {len(result.records)} records")
+            for table in _record_tables(result.records):
+                print(table)
+                print()
+            print(format_table([{"confidence": f.confidence, "title": f.title, "id": f.id} for f in result.findings],
+                               ["confidence", "title", "id"]))
+            print(f"results: {paths.directory} ({paths.findings_written} new findings in findings.jsonl)")
+            if store is not None:
+                added, skipped = store.add(result.findings)
+                print(f"kb: {added} added, {skipped} already present ({store.path})")
+    finally:
+        if store is not None:
+            store.close()
+    if failures:
+        print(f"attnproto: {len(failures)} experiment(s) failed: {', '.join(failures)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_kb_add(args: argparse.Namespace) -> int:
+    for path in args.files:
+        if not Path(path).is_file():
+            raise CLIError(f"no such findings file: {path}")
+    with FindingStore(args.db) as store:
+        for path in args.files:
+            try:
+                added, skipped = store.add_file(path)
+            except FindingError as exc:
+                raise CLIError(str(exc)) from None
+            print(f"{path}: {added} added, {skipped} already present")
+        print(f"kb: {len(store)} findings in {store.path}")
+    return EXIT_OK
+
+
+def cmd_kb_query(args: argparse.Namespace) -> int:
+    text = " ".join(args.text)
+    with FindingStore(args.db) as store:
+        try:
+            hits = store.query(text, limit=args.limit)
+        except StoreError as exc:
+            raise CLIError(str(exc)) from None
+    if args.json:
+        for f in hits:
+            print(f.to_json())
+        return EXIT_OK
+    if not hits:
+        print(f"no findings match {text!r}")
+        return EXIT_OK
+    rows = [{"confidence": f.confidence, "prototype": f.prototype, "backend": f.backend, "device": f.device,
+             "title": f.title, "id": f.id} for f in hits]
+    print(format_table(rows, ["confidence", "prototype", "backend", "device", "title", "id"],
+                       max_width=QUERY_CELL_WIDTH))
+    if args.long:
+        for f in hits:
+            print(f"\n{f.id}\n  {f.claim}")
+            for key, value in f.evidence.items():
+                print(f"  {key} = {value}")
+            if f.citation:
+                print(f"  citation: {f.citation}")
+    return EXIT_OK
+
+
+def cmd_kb_stats(args: argparse.Namespace) -> int:
+    with FindingStore(args.db) as store:
+        stats = store.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"database: {stats['path']} (SQLite {stats['sqlite_version']})")
+    print(f"search:   {stats['search']}")
+    print(f"findings: {stats['total']}")
+    for key in ("prototype", "device", "backend", "confidence", "source"):
+        counts = stats[f"by_{key}"]
+        if counts:
+            print()
+            print(format_table([{key: k, "count": v} for k, v in counts.items()], [key, "count"]))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_db_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", type=Path, default=None,
+                   help=f"findings database (default: $ATTNPROTO_KB or {default_db_path()})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="attention kernel prototypes and their findings")
+    parser.add_argument("--version", action="version", version=f"attnproto {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="backends, availability, device, limits")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("list", help="registered experiments")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each experiment's hypothesis and sweep")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("run", help="run an experiment (or all) and record its results")
+    p.add_argument("experiment", help="experiment name, or 'all' (every experiment supporting the backend)")
+    p.add_argument("--backend", default=AUTO, choices=BACKENDS + (AUTO,),
+                   help="backend to run on; auto = best available (cuda, then metal, then cpu)")
+    p.add_argument("--quick", action="store_true", help="small sweep (CI)")
+    p.add_argument("--out", default=None,
+                   help="results root (default: results/ for GPU backends, "
+                        "$XDG_STATE_HOME/attnproto/results for cpu)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="RNG seed for inputs")
+    p.add_argument("--no-kb", action="store_true", help="do not add the findings to the findings database")
+    _add_db_option(p)
+    p.set_defaults(func=cmd_run)
+
+    kb = sub.add_parser("kb", help="findings database")
+    kb_sub = kb.add_subparsers(dest="kb_command", required=True, metavar="KB_COMMAND")
+    p = kb_sub.add_parser("add", help="add findings JSONL file(s); ids already stored are skipped")
+    p.add_argument("files", nargs="+", help="findings .jsonl files")
+    _add_db_option(p)
+    p.set_defaults(func=cmd_kb_add)
+    p = kb_sub.add_parser("query", help="full-text search, e.g. kb query tile size D=128")
+    p.add_argument("text", nargs="+", help="search terms; every term must match, 'D=128' matches as a phrase")
+    p.add_argument("--limit", type=_positive_int, default=DEFAULT_QUERY_LIMIT, help="maximum results")
+    p.add_argument("--json", action="store_true", help="print matching findings as JSON lines")
+    p.add_argument("--long", action="store_true", help="also print claims and evidence")
+    _add_db_option(p)
+    p.set_defaults(func=cmd_kb_query)
+    p = kb_sub.add_parser("stats", help="counts per prototype/device/backend/confidence/source")
+    p.add_argument("--json", action="store_true", help="print the stats as JSON")
+    _add_db_option(p)
+    p.set_defaults(func=cmd_kb_stats)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        print(f"attnproto: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (StoreError, FindingError, RecordError, OSError) as exc:
+        print(f"attnproto: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("attnproto: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,193 @@
+"""Experiment registry.
+
+An experiment is a function ``run(ctx) -> ExperimentResult`` decorated with
+:func:`experiment`; its docstring must state the hypothesis and the sweep.
+Experiments register when :mod:`attnproto.experiments` is imported (it imports
+its submodules by name).
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..findings import BACKENDS, Finding, make_finding, slugify
+from ..records import EXPERIMENT_NAME_RE, check_findings_against_records, make_record, validate_record
+
+__all__ = [
+    "Experiment",
+    "ExperimentContext",
+    "ExperimentError",
+    "ExperimentResult",
+    "UnknownExperimentError",
+    "all_experiments",
+    "experiment",
+    "get",
+    "names",
+    "run_experiment",
+    "supporting",
+]
+
+
+class ExperimentError(RuntimeError):
+    """An experiment failed its own checks (e.g. a result outside tolerance) or broke the contract."""
+
+
+class UnknownExperimentError(LookupError):
+    """No experiment of that name is registered."""
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    records: list[dict[str, Any]]
+    findings: list[Finding]
+
+
+@dataclass
+class ExperimentContext:
+    """What an experiment gets to run.
+
+    backend: "cpu" | "cuda" | "metal".  device: the backend's device-info dict
+    (``device_name`` is its display name).  quick: run the small sweep (CI).
+    progress: bar factory, ``progress(iterable=None, total=None, desc="")``.
+    out_dir: the experiment's result directory (for extra artefacts).
+    rng: seeded numpy Generator.  commit/driver: provenance for records.
+    """
+
+    experiment: str
+    backend: str
+    device: dict[str, Any]
+    device_name: str
+    driver: str
+    commit: str
+    quick: bool
+    progress: Callable[..., Any]
+    out_dir: Path
+    rng: np.random.Generator
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        if not isinstance(self.rng, np.random.Generator):
+            raise TypeError(f"rng must be numpy.random.Generator, got {type(self.rng).__name__}")
+
+    def record(self, config: Mapping[str, Any], metrics: Mapping[str, float], timing: Any) -> dict[str, Any]:
+        """A validated sweep record stamped with this run's device/backend/driver/commit."""
+        return make_record(experiment=self.experiment, config=config, metrics=metrics, timing=timing,
+                           device=self.device_name, backend=self.backend, driver=self.driver,
+                           commit=self.commit)
+
+    def finding(self, *, prototype: str, title: str, claim: str, evidence: Mapping[str, float],
+                config: Mapping[str, Any], cv: float, records: Iterable[Mapping[str, Any]],
+                slug: str | None = None) -> Finding:
+        """A measured finding on this run's device/backend citing ``records`` (record dicts)."""
+        return make_finding(prototype=prototype, title=title, claim=claim, evidence=evidence, config=config,
+                            device=self.device_name, backend=self.backend, commit=self.commit, cv=cv,
+                            records=[r["id"] for r in records], slug=slug)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    prototype: str
+    description: str
+    backends: tuple[str, ...]
+    func: Callable[[ExperimentContext], ExperimentResult]
+
+    @property
+    def doc(self) -> str:
+        return inspect.cleandoc(self.func.__doc__ or "")
+
+    def supports(self, backend: str) -> bool:
+        return backend in self.backends
+
+
+_REGISTRY: dict[str, Experiment] = {}
+
+
+def experiment(name: str, prototype: str, description: str, *, backends: Sequence[str]) -> Callable:
+    """Register ``run(ctx) -> ExperimentResult`` under ``name``.
+
+    ``backends`` lists the backends the experiment runs on (subset of
+    ("cpu", "cuda", "metal")).  The function's docstring must state the
+    hypothesis and the sweep.
+    """
+    if not isinstance(name, str) or not EXPERIMENT_NAME_RE.fullmatch(name):
+        raise ValueError(f"experiment name {name!r} must match {EXPERIMENT_NAME_RE.pattern}")
+    if not isinstance(prototype, str) or not prototype or slugify(prototype) != prototype:
+        raise ValueError(f"prototype {prototype!r} must be a slug (lower-case a-z, 0-9, '-')")
+    if not isinstance(description, str) or not description.strip():
+        raise ValueError("description must be a non-empty string")
+    if isinstance(backends, str):
+        raise TypeError("backends must be a sequence of backend names, not a single string")
+    backends = tuple(backends)
+    bad = [b for b in backends if b not in BACKENDS]
+    if not backends or bad:
+        raise ValueError(f"backends must be a non-empty subset of {BACKENDS}, got {backends}")
+
+    def register(func: Callable[[ExperimentContext], ExperimentResult]) -> Callable:
+        if not callable(func):
+            raise TypeError(f"@experiment({name!r}) must decorate a function")
+        doc = inspect.cleandoc(func.__doc__ or "").lower()
+        if "hypothesis" not in doc or "sweep" not in doc:
+            raise ValueError(f"experiment {name!r}: the docstring must state the hypothesis and the sweep "
+                             "(mention both words)")
+        if name in _REGISTRY and _REGISTRY[name].func is not func:
+            raise ValueError(f"experiment {name!r} is already registered by {_REGISTRY[name].func.__module__}")
+        _REGISTRY[name] = Experiment(name, prototype, description.strip(), backends, func)
+        return func
+
+    return register
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def all_experiments() -> list[Experiment]:
+    return [_REGISTRY[n] for n in names()]
+
+
+def get(name: str) -> Experiment:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(names()) or "(none registered)"
+        raise UnknownExperimentError(f"unknown experiment {name!r}; known: {known}") from None
+
+
+def supporting(backend: str) -> list[Experiment]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    return [e for e in all_experiments() if e.supports(backend)]
+
+
+def run_experiment(exp: Experiment, ctx: ExperimentContext) -> ExperimentResult:
+    """Run ``exp`` and check the contract: result type, records, finding/record consistency."""
+    if not exp.supports(ctx.backend):
+        raise ExperimentError(f"experiment {exp.name!r} does not support backend {ctx.backend!r} "
+                              f"(supports: {', '.join(exp.backends)})")
+    if ctx.experiment != exp.name:
+        raise ExperimentError(f"context is for experiment {ctx.experiment!r}, not {exp.name!r}")
+    result = exp.func(ctx)
+    if not isinstance(result, ExperimentResult):
+        raise ExperimentError(f"experiment {exp.name!r} returned {type(result).__name__}, expected ExperimentResult")
+    records = [validate_record(r) for r in result.records]
+    for rec in records:
+        if rec["backend"] != ctx.backend or rec["device"] != ctx.device_name or rec["experiment"] != exp.name:
+            raise ExperimentError(f"record {rec['id']!r} is labelled {rec['experiment']}/{rec['backend']}/"
+                                  f"{rec['device']!r}, but this run is {exp.name}/{ctx.backend}/{ctx.device_name!r}")
+    findings = list(result.findings)
+    for f in findings:
+        if not isinstance(f, Finding):
+            raise ExperimentError(f"experiment {exp.name!r} returned a {type(f).__name__} among its findings")
+        if f.source == "measured" and (f.backend != ctx.backend or f.device != ctx.device_name):
+            raise ExperimentError(f"measured finding {f.id!r} is labelled {f.backend}/{f.device!r}, "
+                                  f"but this run is {ctx.backend}/{ctx.device_name!r}")
+    check_findings_against_records(findings, records)
+    return ExperimentResult(records=records, findings=findings)

@@ -1,0 +1,404 @@
+"""Sweep records and the on-disk results layout.
+
+Layout (``out`` defaults to ``results/`` for GPU backends, see
+:func:`default_out_dir` for CPU runs)::
+
+    <out>/<device-slug>/<experiment>/records.jsonl   one record per swept config
+    <out>/<device-slug>/<experiment>/findings.jsonl  findings (idempotent by id)
+    <out>/<device-slug>/<experiment>/run.json        device, driver, commit, date, command line
+
+``records.jsonl`` and ``run.json`` describe the latest run and are replaced
+atomically by it; ``findings.jsonl`` is appended with
+:func:`attnproto.findings.append_findings` (first write of an id wins).
+
+The device slug of a GPU is the slug of its name (``"NVIDIA H100 80GB HBM3"`` ->
+``"nvidia-h100-80gb-hbm3"``).  CPU runs always get a slug that starts with
+``cpu`` (``"cpu-<cpu model slug>"``, or ``"cpu"`` when the model is unknown;
+never the host name), so CPU timings can never land in a GPU directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .findings import (
+    BACKENDS,
+    Finding,
+    FindingError,
+    append_findings,
+    canonical_json,
+    slugify,
+    utc_now_iso,
+    validate_metrics,
+)
+
+__all__ = [
+    "CPU_SLUG",
+    "EXPERIMENT_NAME_RE",
+    "MIN_TIMING_SAMPLES",
+    "RecordError",
+    "ResultPaths",
+    "check_findings_against_records",
+    "default_out_dir",
+    "device_slug",
+    "git_commit",
+    "git_dirty",
+    "make_record",
+    "make_run_info",
+    "read_records",
+    "record_id",
+    "results_dir",
+    "timing_from_samples",
+    "timing_to_dict",
+    "validate_record",
+    "write_experiment_results",
+]
+
+CPU_SLUG = "cpu"
+# Fewer than two samples has no spread, hence no CV and no confidence.
+MIN_TIMING_SAMPLES = 2
+_P10 = 10.0
+_P90 = 90.0
+_RECORD_ID_HASH_HEX_CHARS = 12
+_GIT_TIMEOUT_S = 5.0
+EXPERIMENT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_TIMING_REQUIRED = ("median_ms", "p10_ms", "p90_ms", "cv")
+_RECORD_KEYS = ("id", "experiment", "config", "metrics", "timing", "device",
+                "backend", "driver", "commit", "date")
+
+
+class RecordError(ValueError):
+    """A sweep record, or the relation between records and findings, is invalid."""
+
+
+def timing_from_samples(samples_ms: Sequence[float]) -> dict[str, Any]:
+    """Summarise per-iteration times (ms): median, p10, p90, mean, cv, n, samples.
+
+    cv is the sample standard deviation (ddof=1) over the mean, as a fraction.
+    """
+    samples = [float(x) for x in samples_ms]
+    if len(samples) < MIN_TIMING_SAMPLES:
+        raise RecordError(f"samples_ms needs at least {MIN_TIMING_SAMPLES} samples, got {len(samples)}")
+    if any(not math.isfinite(x) or x < 0 for x in samples):
+        raise RecordError("samples_ms must be finite and >= 0")
+    import numpy as np  # noqa: PLC0415  (keep `attnproto.records` import light)
+
+    arr = np.asarray(samples, dtype=np.float64)
+    mean = float(arr.mean())
+    if mean <= 0:
+        raise RecordError("samples_ms has a zero mean; the timer resolution is too coarse for this workload")
+    return {
+        "median_ms": float(np.median(arr)),
+        "p10_ms": float(np.percentile(arr, _P10)),
+        "p90_ms": float(np.percentile(arr, _P90)),
+        "mean_ms": mean,
+        "cv": float(arr.std(ddof=1) / mean),
+        "n": len(samples),
+        "samples_ms": samples,
+    }
+
+
+def timing_to_dict(stats: Any) -> dict[str, Any]:
+    """Normalise a TimingStats-like object or a dict to the record's timing dict.
+
+    Required fields: median_ms, p10_ms, p90_ms, cv; optional: mean_ms,
+    samples_ms (``n`` is derived from it).
+    """
+    def get(name: str) -> Any:
+        if isinstance(stats, Mapping):
+            return stats.get(name)
+        return getattr(stats, name, None)
+
+    out: dict[str, Any] = {}
+    for name in _TIMING_REQUIRED:
+        value = get(name)
+        if value is None:
+            raise RecordError(f"timing is missing {name!r} (got {type(stats).__name__})")
+        out[name] = float(value)
+    mean = get("mean_ms")
+    if mean is not None:
+        out["mean_ms"] = float(mean)
+    samples = get("samples_ms")
+    if samples is not None:
+        out["samples_ms"] = [float(x) for x in samples]
+        out["n"] = len(out["samples_ms"])
+    elif get("n") is not None:
+        out["n"] = int(get("n"))
+    for name, value in out.items():
+        values = value if isinstance(value, list) else [value]
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise RecordError(f"timing {name} must be finite and >= 0, got {value!r}")
+    if not out["p10_ms"] <= out["median_ms"] <= out["p90_ms"]:
+        raise RecordError(f"timing must satisfy p10 <= median <= p90, got {out['p10_ms']}, {out['median_ms']}, {out['p90_ms']}")
+    return out
+
+
+def record_id(experiment: str, config: Mapping[str, Any], device: str, backend: str) -> str:
+    """Deterministic record id from (experiment, config, device, backend)."""
+    key = canonical_json([experiment, dict(config), device, backend])
+    return f"{experiment}/{hashlib.sha256(key.encode('utf-8')).hexdigest()[:_RECORD_ID_HASH_HEX_CHARS]}"
+
+
+def make_record(
+    *,
+    experiment: str,
+    config: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    timing: Any,
+    device: str,
+    backend: str,
+    driver: str,
+    commit: str,
+    date: str | None = None,
+) -> dict[str, Any]:
+    """Build one validated sweep record (see module doc); ``timing`` is TimingStats-like."""
+    record = {
+        "id": record_id(experiment, config, device, backend),
+        "experiment": experiment,
+        "config": dict(config),
+        "metrics": dict(metrics),
+        "timing": timing_to_dict(timing),
+        "device": device,
+        "backend": backend,
+        "driver": driver,
+        "commit": commit,
+        "date": utc_now_iso() if date is None else date,
+    }
+    return validate_record(record)
+
+
+def validate_record(record: Any) -> dict[str, Any]:
+    """Validate a record dict (keys, types, finite metrics, id); return it normalised."""
+    if not isinstance(record, Mapping):
+        raise RecordError(f"a record must be a dict, got {type(record).__name__}")
+    missing = set(_RECORD_KEYS) - set(record)
+    unknown = set(record) - set(_RECORD_KEYS)
+    if missing or unknown:
+        raise RecordError(f"record keys: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    for key in ("experiment", "device", "backend", "driver", "commit", "date"):
+        if not isinstance(record[key], str) or not record[key]:
+            raise RecordError(f"record {key} must be a non-empty string, got {record[key]!r}")
+    if record["backend"] not in BACKENDS:
+        raise RecordError(f"record backend {record['backend']!r} is not one of {BACKENDS}")
+    if not isinstance(record["config"], Mapping):
+        raise RecordError("record config must be a dict")
+    try:
+        canonical_json(dict(record["config"]))
+        metrics = validate_metrics(record["metrics"], field="metrics")
+    except FindingError as exc:
+        raise RecordError(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise RecordError(f"record config must be JSON-serialisable without NaN/inf: {exc}") from None
+    out = dict(record)
+    out["config"] = dict(record["config"])
+    out["metrics"] = metrics
+    out["timing"] = timing_to_dict(record["timing"])
+    expected = record_id(out["experiment"], out["config"], out["device"], out["backend"])
+    if out["id"] != expected:
+        raise RecordError(f"record id {out['id']!r} does not match its content (expected {expected!r})")
+    return {key: out[key] for key in _RECORD_KEYS}
+
+
+def check_findings_against_records(findings: Iterable[Finding], records: Iterable[Mapping[str, Any]]) -> None:
+    """Enforce that measured findings rest on records of their own device and backend.
+
+    Every measured finding must cite at least one record; every cited record
+    must be present and share the finding's device and backend (so CPU timings
+    never back a GPU finding).  Raises :class:`RecordError`.
+    """
+    by_id = {rec["id"]: rec for rec in records}
+    for f in findings:
+        if f.source != "measured":
+            continue
+        if not f.records:
+            raise RecordError(f"measured finding {f.id!r} cites no records")
+        for rid in f.records:
+            rec = by_id.get(rid)
+            if rec is None:
+                raise RecordError(f"finding {f.id!r} cites unknown record {rid!r}")
+            if rec["backend"] != f.backend or rec["device"] != f.device:
+                raise RecordError(
+                    f"finding {f.id!r} ({f.backend} on {f.device!r}) cites record {rid!r} "
+                    f"measured with {rec['backend']} on {rec['device']!r}; findings may only cite "
+                    "records of their own backend and device"
+                )
+
+
+def device_slug(backend: str, device_name: str | None) -> str:
+    """Directory name of a device: GPU name slug, or ``cpu[-<model slug>]`` for CPU runs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    name_slug = slugify(device_name or "")
+    if backend == "cpu":
+        if not name_slug or name_slug == CPU_SLUG:
+            return CPU_SLUG
+        return name_slug if name_slug.startswith(CPU_SLUG + "-") else f"{CPU_SLUG}-{name_slug}"
+    if not name_slug:
+        raise ValueError(f"a {backend} result needs a device name to name its directory")
+    if name_slug == CPU_SLUG or name_slug.startswith(CPU_SLUG + "-"):
+        raise ValueError(f"{backend} device name {device_name!r} would collide with CPU result directories")
+    return name_slug
+
+
+def results_dir(out: str | os.PathLike[str], backend: str, device_name: str | None, experiment: str) -> Path:
+    """``<out>/<device-slug>/<experiment>``."""
+    if not isinstance(experiment, str) or not EXPERIMENT_NAME_RE.fullmatch(experiment):
+        raise ValueError(f"experiment name {experiment!r} must match {EXPERIMENT_NAME_RE.pattern}")
+    return Path(out) / device_slug(backend, device_name) / experiment
+
+
+def default_out_dir(backend: str) -> Path:
+    """Default results root: ``results/`` (cwd) for GPU backends.
+
+    CPU runs are not committed results, so by default they go to
+    ``$XDG_STATE_HOME/attnproto/results`` (``~/.local/state/attnproto/results``);
+    pass ``--out results`` to put them under ``results/cpu-*/`` on purpose.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    if backend != "cpu":
+        return Path("results")
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "attnproto" / "results"
+
+
+def git_commit(start: str | os.PathLike[str] | None = None) -> str:
+    """Git sha of the repository holding ``start`` (default: this package's source), or "unknown"."""
+    where = Path(start) if start is not None else Path(__file__).resolve().parent
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "--verify", "HEAD"],
+            capture_output=True, text=True, timeout=_GIT_TIMEOUT_S, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    sha = proc.stdout.strip()
+    return sha if proc.returncode == 0 and sha else "unknown"
+
+
+def git_dirty(start: str | os.PathLike[str] | None = None) -> bool | None:
+    """Whether the work tree differs from HEAD, untracked files included (None when git cannot tell)."""
+    where = Path(start) if start is not None else Path(__file__).resolve().parent
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain"],
+            capture_output=True, text=True, timeout=_GIT_TIMEOUT_S, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(proc.stdout.strip()) if proc.returncode == 0 else None
+
+
+def make_run_info(
+    *,
+    backend: str,
+    device: Mapping[str, Any],
+    driver: str,
+    commit: str,
+    argv: Sequence[str] | None = None,
+    quick: bool,
+    seed: int,
+    date: str | None = None,
+) -> dict[str, Any]:
+    """The ``run.json`` payload."""
+    import platform  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    args = list(sys.argv if argv is None else argv)
+    return {
+        "backend": backend,
+        "device": dict(device),
+        "driver": driver,
+        "commit": commit,
+        "commit_dirty": git_dirty() if commit != "unknown" else None,
+        "date": utc_now_iso() if date is None else date,
+        "command_line": shlex.join(args),
+        "argv": args,
+        "quick": bool(quick),
+        "seed": int(seed),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class ResultPaths:
+    directory: Path
+    records: Path
+    findings: Path
+    run: Path
+    findings_written: int
+
+
+def write_experiment_results(
+    out: str | os.PathLike[str],
+    *,
+    experiment: str,
+    backend: str,
+    device_name: str | None,
+    records: Sequence[Mapping[str, Any]],
+    findings: Sequence[Finding],
+    run_info: Mapping[str, Any],
+) -> ResultPaths:
+    """Validate and write one experiment's records, findings and run.json."""
+    checked = [validate_record(rec) for rec in records]
+    for rec in checked:
+        if rec["backend"] != backend or rec["experiment"] != experiment:
+            raise RecordError(
+                f"record {rec['id']!r} is {rec['experiment']}/{rec['backend']}, "
+                f"but this run is {experiment}/{backend}"
+            )
+    check_findings_against_records(findings, checked)
+    directory = results_dir(out, backend, device_name, experiment)
+    records_path = directory / "records.jsonl"
+    findings_path = directory / "findings.jsonl"
+    run_path = directory / "run.json"
+    lines = "".join(json.dumps(rec, allow_nan=False, separators=(",", ":")) + "\n" for rec in checked)
+    _atomic_write_text(records_path, lines)
+    written = append_findings(findings_path, findings)
+    info = dict(run_info)
+    info["experiment"] = experiment
+    _atomic_write_text(run_path, json.dumps(info, indent=2, allow_nan=False, sort_keys=True) + "\n")
+    return ResultPaths(directory, records_path, findings_path, run_path, written)
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read and validate a records.jsonl file."""
+    path = Path(path)
+    out = []
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append(validate_record(json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
+            except RecordError as exc:
+                raise RecordError(f"{path}:{lineno}: {exc}") from None
+    return out
+
