@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# tools/device_run.sh — everything attnproto does on a GPU machine, in one call.
+#
+#   bash tools/device_run.sh STAGE [STAGE...]
+#
+# Stages (run in the order given):
+#   build       pip install . without build isolation (the device has no network);
+#               wheels in .whl/ (e.g. fla-core) are installed to /tmp/site first
+#   test        the whole pytest suite, GPU tests included            -> $OUT/pytest.log
+#   sanitize    compute-sanitizer memcheck + racecheck on small shapes -> $OUT/sanitize.log
+#   run:NAME    attnproto run NAME --backend cuda (results/ updated)   -> $OUT/results.tgz
+#   bench       build and run the C++ benchmark binaries               -> $OUT/bench.log
+#
+# Exact build command on the device (documented in README.md):
+#   python3 -m pip install --no-build-isolation --no-deps .
+# $OUT is set by the device tool; elsewhere it defaults to ./device-out.
+set -uo pipefail
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export ATTNPROTO_CACHE_DIR=${ATTNPROTO_CACHE_DIR:-/tmp/attnproto-cache}
+status=0
+ran_experiments=0
+
+note() { printf '\n=== %s ===\n' "$*"; }
+
+for stage in "$@"; do
+  case "$stage" in
+    build)
+      note build
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
+      python3 -c 'import sys, nanobind, scikit_build_core, torch; print(sys.version.split()[0], "nanobind", nanobind.__version__, "skbuild", scikit_build_core.__version__, "torch", torch.__version__)' | tee -a "$OUT/device.txt"
+      if compgen -G ".whl/*.whl" >/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || status=1
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+      fi
+      python3 -m pip install --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+      tail -1 "$OUT/build.log"
+      (cd /tmp && python3 -m attnproto info) || status=1
+      ;;
+    test)
+      note test
+      python3 -m pytest -q -ra -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -60
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      ;;
+    sanitize)
+      note sanitize
+      python3 tools/sanitize.py 2>&1 | tee "$OUT/sanitize.log" | tail -30
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      ;;
+    run:*)
+      name=${stage#run:}
+      note "run $name"
+      python3 -m attnproto run "$name" --backend cuda --out results 2>&1 | tee -a "$OUT/experiments.log" | tail -80
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      ran_experiments=1
+      ;;
+    bench)
+      note bench
+      cmake -S . -B build/bench -G Ninja -DATTNPROTO_BUILD_BENCH=ON -DATTNPROTO_BUILD_PYTHON=OFF >"$OUT/bench.log" 2>&1 &&
+        cmake --build build/bench >>"$OUT/bench.log" 2>&1 || { tail -30 "$OUT/bench.log"; status=1; continue; }
+      for b in build/bench/bench/attnproto_bench_*; do
+        [ -x "$b" ] || continue
+        "$b" 2>&1 | tee -a "$OUT/bench.log" | tail -20 || status=1
+      done
+      ;;
+    *)
+      echo "unknown stage: $stage" >&2
+      exit 2
+      ;;
+  esac
+done
+
+if [ "$ran_experiments" = 1 ]; then
+  tar czf "$OUT/results.tgz" results
+fi
+exit $status
