@@ -203,7 +203,12 @@ NB_MODULE(_attnproto, m) {
         .def_prop_ro("unavailable_reason", &Backend::unavailable_reason)
         .def("info", [](Backend& b) { return info_dict(b.info()); })
         .def("kernel", [](Backend& b, const std::string& name, const std::map<std::string, int64_t>& constants,
-                          const std::string& mode) { return b.kernel(KernelKey(name, constants), parse_mode(mode)); },
+                          const std::string& mode) {
+            KernelKey key(name, constants);
+            CacheMode cm = parse_mode(mode);
+            nb::gil_scoped_release unlocked;  // compiles may run in parallel threads
+            return b.kernel(key, cm);
+        },
              "name"_a, "constants"_a, "mode"_a = "default")
         .def("clear_memory_cache", &Backend::clear_memory_cache)
         .def("alloc", &Backend::alloc, "nbytes"_a)
@@ -245,14 +250,25 @@ NB_MODULE(_attnproto, m) {
         else if (output == "ptx") o = cuda::Output::Ptx;
         else if (output == "ltoir") o = cuda::Output::LtoIr;
         else throw std::invalid_argument("output: '" + output + "' is not one of cubin, ptx, ltoir");
-        cuda::CompileResult r = cuda::compile(KernelKey(name, constants), arch, o);
+        KernelKey key(name, constants);
+        cuda::CompileResult r;
+        {
+            nb::gil_scoped_release unlocked;
+            r = cuda::compile(key, arch, o);
+        }
         return nb::make_tuple(nb::bytes(reinterpret_cast<const char*>(r.binary.data()), r.binary.size()), r.log,
                               r.compile_ms);
     }, "name"_a, "constants"_a, "arch"_a, "output"_a = "cubin",
        "Compile a kernel with NVRTC without a device; returns (binary, log, compile_ms)");
     m.def("cuda_obtain", [](const std::string& name, const std::map<std::string, int64_t>& constants,
                             const std::string& arch, const std::string& mode) {
-        cuda::Obtained o = cuda::obtain_cubin(KernelKey(name, constants), arch, parse_mode(mode));
+        KernelKey key(name, constants);
+        CacheMode cm = parse_mode(mode);
+        cuda::Obtained o;
+        {
+            nb::gil_scoped_release unlocked;
+            o = cuda::obtain_cubin(key, arch, cm);
+        }
         return nb::make_tuple(nb::bytes(reinterpret_cast<const char*>(o.cubin.data()), o.cubin.size()),
                               std::string(origin_name(o.origin)), o.ms, o.log, o.archive_key);
     }, "name"_a, "constants"_a, "arch"_a, "mode"_a = "default",

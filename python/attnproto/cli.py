@@ -336,6 +336,30 @@ def cmd_kb_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    """List, compile (check) or precompile (fill the archive) every CUDA specialisation."""
+    from . import kernels  # noqa: PLC0415
+
+    specs = kernels.all_specialisations()
+    if args.action == "list":
+        from .backend import native  # noqa: PLC0415
+
+        nat = native()
+        for name, consts in specs:
+            print(nat.kernel_key(name, consts))
+        return EXIT_OK
+    fn = kernels.precompile if args.action == "precompile" else kernels.compile_all
+    with progress_bar(None, total=len(specs), desc=f"{args.action} ({args.arch})") as bar:
+        rows = fn(arch=args.arch, specs=specs, jobs=args.jobs, progress=lambda done, total: bar.update(1))
+    failed = [r for r in rows if not r["ok"]]
+    table = [{"kernel": r["kernel"], "ok": r["ok"], "origin": r["origin"], "ms": r["ms"]} for r in rows]
+    print(format_table(table, ["kernel", "ok", "origin", "ms"]))
+    for r in failed:
+        print(f"\nFAILED {r['kernel']}:\n{r['log']}", file=sys.stderr)
+    print(f"{len(rows) - len(failed)} compiled, {len(failed)} failed ({args.arch})")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 # ------------------------------------------------------------------- parser
 def _positive_int(text: str) -> int:
     try:
@@ -376,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kb", action="store_true", help="do not add the findings to the findings database")
     _add_db_option(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("kernels", help="CUDA kernel specialisations: list, compile (check) or precompile")
+    p.add_argument("action", choices=("list", "compile", "precompile"),
+                   help="compile: NVRTC-compile each (no GPU needed); precompile: also store in the archive")
+    p.add_argument("--arch", default="sm_90a", help="target, e.g. sm_90a, sm_80")
+    p.add_argument("--jobs", type=_positive_int, default=None, help="parallel compiles (default: CPU count)")
+    p.set_defaults(func=cmd_kernels)
 
     kb = sub.add_parser("kb", help="findings database")
     kb_sub = kb.add_subparsers(dest="kb_command", required=True, metavar="KB_COMMAND")

@@ -1,27 +1,35 @@
 """Every CUDA kernel specialisation the project uses, from each kernel family's
-own list. CI compiles each one with NVRTC (no GPU needed) and fails on any
-compile error; `attnproto kernels --compile` does the same by hand."""
+own list, and two ways to compile them without a GPU (NVRTC only):
+
+* :func:`compile_all` — compile each one and report errors (CI fails on any);
+* :func:`precompile` — fill the on-disk archive, so a GPU machine loads instead
+  of compiling (the archive key covers source hash, arch and compiler version).
+"""
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
-#: Modules that define `specialisations()` -> list[(kernel name, constants)].
+#: (module, function) pairs returning list[(kernel name, constants)].
 _PROVIDERS = (
-    "attnproto.gpu_smoke",
-    "attnproto.ops.configs",
-    "attnproto.ops.flash_wgmma",
-    "attnproto.ops.linear",
+    ("attnproto.gpu_smoke", "specialisations"),
+    ("attnproto.ops.configs", "all_specialisations"),
+    ("attnproto.ops.flash_wgmma", "wgmma_specialisations"),
+    ("attnproto.ops.linear", "linear_specialisations"),
 )
 
 #: The arch CI compiles for: Hopper with arch-specific features (wgmma, setmaxnreg).
 DEFAULT_ARCH = "sm_90a"
 
+Spec = tuple[str, dict[str, int]]
 
-def all_specialisations() -> list[tuple[str, dict[str, int]]]:
+
+def all_specialisations() -> list[Spec]:
     seen, out = set(), []
-    for mod_name in _PROVIDERS:
-        mod = importlib.import_module(mod_name)
-        for name, consts in mod.specialisations():
+    for mod_name, fn in _PROVIDERS:
+        for name, consts in getattr(importlib.import_module(mod_name), fn)():
             key = (name, tuple(sorted(consts.items())))
             if key not in seen:
                 seen.add(key)
@@ -29,21 +37,54 @@ def all_specialisations() -> list[tuple[str, dict[str, int]]]:
     return out
 
 
-def compile_all(arch: str = DEFAULT_ARCH, progress=None) -> list[dict]:
-    """Compile every specialisation for `arch`; returns one row per kernel (ok, ms, log)."""
+def _parallel(work: Callable[[Spec], dict], specs: Iterable[Spec], jobs: int | None, progress) -> list[dict]:
+    specs = list(specs)
+    rows = []
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:  # NVRTC releases the GIL
+        for i, row in enumerate(pool.map(work, specs)):
+            rows.append(row)
+            if progress:
+                progress(i + 1, len(specs))
+    return rows
+
+
+def _row(nat, name, consts) -> dict:
+    return {"kernel": nat.kernel_key(name, consts), "ok": True, "origin": "compiled", "ms": 0.0, "log": ""}
+
+
+def compile_all(arch: str = DEFAULT_ARCH, specs: Iterable[Spec] | None = None, jobs: int | None = None,
+                progress=None) -> list[dict]:
+    """Compile every specialisation for `arch`; one row per kernel (ok, ms, log)."""
     from .backend import native  # noqa: PLC0415
 
     nat = native()
-    rows = []
-    specs = all_specialisations()
-    for i, (name, consts) in enumerate(specs):
-        row = {"kernel": nat.kernel_key(name, consts), "ok": True, "ms": 0.0, "log": ""}
+
+    def one(spec: Spec) -> dict:
+        row = _row(nat, *spec)
         try:
-            _, log, ms = nat.cuda_compile(name, consts, arch)
+            _, log, ms = nat.cuda_compile(spec[0], spec[1], arch)
             row.update(ms=ms, log=log)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, none hidden
             row.update(ok=False, log=str(exc))
-        rows.append(row)
-        if progress:
-            progress(i + 1, len(specs))
-    return rows
+        return row
+
+    return _parallel(one, all_specialisations() if specs is None else specs, jobs, progress)
+
+
+def precompile(specs: Iterable[Spec] | None = None, arch: str = DEFAULT_ARCH, jobs: int | None = None,
+               progress=None) -> list[dict]:
+    """Put every specialisation in `specs` (default: all) into the on-disk archive for `arch`."""
+    from .backend import native  # noqa: PLC0415
+
+    nat = native()
+
+    def one(spec: Spec) -> dict:
+        row = _row(nat, *spec)
+        try:
+            _, origin, ms, log, _ = nat.cuda_obtain(spec[0], spec[1], arch)
+            row.update(origin=origin, ms=ms, log=log)
+        except Exception as exc:  # noqa: BLE001 - reported per kernel
+            row.update(ok=False, log=str(exc))
+        return row
+
+    return _parallel(one, all_specialisations() if specs is None else specs, jobs, progress)
