@@ -1,0 +1,467 @@
+// flash_fwd_wgmma.cu — Flash Attention forward for Hopper (sm_90a): TMA loads
+// into 128-byte-swizzled shared memory, an mbarrier ring of K/V stages, one
+// producer warpgroup and CONSUMER_WG consumer warpgroups running wgmma.
+//
+// Work of one CTA: BLOCK_R = 64 * CONSUMER_WG query rows of one (batch, head).
+//   producer warpgroup (warpgroup 0): lowers its register budget (setmaxnreg),
+//     one thread issues the TMA load of the Q tile, then walks the key blocks
+//     of the CTA (last block first) loading K and V tiles into a STAGES-deep
+//     ring: per stage it waits on `k_empty` / `v_empty`, arms `k_full` / `v_full`
+//     with the tile bytes (arrive.expect_tx) and issues the bulk-tensor copies.
+//   consumer warpgroup c (warpgroups 1..CONSUMER_WG): owns query rows
+//     [64c, 64c + 64) of the tile and raises its register budget. Per key block:
+//       S = Q_c K^T        wgmma m64 n BLOCK_C k16, A = Q (smem), B = K (smem, K-major)
+//       online softmax     in the accumulator registers (fp32, exp2 domain)
+//       O += P V           wgmma m64 n HEAD_DIM k16, A = P (registers, 16-bit),
+//                          B = V (smem, MN-major through the transpose bit)
+//     software-pipelined FA3-style: S of block i+1 and P V of block i are issued
+//     back to back and the softmax of block i+1 runs while P V is in flight.
+//     Every consumer thread arrives on `k_empty` once S is complete and on
+//     `v_empty` once P V is complete.
+//   epilogue: O / l written from registers to global memory, LSE = ln(sum exp).
+//
+// Shared memory: every tile is stored as HEAD_DIM/64 column blocks of
+// [rows x 64] 16-bit elements, 128 bytes per row, swizzled by TMA with
+// CU_TENSOR_MAP_SWIZZLE_128B (the same layout the wgmma descriptors describe).
+// Column block cb of a tile with R rows starts at cb * R * 128 bytes; every
+// block start is 1024-byte aligned so the descriptors' base offset is 0.
+//
+// Tensor maps (built on the host, python/attnproto/ops/flash_wgmma.py): 4-D over
+// [B, H, N, D], dims innermost first (D, N, H, B), box (64, rows, 1, 1),
+// 128-byte swizzle, zero fill out of bounds: rows past N of a head read as zeros
+// (scores of keys >= Nkv are masked to -inf; rows of queries >= Nq are not stored).
+//
+// Masking: keys >= Nkv, and with CAUSAL keys j > i + Nkv - Nq (bottom-right
+// aligned). Key blocks entirely above the diagonal are skipped; a query row that
+// sees no key gets O = 0, LSE = -inf. With CAUSAL the heaviest row blocks of all
+// heads are scheduled first.
+//
+// Constants (all required): HEAD_DIM, BLOCK_R, BLOCK_C, STAGES, CONSUMER_WG,
+// CAUSAL, DTYPE (0 = float16, 1 = bfloat16).
+#include "common/attn_params.h"
+#include "cuda/include/hopper.cuh"
+
+#ifndef HEAD_DIM
+#error "HEAD_DIM must be defined"
+#endif
+#ifndef BLOCK_R
+#error "BLOCK_R must be defined"
+#endif
+#ifndef BLOCK_C
+#error "BLOCK_C must be defined"
+#endif
+#ifndef STAGES
+#error "STAGES must be defined"
+#endif
+#ifndef CONSUMER_WG
+#error "CONSUMER_WG must be defined"
+#endif
+#ifndef CAUSAL
+#error "CAUSAL must be defined"
+#endif
+#ifndef DTYPE
+#error "DTYPE must be defined"
+#endif
+
+namespace fwd {
+
+using hopper::u32;
+using hopper::u64;
+
+constexpr bool kBF16 = (DTYPE == 1);
+constexpr bool kCausal = (CAUSAL != 0);
+
+constexpr int kWarpgroupThreads = 128;
+constexpr int kRowsPerConsumer = 64;          // wgmma M
+constexpr int kMmaK = 16;                     // wgmma K for 16-bit inputs
+constexpr int kElemBytes = 2;                 // float16 / bfloat16
+constexpr int kColsPerBlock = hopper::kSwizzleRowBytes / kElemBytes;  // 64 elements per swizzled row
+constexpr int kThreads = (CONSUMER_WG + 1) * kWarpgroupThreads;
+constexpr int kConsumerThreads = CONSUMER_WG * kWarpgroupThreads;
+constexpr int kColBlocks = HEAD_DIM / kColsPerBlock;
+
+// Register budgets after setmaxnreg. The register file holds 64 K 32-bit
+// registers, i.e. 512 per thread-slot of a 128-thread warpgroup: with two
+// consumer warpgroups 24 (producer) + 2 x 240 = 504 <= 512. The producer only
+// keeps loop counters and coordinates; 24 is the architectural minimum.
+constexpr u32 kProducerRegs = 24;
+constexpr u32 kConsumerRegs = 240;
+constexpr u32 kRegisterFileSlots = 65536 / kWarpgroupThreads;
+// setmaxnreg is used with two or more consumer warpgroups: with one, the launch
+// bound of 256 threads already gives every thread the 255-register maximum.
+constexpr bool kUseSetmaxnreg = CONSUMER_WG >= 2;
+
+static_assert(DTYPE == 0 || DTYPE == 1, "DTYPE must be 0 (float16) or 1 (bfloat16)");
+static_assert(CAUSAL == 0 || CAUSAL == 1, "CAUSAL must be 0 or 1");
+static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "HEAD_DIM must be 64, 128 or 256");
+static_assert(CONSUMER_WG == 1 || CONSUMER_WG == 2, "CONSUMER_WG must be 1 or 2");
+static_assert(BLOCK_R == kRowsPerConsumer * CONSUMER_WG, "BLOCK_R must be 64 * CONSUMER_WG (one wgmma M of 64 rows per consumer warpgroup)");
+static_assert(BLOCK_C % kMmaK == 0 && BLOCK_C >= 64 && BLOCK_C <= 192,
+              "BLOCK_C must be a multiple of 16 in [64, 192] (wgmma K of P.V; wgmma_ss specialisations)");
+static_assert(STAGES >= 2 && STAGES <= 8, "STAGES must be in [2, 8] (the consumer holds one K/V stage while the next is loading)");
+static_assert(!kUseSetmaxnreg || kProducerRegs + CONSUMER_WG * kConsumerRegs <= kRegisterFileSlots,
+              "setmaxnreg budgets exceed the register file");
+
+// ---- shared memory plan (byte offsets from the 1024-aligned base) ----
+constexpr u32 kQTileBytes = BLOCK_R * HEAD_DIM * kElemBytes;
+constexpr u32 kKVTileBytes = BLOCK_C * HEAD_DIM * kElemBytes;
+constexpr u32 kQColBlockBytes = BLOCK_R * hopper::kSwizzleRowBytes;
+constexpr u32 kKVColBlockBytes = BLOCK_C * hopper::kSwizzleRowBytes;
+constexpr u32 kConsumerQOffset = kRowsPerConsumer * hopper::kSwizzleRowBytes;  // rows of consumer c start here in each column block
+constexpr u32 kOffQ = 0;
+constexpr u32 kOffK = kOffQ + kQTileBytes;
+constexpr u32 kOffV = kOffK + STAGES * kKVTileBytes;
+constexpr u32 kOffBarriers = kOffV + STAGES * kKVTileBytes;
+constexpr u32 kBarrierBytes = 8;                                   // one mbarrier (b64)
+constexpr u32 kNumBarriers = 1 + 4 * STAGES;                       // q_full, k_full[], v_full[], k_empty[], v_empty[]
+constexpr u32 kSmemUsed = kOffBarriers + kNumBarriers * kBarrierBytes;
+constexpr u32 kSmemAlignSlack = hopper::kSwizzleAtomBytes;        // dynamic smem is only guaranteed 16-byte aligned
+constexpr u32 kSmemBytes = kSmemUsed + kSmemAlignSlack;            // the host requests exactly this (flash_wgmma.py)
+constexpr u32 kHopperSmemOptin = 227 * 1024;
+static_assert(kSmemBytes <= kHopperSmemOptin,
+              "shared memory (Q tile + 2 * STAGES K/V tiles + barriers + 1 KiB alignment slack) exceeds the 227 KiB Hopper opt-in limit: lower STAGES or BLOCK_C");
+static_assert(kQColBlockBytes % hopper::kSwizzleAtomBytes == 0 && kKVColBlockBytes % hopper::kSwizzleAtomBytes == 0,
+              "tile column blocks must start on 1024-byte swizzle boundaries");
+
+// wgmma accumulator fragment (m64nN, fp32): thread `lane` of warp w holds, for
+// every 8-column chunk j, rows 16w + lane/4 (+8) and columns 8j + 2(lane%4) (+1)
+// at indices 4j + 2*half + e.
+constexpr int kSRegs = BLOCK_C / 2;
+constexpr int kORegs = HEAD_DIM / 2;
+constexpr int kPChunks = BLOCK_C / kMmaK;  // A fragments of P (4 registers each)
+constexpr int kKStepsPerBlock = kColsPerBlock / kMmaK;  // wgmma k-steps inside one 64-column block
+constexpr u32 kKStepBytes = kMmaK * kElemBytes;          // start-address advance of one k-step (32 B)
+
+struct Tile {
+    int m_block;     // query row block
+    int batch;
+    int head;
+    int kv_head;
+    int n_blocks;    // key blocks processed: [0, n_blocks), walked from the last
+};
+
+__device__ __forceinline__ Tile tile_of_block(const AttentionParams& p) {
+    const int m_blocks = ((int)p.seq_q + BLOCK_R - 1) / BLOCK_R;
+    const int bh_count = (int)(p.batch * p.num_heads);
+    const int linear = (int)blockIdx.x;
+    Tile t;
+    int bh;
+    if (kCausal) {  // heaviest row blocks (largest m) of every head first
+        t.m_block = m_blocks - 1 - linear / bh_count;
+        bh = linear % bh_count;
+    } else {        // row blocks of one head adjacent: they share K/V in L2
+        t.m_block = linear % m_blocks;
+        bh = linear / m_blocks;
+    }
+    t.batch = bh / (int)p.num_heads;
+    t.head = bh % (int)p.num_heads;
+    t.kv_head = t.head / (int)(p.num_heads / p.num_kv_heads);
+    const int kv_blocks = ((int)p.seq_kv + BLOCK_C - 1) / BLOCK_C;
+    t.n_blocks = kv_blocks;
+    if (kCausal) {
+        // last key visible to the last row of the tile (bottom-right aligned)
+        const int last_key = t.m_block * BLOCK_R + BLOCK_R - 1 + (int)p.seq_kv - (int)p.seq_q;
+        t.n_blocks = last_key < 0 ? 0 : min(kv_blocks, last_key / BLOCK_C + 1);
+    }
+    return t;
+}
+
+struct Barriers {
+    u32 q_full;
+    u32 base;  // four arrays of STAGES barriers: k_full, v_full, k_empty, v_empty
+    __device__ __forceinline__ u32 k_full(int s) const { return base + kBarrierBytes * s; }
+    __device__ __forceinline__ u32 v_full(int s) const { return base + kBarrierBytes * (STAGES + s); }
+    __device__ __forceinline__ u32 k_empty(int s) const { return base + kBarrierBytes * (2 * STAGES + s); }
+    __device__ __forceinline__ u32 v_empty(int s) const { return base + kBarrierBytes * (3 * STAGES + s); }
+};
+
+// Ring position of the it-th key block walked by a CTA.
+__device__ __forceinline__ int stage_of(int it) { return it % STAGES; }
+__device__ __forceinline__ u32 phase_of(int it) { return (u32)(it / STAGES) & 1u; }
+
+__device__ __forceinline__ void producer(const Tile& t, u32 smem, const Barriers& bars,
+                                         const hopper::TensorMap* tm_q, const hopper::TensorMap* tm_k,
+                                         const hopper::TensorMap* tm_v) {
+    // Nothing to load for a tile that sees no key (the consumers do not wait
+    // either); a copy still in flight when the CTA retires would be undefined.
+    if (t.n_blocks == 0) return;
+    hopper::tma_prefetch_descriptor(tm_q);
+    hopper::tma_prefetch_descriptor(tm_k);
+    hopper::tma_prefetch_descriptor(tm_v);
+    const int q_row = t.m_block * BLOCK_R;
+    hopper::mbar_arrive_expect_tx(bars.q_full, kQTileBytes);
+#pragma unroll
+    for (int cb = 0; cb < kColBlocks; ++cb)
+        hopper::tma_load_4d(smem + kOffQ + cb * kQColBlockBytes, tm_q, bars.q_full,
+                            cb * kColsPerBlock, q_row, t.head, t.batch);
+    for (int it = 0; it < t.n_blocks; ++it) {
+        const int kv_row = (t.n_blocks - 1 - it) * BLOCK_C;
+        const int stage = stage_of(it);
+        // A fresh barrier is in phase 0: waiting for parity 1 passes on the first lap.
+        const u32 free_parity = phase_of(it) ^ 1u;
+        const u32 k_dst = smem + kOffK + stage * kKVTileBytes;
+        const u32 v_dst = smem + kOffV + stage * kKVTileBytes;
+        hopper::mbar_wait(bars.k_empty(stage), free_parity);
+        hopper::mbar_arrive_expect_tx(bars.k_full(stage), kKVTileBytes);
+#pragma unroll
+        for (int cb = 0; cb < kColBlocks; ++cb)
+            hopper::tma_load_4d(k_dst + cb * kKVColBlockBytes, tm_k, bars.k_full(stage),
+                                cb * kColsPerBlock, kv_row, t.kv_head, t.batch);
+        hopper::mbar_wait(bars.v_empty(stage), free_parity);
+        hopper::mbar_arrive_expect_tx(bars.v_full(stage), kKVTileBytes);
+#pragma unroll
+        for (int cb = 0; cb < kColBlocks; ++cb)
+            hopper::tma_load_4d(v_dst + cb * kKVColBlockBytes, tm_v, bars.v_full(stage),
+                                cb * kColsPerBlock, kv_row, t.kv_head, t.batch);
+    }
+}
+
+// Per-thread state of one consumer warpgroup.
+struct Consumer {
+    int row[2];       // global query rows of the thread's two accumulator rows
+    int wg_row0;      // first query row of the warpgroup
+    int quad_col;     // first of the thread's two adjacent columns in each 8-column chunk
+    int diag;         // query i sees keys j <= i + diag (bottom-right aligned)
+    int seq_kv;
+    float scale_log2; // softmax scale folded with log2(e): exp(x * scale) = exp2(x * scale_log2)
+    float m_run[2];   // running row max of the scaled scores (log2 domain)
+    float l_run[2];   // this thread's partial row sums of exp2(...)
+};
+
+// S = Q_c K^T for the K tile of `stage`, issued asynchronously (committed as one group).
+__device__ __forceinline__ void issue_qk(float (&s)[kSRegs], u64 desc_q, u32 k_tile) {
+    const u64 desc_k = hopper::make_desc_kmajor(k_tile);
+    hopper::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / kMmaK; ++kk) {
+        // k-step kk: column block kk / 4, then a 32-byte step inside the 128-byte row
+        const u32 cb = kk / kKStepsPerBlock;
+        const u32 in_row = (kk % kKStepsPerBlock) * kKStepBytes;
+        const u32 q_off = cb * kQColBlockBytes + in_row;
+        const u32 k_off = cb * kKVColBlockBytes + in_row;
+        hopper::wgmma_ss<BLOCK_C, kBF16>(s, desc_q + (q_off >> 4), desc_k + (k_off >> 4), kk > 0 ? 1u : 0u);
+    }
+    hopper::wgmma_commit();
+}
+
+// O += P V for the V tile of `stage`, issued asynchronously (committed as one group).
+__device__ __forceinline__ void issue_pv(float (&o)[kORegs], const u32 (&pa)[kPChunks][4], u32 v_tile) {
+    const u64 desc_v = hopper::make_desc_mnmajor(v_tile, kKVColBlockBytes);
+    hopper::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kPChunks; ++kk) {
+        // k-step kk: V rows [16 kk, 16 kk + 16) = two 8-row swizzle atoms further
+        const u32 v_off = kk * kMmaK * hopper::kSwizzleRowBytes;
+        hopper::wgmma_rs_bt<HEAD_DIM, kBF16>(o, pa[kk], desc_v + (v_off >> 4), 1u);
+    }
+    hopper::wgmma_commit();
+}
+
+// Masks key block n (keys >= Nkv; keys right of the causal diagonal), then turns
+// the scores in `s` into P = exp2(S * scale_log2 - m_new) in place and updates
+// the running max and sums. Returns, per accumulator row, the factor
+// exp2(m_old - m_new) by which O must be rescaled before P V is added.
+__device__ __forceinline__ void softmax_block(Consumer& c, float (&s)[kSRegs], int n, float (&alpha)[2]) {
+    const int col0 = n * BLOCK_C;
+    const bool crosses_end = col0 + BLOCK_C > c.seq_kv;
+    const bool crosses_diag = kCausal && (col0 + BLOCK_C - 1 > c.wg_row0 + c.diag);
+    if (crosses_end || crosses_diag) {
+#pragma unroll
+        for (int j = 0; j < BLOCK_C / 8; ++j) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = col0 + 8 * j + c.quad_col + e;
+                    const bool masked = col >= c.seq_kv || (kCausal && col > c.row[h] + c.diag);
+                    if (masked) s[4 * j + 2 * h + e] = hopper::neg_inf();
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float mx = hopper::neg_inf();
+#pragma unroll
+        for (int j = 0; j < BLOCK_C / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+        // the four threads of a quad hold the same two rows
+        mx = fmaxf(mx, hopper::shfl_xor(mx, 1));
+        mx = fmaxf(mx, hopper::shfl_xor(mx, 2));
+        const float m_new = fmaxf(c.m_run[h], mx * c.scale_log2);  // scale > 0 (checked on the host)
+        const float m_use = (m_new == hopper::neg_inf()) ? 0.f : m_new;  // row has seen no key yet
+        alpha[h] = hopper::fast_exp2(c.m_run[h] - m_use);
+        c.m_run[h] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < BLOCK_C / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float pv = hopper::fast_exp2(fmaf(s[4 * j + 2 * h + e], c.scale_log2, -m_use));
+                s[4 * j + 2 * h + e] = pv;
+                sum += pv;
+            }
+        }
+        c.l_run[h] = c.l_run[h] * alpha[h] + sum;
+    }
+}
+
+// P as the A operand of the next wgmma: the fp32 accumulator layout of two
+// adjacent 8-column chunks is exactly the m64k16 16-bit A-fragment layout
+// (registers: rows g / g+8 x columns 2t..2t+1, then the same 8 columns on).
+__device__ __forceinline__ void convert_p(const float (&s)[kSRegs], u32 (&pa)[kPChunks][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kPChunks; ++kk) {
+        pa[kk][0] = hopper::pack2<kBF16>(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = hopper::pack2<kBF16>(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = hopper::pack2<kBF16>(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = hopper::pack2<kBF16>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+}
+
+__device__ __forceinline__ void rescale_o(float (&o)[kORegs], const float (&alpha)[2]) {
+#pragma unroll
+    for (int j = 0; j < HEAD_DIM / 8; ++j) {
+        o[4 * j + 0] *= alpha[0];
+        o[4 * j + 1] *= alpha[0];
+        o[4 * j + 2] *= alpha[1];
+        o[4 * j + 3] *= alpha[1];
+    }
+}
+
+// Consumer warpgroup `consumer_wg`. Software pipeline inside the warpgroup
+// (the FlashAttention-3 schedule): in step it the tensor cores compute
+// S_it = Q K_it^T and O += P_(it-1) V_(it-1) back to back while the warpgroup
+// runs the softmax of S_it as soon as S_it has landed (wgmma.wait_group 1).
+// Registers in flight are never touched: O is rescaled before its wgmma is
+// issued, and P_it is packed only after wait_group 0.
+__device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t, u32 smem, const Barriers& bars,
+                                         int consumer_wg, unsigned short* __restrict__ o_out,
+                                         float* __restrict__ lse_out) {
+    const int tid = (int)threadIdx.x % kWarpgroupThreads;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    Consumer c;
+    c.wg_row0 = t.m_block * BLOCK_R + consumer_wg * kRowsPerConsumer;
+    c.row[0] = c.wg_row0 + warp * 16 + lane / 4;
+    c.row[1] = c.row[0] + 8;
+    c.quad_col = 2 * (lane % 4);
+    c.diag = (int)p.seq_kv - (int)p.seq_q;
+    c.seq_kv = (int)p.seq_kv;
+    c.scale_log2 = p.scale * 1.4426950408889634f;  // log2(e)
+    c.m_run[0] = c.m_run[1] = hopper::neg_inf();
+    c.l_run[0] = c.l_run[1] = 0.f;
+
+    float o[kORegs];
+#pragma unroll
+    for (int i = 0; i < kORegs; ++i) o[i] = 0.f;
+
+    if (t.n_blocks > 0) {
+        const u64 desc_q = hopper::make_desc_kmajor(smem + kOffQ + consumer_wg * kConsumerQOffset);
+        float s[kSRegs];
+        u32 pa[kPChunks][4];
+        float alpha[2];
+        hopper::mbar_wait(bars.q_full, 0);
+
+        // step 0: S_0 and its softmax (O is still zero: no rescale needed)
+        hopper::mbar_wait(bars.k_full(stage_of(0)), phase_of(0));
+        issue_qk(s, desc_q, smem + kOffK + stage_of(0) * kKVTileBytes);
+        hopper::wgmma_wait<0>();
+        hopper::reg_fence_array(s);
+        hopper::mbar_arrive(bars.k_empty(stage_of(0)));
+        softmax_block(c, s, t.n_blocks - 1, alpha);
+        convert_p(s, pa);
+
+        for (int it = 1; it < t.n_blocks; ++it) {
+            const int stage = stage_of(it);
+            const int prev = stage_of(it - 1);
+            hopper::mbar_wait(bars.k_full(stage), phase_of(it));
+            issue_qk(s, desc_q, smem + kOffK + stage * kKVTileBytes);
+            rescale_o(o, alpha);
+            hopper::mbar_wait(bars.v_full(prev), phase_of(it - 1));
+            issue_pv(o, pa, smem + kOffV + prev * kKVTileBytes);
+            hopper::wgmma_wait<1>();  // S_it complete; P V may still run
+            hopper::reg_fence_array(s);
+            hopper::mbar_arrive(bars.k_empty(stage));
+            softmax_block(c, s, t.n_blocks - 1 - it, alpha);
+            hopper::wgmma_wait<0>();
+            hopper::reg_fence_array(o);
+            hopper::mbar_arrive(bars.v_empty(prev));
+            convert_p(s, pa);
+        }
+
+        // last P V
+        const int last = stage_of(t.n_blocks - 1);
+        rescale_o(o, alpha);
+        hopper::mbar_wait(bars.v_full(last), phase_of(t.n_blocks - 1));
+        issue_pv(o, pa, smem + kOffV + last * kKVTileBytes);
+        hopper::wgmma_wait<0>();
+        hopper::reg_fence_array(o);
+        hopper::mbar_arrive(bars.v_empty(last));
+    }
+
+    // ---- epilogue: O / l, LSE = ln(2) * (m + log2(l)) ----
+    const float ln2 = 0.6931471805599453f;
+    const long long o_base = (long long)t.batch * p.o_stride[0] + (long long)t.head * p.o_stride[1];
+    const long long lse_base = (long long)t.batch * p.lse_stride[0] + (long long)t.head * p.lse_stride[1];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l = c.l_run[h];
+        l += hopper::shfl_xor(l, 1);
+        l += hopper::shfl_xor(l, 2);
+        const bool any = l > 0.f;
+        const float inv = any ? 1.f / l : 0.f;
+        const float lse = any ? (c.m_run[h] + hopper::fast_log2(l)) * ln2 : hopper::neg_inf();
+        if (c.row[h] < (int)p.seq_q) {
+            unsigned short* orow = o_out + o_base + (long long)c.row[h] * p.o_stride[2];
+#pragma unroll
+            for (int j = 0; j < HEAD_DIM / 8; ++j) {
+                const u32 packed = hopper::pack2<kBF16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+                *reinterpret_cast<u32*>(orow + 8 * j + c.quad_col) = packed;
+            }
+            if (c.quad_col == 0) lse_out[lse_base + c.row[h]] = lse;
+        }
+    }
+}
+
+}  // namespace fwd
+
+extern "C" __global__ void __launch_bounds__(fwd::kThreads, 1)
+flash_fwd_wgmma(const AttentionParams p,
+                const __grid_constant__ hopper::TensorMap tm_q,
+                const __grid_constant__ hopper::TensorMap tm_k,
+                const __grid_constant__ hopper::TensorMap tm_v,
+                unsigned short* __restrict__ o,
+                float* __restrict__ lse) {
+    using namespace fwd;
+    extern __shared__ unsigned char smem_raw[];
+    // The host sizes the launch from the same formula; a mismatch would corrupt
+    // memory, so refuse to run instead.
+    if (hopper::dynamic_smem_bytes() < kSmemBytes || p.head_dim != HEAD_DIM) __trap();
+    const u32 raw = hopper::smem_u32(smem_raw);
+    const u32 smem = (raw + hopper::kSwizzleAtomBytes - 1) & ~(hopper::kSwizzleAtomBytes - 1);
+    Barriers bars;
+    bars.q_full = smem + kOffBarriers;
+    bars.base = smem + kOffBarriers + kBarrierBytes;
+
+    if (threadIdx.x == 0) {
+        hopper::mbar_init(bars.q_full, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            hopper::mbar_init(bars.k_full(s), 1);
+            hopper::mbar_init(bars.v_full(s), 1);
+            hopper::mbar_init(bars.k_empty(s), kConsumerThreads);  // every consumer thread arrives
+            hopper::mbar_init(bars.v_empty(s), kConsumerThreads);
+        }
+        hopper::mbar_init_fence();
+    }
+    __syncthreads();
+
+    const Tile t = tile_of_block(p);
+    const int warpgroup = (int)threadIdx.x / kWarpgroupThreads;
+    if (warpgroup == 0) {
+        if constexpr (kUseSetmaxnreg) hopper::setmaxnreg_dec<kProducerRegs>();
+        if (threadIdx.x == 0) producer(t, smem, bars, &tm_q, &tm_k, &tm_v);
+    } else {
+        if constexpr (kUseSetmaxnreg) hopper::setmaxnreg_inc<kConsumerRegs>();
+        consumer(p, t, smem, bars, warpgroup - 1, o, lse);
+    }
+}
