@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Multithreaded OpenBLAS spin-waits on a busy 2-core machine: single matmuls ran ~50x slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 
 def _cuda_status():
