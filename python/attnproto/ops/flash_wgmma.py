@@ -10,6 +10,7 @@ Public API::
 
     flash_forward_wgmma(q, k, v, *, causal=False, scale=None, config=None,
                         out=None, lse=None, backend=None) -> (o, lse)
+    prepare_forward_wgmma(...same...) -> PreparedLaunch   (for timing without Python in the loop)
     WgmmaConfig(block_r, block_c, stages, consumer_wg); default_config(head_dim, causal)
     shared_bytes(config, head_dim) -> int
     specialisations() / wgmma_specialisations() -> [(kernel name, constants)]
@@ -28,6 +29,7 @@ import numpy as np
 
 from .. import params as _params
 from .. import validate as _v
+from .launch import PreparedLaunch
 
 KERNEL_NAME = "flash_fwd_wgmma"
 
@@ -216,6 +218,13 @@ def flash_forward_wgmma(q: Any, k: Any, v: Any, *, causal: bool = False, scale: 
     row that sees no key, whose O row is 0). ``scale`` defaults to 1/sqrt(D) and
     must be positive (the kernel takes the running max on unscaled scores).
     """
+    return prepare_forward_wgmma(q, k, v, causal=causal, scale=scale, config=config, out=out, lse=lse,
+                                 backend=backend).launch()
+
+
+def prepare_forward_wgmma(q: Any, k: Any, v: Any, *, causal: bool = False, scale: Optional[float] = None,
+                          config: Any = None, out: Any = None, lse: Any = None, backend: Any = None) -> PreparedLaunch:
+    """Validate, allocate outputs, encode the TMA maps and compile; returns the launch to replay."""
     import torch  # noqa: PLC0415  (GPU-only path)
 
     from .. import backend as _backend  # noqa: PLC0415
@@ -265,6 +274,5 @@ def flash_forward_wgmma(q: Any, k: Any, v: Any, *, causal: bool = False, scale: 
         q_stride=qs[:3], k_stride=ks[:3], v_stride=vs[:3], o_stride=o_info.strides[:3],
         lse_stride=lse_info.strides[:2])
     kern = be.kernel(KERNEL_NAME, **constants(cfg, d, causal, shape.dtype))
-    be.launch(kern, grid=(grid_x, 1, 1), block=(cfg.threads, 1, 1), args=[prm, *maps, out, lse],
-              shared_bytes=shared_bytes(cfg, d))
-    return out, lse
+    return PreparedLaunch(be, kern, (grid_x, 1, 1), (cfg.threads, 1, 1), [prm, *maps, out, lse],
+                          shared_bytes(cfg, d), (out, lse))
