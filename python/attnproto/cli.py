@@ -258,9 +258,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 failures.append(exp.name)
                 continue
             print(f"\n== {exp.name} ({exp.prototype}) on {backend}: {len(result.records)} records")
-            for table in _record_tables(result.records):
-                print(table)
+            if result.summary:
+                print(format_table(result.summary))
                 print()
+            else:
+                for table in _record_tables(result.records):
+                    print(table)
+                    print()
             print(format_table([{"confidence": f.confidence, "title": f.title, "id": f.id} for f in result.findings],
                                ["confidence", "title", "id"]))
             print(f"results: {paths.directory} ({paths.findings_written} new findings in findings.jsonl)")

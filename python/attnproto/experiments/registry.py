@@ -45,6 +45,8 @@ class UnknownExperimentError(LookupError):
 class ExperimentResult:
     records: list[dict[str, Any]]
     findings: list[Finding]
+    #: Optional condensed rows printed instead of the full record tables (e.g. best per shape, ratios).
+    summary: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -190,4 +192,4 @@ def run_experiment(exp: Experiment, ctx: ExperimentContext) -> ExperimentResult:
             raise ExperimentError(f"measured finding {f.id!r} is labelled {f.backend}/{f.device!r}, "
                                   f"but this run is {ctx.backend}/{ctx.device_name!r}")
     check_findings_against_records(findings, records)
-    return ExperimentResult(records=records, findings=findings)
+    return ExperimentResult(records=records, findings=findings, summary=list(result.summary))
