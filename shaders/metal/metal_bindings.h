@@ -1,0 +1,85 @@
+// metal_bindings.h — the one place the Metal binding indices come from.
+//
+// Included by every MSL kernel (shaders/metal/*.metal) and by the Objective-C++
+// host (csrc/metal/metal_backend.mm). tools/metal_check/check.py parses this file
+// and cross-checks the shaders' [[buffer(N)]] / [[function_constant(N)]] uses
+// against the host's binding table, so an index changed on one side only fails CI.
+//
+// Plain #defines on purpose: they must be usable inside MSL attributes
+// ([[buffer(ATTNPROTO_BUF_Q)]]), in Objective-C++ (atIndex:ATTNPROTO_BUF_Q) and
+// in the checker's C++ builds.
+#ifndef ATTNPROTO_METAL_BINDINGS_H
+#define ATTNPROTO_METAL_BINDINGS_H
+
+#include "../common/attn_params.h"
+
+// ---- function-constant indices ([[function_constant(N)]]); set by name on the host ----
+#define ATTNPROTO_FC_HEAD_DIM   0   // int: D, a multiple of 8, at most ATTNPROTO_FLASH_MAX_HEAD_DIM
+#define ATTNPROTO_FC_BLOCK_R    1   // int: query rows per threadgroup (8 per simdgroup)
+#define ATTNPROTO_FC_BLOCK_C    2   // int: key/value rows per inner tile
+#define ATTNPROTO_FC_CAUSAL     3   // bool: bottom-right aligned causal mask
+#define ATTNPROTO_FC_DTYPE      4   // int: element type of Q/K/V/O, ATTNPROTO_DTYPE_*
+#define ATTNPROTO_FC_ROPE       5   // bool: rotate-half RoPE applied to Q and K while staging
+#define ATTNPROTO_FC_ALIBI      6   // bool: ALiBi bias added to the scores
+#define ATTNPROTO_FC_GQA_GROUP  7   // int: query heads per KV head fixed at compile time; 0 = from params
+
+// ---- element types (values of DTYPE) ----
+#define ATTNPROTO_DTYPE_F16  0
+#define ATTNPROTO_DTYPE_BF16 1
+
+// ---- buffer indices ([[buffer(N)]]); the host binds kernel arguments in this order ----
+#define ATTNPROTO_BUF_PARAMS ATTNPROTO_PARAMS_BUFFER_INDEX  // constant AttentionParams&
+#define ATTNPROTO_BUF_Q      1
+#define ATTNPROTO_BUF_K      2
+#define ATTNPROTO_BUF_V      3
+#define ATTNPROTO_BUF_O      4
+#define ATTNPROTO_BUF_LSE    5
+// rope: X (read) and Y (written, may alias X); strides from q_stride (X) and o_stride (Y)
+#define ATTNPROTO_BUF_ROPE_X 1
+#define ATTNPROTO_BUF_ROPE_Y 2
+// smoke: y = alpha * x + y over n elements
+#define ATTNPROTO_BUF_SMOKE_X     0
+#define ATTNPROTO_BUF_SMOKE_Y     1
+#define ATTNPROTO_BUF_SMOKE_ALPHA 2
+#define ATTNPROTO_BUF_SMOKE_N     3
+
+// ---- threadgroup memory ----
+// Index of the dynamically sized threadgroup allocation ([[threadgroup(N)]]).
+#define ATTNPROTO_TG_SMEM 0
+// Threadgroup memory an Apple GPU family 9 threadgroup may use (seed NFR-1).
+#define ATTNPROTO_TG_MEMORY_LIMIT 32768
+// Metal requires threadgroup memory lengths in multiples of 16 bytes.
+#define ATTNPROTO_TG_MEMORY_GRANULE 16
+
+// ---- flash_attention geometry, shared by the kernel (static_assert in checks) and the host ----
+#define ATTNPROTO_SIMD_WIDTH 32          // threads per simdgroup on Apple GPUs
+#define ATTNPROTO_FRAG 8                 // simdgroup_matrix is 8x8
+#define ATTNPROTO_FLASH_MAX_HEAD_DIM 256 // register arrays are sized for this D
+#define ATTNPROTO_FLASH_MAX_BLOCK_C 128  // register arrays are sized for this Bc
+// K/V (and Q) are staged through threadgroup memory in column chunks of this many
+// elements, so D = 256 fits the 32 KB budget: the largest of D (if <= 64), 64, 32, 16, 8
+// that divides D.
+#define ATTNPROTO_FLASH_KV_CHUNK_D(D) \
+    ((D) <= 64 ? (D) : ((D) % 64 == 0 ? 64 : ((D) % 32 == 0 ? 32 : ((D) % 16 == 0 ? 16 : 8))))
+// Bytes of threadgroup memory flash_attention needs: one K/V chunk (Bc x chunk elements),
+// the score tile (Br x Bc float; P overwrites it in the element type), and one 8x8 float
+// scratch matrix per simdgroup (row-scaling diagonal, output staging).
+#define ATTNPROTO_FLASH_TG_BYTES(D, BR, BC, ELEM_BYTES)              \
+    ((BC) * ATTNPROTO_FLASH_KV_CHUNK_D(D) * (ELEM_BYTES) +           \
+     (BR) * (BC) * 4 +                                               \
+     ((BR) / ATTNPROTO_FRAG) * ATTNPROTO_FRAG * ATTNPROTO_FRAG * 4)
+// Threads per flash_attention threadgroup: one simdgroup per 8 query rows.
+#define ATTNPROTO_FLASH_THREADS(BR) (((BR) / ATTNPROTO_FRAG) * ATTNPROTO_SIMD_WIDTH)
+
+// Checks on function-constant values. Real MSL function constants are resolved when the
+// pipeline is created, so they are not constant expressions to the front end: there the
+// host enforces the same conditions (csrc/metal/metal_backend.mm) before creating a
+// pipeline. The Linux static check (tools/metal_check) turns each function constant into
+// a constexpr of one specialisation, where these become static_asserts.
+#if defined(ATTNPROTO_METAL_STANDIN)
+#define ATTNPROTO_FC_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
+#else
+#define ATTNPROTO_FC_STATIC_ASSERT(cond, msg)
+#endif
+
+#endif  // ATTNPROTO_METAL_BINDINGS_H
