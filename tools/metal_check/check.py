@@ -31,6 +31,8 @@ from typing import Iterable, Sequence
 TOOL_DIR = pathlib.Path(__file__).resolve().parent
 REPO = TOOL_DIR.parent.parent
 STANDIN_INCLUDE = TOOL_DIR / "include"
+# Generated headers (gen_swizzles.py output) live in the build folder, never in the source tree.
+GENERATED_INCLUDE = REPO / "build" / "metal_check" / "include"
 OBJC_STUBS = TOOL_DIR / "objc_stubs"
 SHADER_ROOT = REPO / "shaders"
 METAL_DIR = SHADER_ROOT / "metal"
@@ -330,12 +332,30 @@ def build_translation_unit(path: pathlib.Path, specs: Sequence) -> str:
     return "\n".join(lines) + "\n"
 
 
+def generated_include() -> pathlib.Path:
+    """Write the generated swizzle header into the build folder (only when it changed)."""
+    sys.path.insert(0, str(TOOL_DIR))
+    try:
+        import gen_swizzles  # noqa: PLC0415
+    finally:
+        sys.path.pop(0)
+    out = GENERATED_INCLUDE / gen_swizzles.OUT_NAME
+    text = gen_swizzles.render()
+    if not out.exists() or out.read_text() != text:
+        GENERATED_INCLUDE.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    return GENERATED_INCLUDE
+
+
 def compile_tu(source: str, kind: str, exe: str, include_dirs: Sequence[pathlib.Path]) -> tuple[bool, str]:
+    generated = generated_include()
     with tempfile.NamedTemporaryFile("w", suffix=".cpp", delete=False) as f:
         f.write(source)
         tu = f.name
     try:
-        cmd = [exe, *CXX_COMMON, *CXX_FLAGS[kind], f"-I{STANDIN_INCLUDE}"]
+        cmd = [exe, *CXX_COMMON, *CXX_FLAGS[kind], f"-I{STANDIN_INCLUDE}", f"-I{generated}"]
         cmd += [f"-I{d}" for d in include_dirs] + [tu]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         return res.returncode == 0, res.stderr

@@ -1,9 +1,9 @@
-"""Generate include/metal_swizzles_gcc.inc: the swizzle members of the stand-in vector
-class that g++ uses (clang uses ext_vector_type, which has swizzles built in).
+"""Generate metal_swizzles_gcc.inc: the swizzle members of the stand-in vector class
+that g++ uses (clang uses ext_vector_type, which has swizzles built in). check.py
+writes it into build/metal_check/include before compiling; it is never committed.
 
 For a vector of N components, every sequence of 2..4 component names drawn from the first
-N letters of "xyzw" (or of "rgba"; the two sets never mix) is a member. Run after changing
-this script; tests/test_metal_static.py checks the committed file is up to date.
+N letters of "xyzw" (or of "rgba"; the two sets never mix) is a member.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 
 SETS = ("xyzw", "rgba")
 MIN_LEN, MAX_LEN = 2, 4
-OUT = pathlib.Path(__file__).with_name("include") / "metal_swizzles_gcc.inc"
+OUT_NAME = "metal_swizzles_gcc.inc"
 
 
 def render() -> str:
@@ -37,10 +37,8 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        return 0 if OUT.read_text() == text else 1
-    OUT.write_text(text)
+    """Print the header (check.py writes it into the build folder itself)."""
+    sys.stdout.write(render())
     return 0
 
 
