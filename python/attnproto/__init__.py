@@ -16,3 +16,10 @@ def native():
     from . import _attnproto  # noqa: PLC0415  (deliberately lazy)
 
     return _attnproto
+
+
+def __getattr__(name: str):
+    """``attnproto.BackendError`` / ``attnproto.KernelCompileError`` from the native core, lazily."""
+    if name in ("BackendError", "KernelCompileError"):
+        return getattr(native(), name)
+    raise AttributeError(f"module 'attnproto' has no attribute {name!r}")

@@ -105,11 +105,9 @@ def _kernel_candidates(head_dim: int, causal: bool) -> list[tuple[str, Any]]:
 
 
 def _prepare(kind: str, cfg: Any, q, k, v, causal: bool, out=None, lse=None):
-    from ..ops import flash, flash_wgmma  # noqa: PLC0415
+    from ..ops import flash  # noqa: PLC0415
 
-    if kind == "mma":
-        return flash.prepare_forward(q, k, v, causal=causal, config=cfg, out=out, lse=lse)
-    return flash_wgmma.prepare_forward_wgmma(q, k, v, causal=causal, config=cfg, out=out, lse=lse)
+    return flash.prepare_forward(q, k, v, causal=causal, config=cfg, out=out, lse=lse, kernel=kind)
 
 
 def _config_dict(kind: str, cfg: Any) -> dict[str, Any]:

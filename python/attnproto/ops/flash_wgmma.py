@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import params as _params
 from .. import validate as _v
-from .launch import PreparedLaunch
+from . import flash as _flash
 
 KERNEL_NAME = "flash_fwd_wgmma"
 
@@ -223,7 +223,7 @@ def flash_forward_wgmma(q: Any, k: Any, v: Any, *, causal: bool = False, scale: 
 
 
 def prepare_forward_wgmma(q: Any, k: Any, v: Any, *, causal: bool = False, scale: Optional[float] = None,
-                          config: Any = None, out: Any = None, lse: Any = None, backend: Any = None) -> PreparedLaunch:
+                          config: Any = None, out: Any = None, lse: Any = None, backend: Any = None) -> _flash.PreparedLaunch:
     """Validate, allocate outputs, encode the TMA maps and compile; returns the launch to replay."""
     import torch  # noqa: PLC0415  (GPU-only path)
 
@@ -274,5 +274,16 @@ def prepare_forward_wgmma(q: Any, k: Any, v: Any, *, causal: bool = False, scale
         q_stride=qs[:3], k_stride=ks[:3], v_stride=vs[:3], o_stride=o_info.strides[:3],
         lse_stride=lse_info.strides[:2])
     kern = be.kernel(KERNEL_NAME, **constants(cfg, d, causal, shape.dtype))
-    return PreparedLaunch(be, kern, (grid_x, 1, 1), (cfg.threads, 1, 1), [prm, *maps, out, lse],
-                          shared_bytes(cfg, d), (out, lse))
+    problem = _flash.FlashProblem(q, k, v, out, lse, shape, bool(causal), scale, tuple(qs[:3]), tuple(ks[:3]),
+                                  tuple(vs[:3]), tuple(o_info.strides[:3]), tuple(lse_info.strides[:2]))
+    return _flash.PreparedLaunch(be, kern, (grid_x, 1, 1), (cfg.threads, 1, 1), [prm, *maps, out, lse],
+                                 shared_bytes(cfg, d), problem, cfg)
+
+
+def _prepare_registered(problem: Any, config: Any, backend: Any) -> Any:
+    """flash.KERNELS entry: ``flash_forward(..., kernel="wgmma")`` (inputs re-checked for TMA)."""
+    return prepare_forward_wgmma(problem.q, problem.k, problem.v, causal=problem.causal, scale=problem.scale,
+                                 config=config, out=problem.out, lse=problem.lse, backend=backend)
+
+
+_flash.register_kernel("wgmma", _prepare_registered)
