@@ -23,7 +23,10 @@ def test_every_specialisation_compiles(nvrtc, arch):
 
 
 def test_mma_family_compiles_for_ampere(nvrtc):
-    specs = [s for s in kernels.all_specialisations() if s[0] in ("flash_fwd_mma", "smoke_matmul")]
+    from attnproto import gpu_smoke
+    from attnproto.ops import configs
+
+    specs = configs.all_specialisations() + gpu_smoke.specialisations()
     rows = kernels.compile_all(arch="sm_80", specs=specs)
     failed = [f"{r['kernel']}:\n{r['log']}" for r in rows if not r["ok"]]
     assert not failed, "\n\n".join(failed)

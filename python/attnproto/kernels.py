@@ -18,6 +18,7 @@ _PROVIDERS = (
     ("attnproto.ops.configs", "all_specialisations"),
     ("attnproto.ops.flash_wgmma", "wgmma_specialisations"),
     ("attnproto.ops.linear", "linear_specialisations"),
+    ("attnproto.experiments.proto1", "sweep_specialisations"),
 )
 
 #: The arch CI compiles for: Hopper with arch-specific features (wgmma, setmaxnreg).

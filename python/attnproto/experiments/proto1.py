@@ -104,6 +104,21 @@ def _kernel_candidates(head_dim: int, causal: bool) -> list[tuple[str, Any]]:
     return out
 
 
+def sweep_specialisations() -> list[tuple[str, dict[str, int]]]:
+    """Every kernel specialisation the full GPU sweep launches (CI compiles each)."""
+    from ..ops import flash_wgmma  # noqa: PLC0415
+
+    out = []
+    for head_dim in HEAD_DIMS:
+        for causal in (False, True):
+            for kind, cfg in _kernel_candidates(head_dim, causal):
+                if kind == "mma":
+                    out.append(("flash_fwd_mma", cfg.constants()))
+                else:
+                    out.append((flash_wgmma.KERNEL_NAME, flash_wgmma.constants(cfg, head_dim, causal, DTYPE)))
+    return out
+
+
 def _prepare(kind: str, cfg: Any, q, k, v, causal: bool, out=None, lse=None):
     from ..ops import flash  # noqa: PLC0415
 
