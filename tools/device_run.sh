@@ -7,6 +7,7 @@
 #   build       pip install . without build isolation (the device has no network);
 #               wheels in .whl/ (e.g. fla-core) are installed to /tmp/site first
 #   test        the whole pytest suite, GPU tests included            -> $OUT/pytest.log
+#   test-gpu    only the tests marked gpu                               -> $OUT/pytest-gpu.log
 #   sanitize    compute-sanitizer memcheck + racecheck on small shapes -> $OUT/sanitize.log
 #   run:NAME    attnproto run NAME --backend cuda (results/ updated)   -> $OUT/results.tgz
 #   bench       build and run the C++ benchmark binaries               -> $OUT/bench.log
@@ -41,6 +42,12 @@ for stage in "$@"; do
     test)
       note test
       python3 -m pytest -q -ra -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -60
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      ;;
+    test-gpu)
+      note test-gpu
+      timeout "${STAGE_TIMEOUT:-480}" python3 -m pytest -q -ra -m gpu -p no:cacheprovider --timeout 300 tests \
+        --junitxml="$OUT/pytest-gpu.xml" 2>&1 | tee "$OUT/pytest-gpu.log" | tail -80
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
       ;;
     sanitize)
