@@ -50,6 +50,8 @@ nb::dict info_dict(const DeviceInfo& i) {
     d["name"] = i.name;
     d["arch"] = i.arch;
     d["compute_capability"] = nb::make_tuple(i.compute_major, i.compute_minor);
+    d["compute_major"] = i.compute_major;
+    d["compute_minor"] = i.compute_minor;
     d["multiprocessors"] = i.multiprocessors;
     d["shared_mem_per_block"] = i.shared_mem_per_block;
     d["shared_mem_per_block_optin"] = i.shared_mem_per_block_optin;
