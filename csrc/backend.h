@@ -94,6 +94,7 @@ struct TimingOptions {
     int warmup = 4;        // untimed launches first (seed NFR-7)
     int iters = 50;        // timed samples
     bool flush_l2 = false; // write a buffer of 2x L2 size before each sample
+    double guard_us = 0;   // keep the GPU busy this long before each start event (hides host launch latency)
 };
 
 struct TimingStats {

@@ -111,6 +111,9 @@ std::vector<KernelArg> convert_args(const nb::list& args) {
 
 NB_MODULE(_attnproto, m) {
     m.doc() = "attnproto native core: backends, kernel cache, buffers, launches, timing";
+    // Backends, their kernels and buffers live for the whole process by design (device singletons);
+    // nanobind's shutdown leak report would list them every time.
+    nb::set_leak_warnings(false);
 
     static nb::exception<BackendError> backend_error(m, "BackendError", PyExc_RuntimeError);
 #ifdef ATTNPROTO_WITH_CUDA
@@ -226,16 +229,18 @@ NB_MODULE(_attnproto, m) {
             b.launch(k, make_config(grid, block, shared_bytes), convert_args(args));
         }, "kernel"_a, "grid"_a, "block"_a, "args"_a, "shared_bytes"_a = 0)
         .def("synchronize", &Backend::synchronize)
-        .def("time", [](Backend& b, const std::function<void()>& fn, int warmup, int iters, bool flush_l2) {
-            return b.time(fn, TimingOptions{warmup, iters, flush_l2});
-        }, "enqueue"_a, "warmup"_a = 4, "iters"_a = 50, "flush_l2"_a = false)
+        .def("time", [](Backend& b, const std::function<void()>& fn, int warmup, int iters, bool flush_l2,
+                        double guard_us) {
+            return b.time(fn, TimingOptions{warmup, iters, flush_l2, guard_us});
+        }, "enqueue"_a, "warmup"_a = 4, "iters"_a = 50, "flush_l2"_a = false, "guard_us"_a = 0.0)
         .def("time_launch", [](Backend& b, Kernel& k, const std::vector<unsigned>& grid, const std::vector<unsigned>& block,
-                               const nb::list& args, size_t shared_bytes, int warmup, int iters, bool flush_l2) {
+                               const nb::list& args, size_t shared_bytes, int warmup, int iters, bool flush_l2,
+                               double guard_us) {
             LaunchConfig cfg = make_config(grid, block, shared_bytes);
             std::vector<KernelArg> a = convert_args(args);
-            return b.time([&] { b.launch(k, cfg, a); }, TimingOptions{warmup, iters, flush_l2});
+            return b.time([&] { b.launch(k, cfg, a); }, TimingOptions{warmup, iters, flush_l2, guard_us});
         }, "kernel"_a, "grid"_a, "block"_a, "args"_a, "shared_bytes"_a = 0, "warmup"_a = 4, "iters"_a = 50,
-           "flush_l2"_a = false);
+           "flush_l2"_a = false, "guard_us"_a = 0.0);
 
     m.def("get_backend", &get_backend, "name"_a, nb::rv_policy::reference);
 

@@ -128,3 +128,24 @@ def test_tensor_map_encodes(cuda):
     assert arg.size == 128 and arg.align == 64
     with pytest.raises(ValueError, match="swizzle"):
         cuda.tensor_map(t, "bf16", dims=[64, 130, 4], strides_bytes=[128, 16640], box=[64, 64, 1], swizzle_bytes=3)
+
+
+def test_timing_guard_hides_host_dispatch(cuda):
+    import time
+
+    kern = cuda.kernel("smoke_matmul", TILE=16)
+    c = cuda.alloc(16 * 16 * 4)
+    a = cuda.from_numpy(np.ones((16, 16), np.float32))
+    args = [a, a, c, np.int32(16), np.int32(16), np.int32(16)]
+    host_delay_s = 300e-6
+
+    def slow_enqueue():
+        time.sleep(host_delay_s)  # stands in for Python dispatch of a framework op
+        cuda.launch(kern, (1, 1), (16, 16), args)
+
+    unguarded = cuda.time(slow_enqueue, warmup=2, iters=10, guard_us=0)
+    guarded = cuda.time(slow_enqueue, warmup=2, iters=10, guard_us=5000)
+    assert unguarded.median_ms >= 0.8 * host_delay_s * 1e3
+    assert guarded.median_ms < 0.5 * host_delay_s * 1e3
+    with pytest.raises(ValueError, match="guard_us"):
+        cuda.time(slow_enqueue, iters=1, guard_us=-1)

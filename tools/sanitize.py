@@ -57,7 +57,8 @@ def main() -> int:
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
             out = res.stdout + res.stderr
-            m = re.search(r"ERROR SUMMARY: (\d+) error", out)
+            m = re.search(r"ERROR SUMMARY: (\d+) error", out) or re.search(
+                r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", out)
             errors = int(m.group(1)) if m else -1
             launched = out.count("\nran ")
             passed = res.returncode == 0 and errors == 0

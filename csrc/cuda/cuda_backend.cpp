@@ -25,6 +25,8 @@ namespace {
 constexpr size_t kDefaultDynamicSmemLimit = 48 * 1024;
 // The L2 flush buffer is this many times the L2 size, so that no earlier line survives.
 constexpr size_t kFlushFactor = 2;
+// Kernel that busy-waits on %globaltimer (shaders/cuda/spin_wait.cu): the timing guard.
+constexpr const char* kSpinKernel = "spin_wait";
 
 std::string read_file(const std::string& path) {
     std::ifstream in(path, std::ios::binary);
@@ -400,9 +402,19 @@ public:
             ~Destroy() { for (auto e : ev) if (e) d->cuEventDestroy(e); }
         } destroy{d_, ev};
         for (auto& e : ev) check(d_->cuEventCreate(&e, EVENT_DEFAULT), "cuEventCreate");
+        std::shared_ptr<Kernel> spin;
+        std::vector<KernelArg> spin_args;
+        if (opt.guard_us < 0) throw std::invalid_argument("timing: guard_us must be >= 0");
+        if (opt.guard_us > 0) {
+            spin = kernel(KernelKey(kSpinKernel), CacheMode::Default);
+            const unsigned long long ns = static_cast<unsigned long long>(opt.guard_us * 1e3);
+            spin_args.push_back(KernelArg::raw(&ns, sizeof(ns), sizeof(ns)));
+        }
+        LaunchConfig one;
         for (int i = 0; i < opt.iters; ++i) {
             if (flush)
                 check(d_->cuMemsetD8Async(flush->device_address(), uint8_t(i), flush->bytes, stream_), "L2 flush");
+            if (spin) launch(*spin, one, spin_args);
             check(d_->cuEventRecord(ev[2 * i], stream_), "cuEventRecord");
             enqueue();
             check(d_->cuEventRecord(ev[2 * i + 1], stream_), "cuEventRecord");

@@ -133,6 +133,11 @@ def resolve(name: str) -> str:
 
 _BY_VALUE_KINDS = "iuf"
 
+#: Default timing guard (microseconds): a spin kernel keeps the GPU busy this long before each
+#: start event, so host-side dispatch (Python, torch) of the timed work is not measured as GPU
+#: idle time. 200 us covers torch SDPA's Python dispatch with margin; every experiment uses it.
+DEFAULT_TIMING_GUARD_US = 200.0
+
 
 def _pack(i: int, a):
     nat = native()
@@ -209,14 +214,15 @@ class GpuBackend:
         packed = [_pack(i, a) for i, a in enumerate(args)]
         self._b.launch(kernel, list(_dims("grid", grid)), list(_dims("block", block)), packed, int(shared_bytes))
 
-    def time_launch(self, kernel, grid, block, args, shared_bytes=0, warmup=4, iters=50, flush_l2=False):
+    def time_launch(self, kernel, grid, block, args, shared_bytes=0, warmup=4, iters=50, flush_l2=False,
+                    guard_us=DEFAULT_TIMING_GUARD_US):
         packed = [_pack(i, a) for i, a in enumerate(args)]
         return self._b.time_launch(kernel, list(_dims("grid", grid)), list(_dims("block", block)), packed,
-                                   int(shared_bytes), int(warmup), int(iters), bool(flush_l2))
+                                   int(shared_bytes), int(warmup), int(iters), bool(flush_l2), float(guard_us))
 
-    def time(self, enqueue, warmup=4, iters=50, flush_l2=False):
+    def time(self, enqueue, warmup=4, iters=50, flush_l2=False, guard_us=DEFAULT_TIMING_GUARD_US):
         """Device-side timing of `enqueue()` (any work on this backend's stream)."""
-        return self._b.time(enqueue, int(warmup), int(iters), bool(flush_l2))
+        return self._b.time(enqueue, int(warmup), int(iters), bool(flush_l2), float(guard_us))
 
     def synchronize(self) -> None:
         self._b.synchronize()
