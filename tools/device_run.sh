@@ -15,6 +15,9 @@
 # Exact build command on the device (documented in README.md):
 #   python3 -m pip install --no-build-isolation --no-deps .
 # $OUT is set by the device tool; elsewhere it defaults to ./device-out.
+# The device receives the tree without .git: pass the sha the results belong to as
+# ATTNPROTO_COMMIT=<sha> (and ATTNPROTO_DIRTY=0 when the tree is the committed one);
+# records and findings carry it.
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"

@@ -274,8 +274,20 @@ def default_out_dir(backend: str) -> Path:
 
 
 def git_commit(start: str | os.PathLike[str] | None = None) -> str:
-    """Git sha of the repository holding ``start`` (default: this package's source), or "unknown"."""
-    where = Path(start) if start is not None else Path(__file__).resolve().parent
+    """Git sha of the code that runs, or "unknown".
+
+    ``$ATTNPROTO_COMMIT`` wins (a GPU machine that receives a copy of the tree without
+    its .git is told the sha by the command that ships it: tools/device_run.sh);
+    otherwise the repository holding ``start`` (default: this package's source, then
+    the current directory).
+    """
+    env = os.environ.get("ATTNPROTO_COMMIT", "").strip()
+    if env:
+        return env
+    if start is None:
+        sha = git_commit(Path(__file__).resolve().parent)
+        return sha if sha != "unknown" else git_commit(Path.cwd())
+    where = Path(start)
     try:
         proc = subprocess.run(
             ["git", "-C", str(where), "rev-parse", "--verify", "HEAD"],
@@ -288,7 +300,13 @@ def git_commit(start: str | os.PathLike[str] | None = None) -> str:
 
 
 def git_dirty(start: str | os.PathLike[str] | None = None) -> bool | None:
-    """Whether the work tree differs from HEAD, untracked files included (None when git cannot tell)."""
+    """Whether the work tree differs from HEAD, untracked files included (None when git cannot tell).
+
+    ``$ATTNPROTO_DIRTY`` ("0"/"1") wins, for the same reason as ``$ATTNPROTO_COMMIT``.
+    """
+    env = os.environ.get("ATTNPROTO_DIRTY", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
     where = Path(start) if start is not None else Path(__file__).resolve().parent
     try:
         proc = subprocess.run(

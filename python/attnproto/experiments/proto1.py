@@ -35,8 +35,8 @@ QUICK_HEAD_DIMS = (64, 128)
 QUICK_SEQ_LENS = (1024, 4096)
 DTYPE = "bfloat16"
 # Anchors that compile per shape (flex_attention) run on these lengths only, to bound compile time.
-FLEX_SEQ_LENS = (16384,)
-FLEX_HEAD_DIMS = (64, 128)
+FLEX_SEQ_LENS = (4096, 16384)
+FLEX_HEAD_DIMS = (64, 128, 256)
 # Lengths at and above which the floor (>= 1.0x SDPA flash) applies.
 FLOOR_MIN_SEQ = 4096
 

@@ -13,7 +13,9 @@ Nothing here needs a GPU or torch.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
@@ -261,8 +263,8 @@ class TableEntry:
 SHORT_SEQ = 1024
 _DEFAULT = "default until the proto1 sweep runs: "
 
-# First match wins; the sweep replaces these reasons with measured ones.
-TABLE: Tuple[TableEntry, ...] = (
+# Used only when no measured table ships with the package (see TABLE_FILE).
+DEFAULT_TABLE: Tuple[TableEntry, ...] = (
     TableEntry(64, SHORT_SEQ, None, 64, 64, 4, 2,
                _DEFAULT + "short sequences: 64-row CTAs double the CTAs per head; 16 rows/warp "
                           "keeps Q in registers; 2 stages hide the K/V latency"),
@@ -284,13 +286,59 @@ TABLE: Tuple[TableEntry, ...] = (
                           "S_j and K_j+1 during P V_j"),
 )
 
+#: The measured chooser table: written by ``attnproto run proto1`` as
+#: results/<device>/proto1/tile_table.json (fastest legal tiles per head dim, mask and
+#: length band, each with the measurement that chose it) and copied here.
+TABLE_FILE = Path(__file__).with_name("tile_table.json")
 
-def choose_config(head_dim: int, seq_len: int, causal: bool, dtype: Any) -> FlashConfig:
-    """Tiles for a problem from :data:`TABLE`.
+
+def load_table(path: Path = TABLE_FILE) -> Tuple[TableEntry, ...]:
+    """Table entries from a proto1 tile_table.json; DEFAULT_TABLE when the file is absent."""
+    if not path.is_file():
+        return DEFAULT_TABLE
+    entries = []
+    for row in json.loads(path.read_text()):
+        t = row["tiles"]
+        entries.append(TableEntry(int(row["head_dim"]), row["max_seq_len"], bool(row["causal"]),
+                                  int(t["block_r"]), int(t["block_c"]), int(t["warps"]), int(t["stages"]),
+                                  str(row["reason"])))
+    # First match wins: within one (head dim, mask) shorter bands come first, the open band last.
+    entries.sort(key=lambda e: (e.head_dim, e.causal, e.max_seq_len is None, e.max_seq_len or 0))
+    return tuple(entries)
+
+
+# First match wins.
+TABLE: Tuple[TableEntry, ...] = load_table()
+
+
+def _entry(head_dim: int, seq_len: int, causal: bool, dtype: Any, smem_limit: int) -> Tuple[TableEntry, FlashConfig]:
+    """First TABLE entry matching the problem whose tiles are legal under ``smem_limit``;
+    DEFAULT_TABLE is the fallback for devices the measured table does not fit (e.g. sm_80)."""
+    table_dim = next((d for d in SUPPORTED_HEAD_DIMS if d >= head_dim), SUPPORTED_HEAD_DIMS[-1])
+    tried = []
+    for table in (TABLE, DEFAULT_TABLE):
+        for e in table:
+            if not e.matches(table_dim, seq_len, causal):
+                continue
+            cfg = FlashConfig(head_dim, e.block_r, e.block_c, e.warps, e.stages, causal, dtype)
+            ok, why = cfg.is_legal(smem_limit)
+            if ok:
+                return e, cfg
+            tried.append(f"{cfg.label()}: {why}")
+            break  # first match per table only
+    raise LookupError(f"no legal table entry for head_dim {head_dim}, seq_len {seq_len}, causal {causal} "
+                      f"within {smem_limit} bytes of shared memory: " + "; ".join(tried))
+
+
+def choose_config(head_dim: int, seq_len: int, causal: bool, dtype: Any,
+                  smem_limit: int = SMEM_LIMIT_SM90) -> FlashConfig:
+    """Tiles for a problem from :data:`TABLE` (measured by proto1).
 
     ``seq_len`` is the query length Nq. A head dim without entries borrows the
     entries of the next larger tabulated one (its tiles hold at least as much).
-    Always returns a legal config on sm_90; ValueError for an unsupported head dim.
+    ``smem_limit`` is the device's per-block opt-in shared memory: a measured entry
+    that does not fit falls back to :data:`DEFAULT_TABLE`. ValueError for an
+    unsupported head dim.
     """
     head_dim = _check_head_dim(head_dim)
     seq_len = _check_int(seq_len, "seq_len")
@@ -299,43 +347,34 @@ def choose_config(head_dim: int, seq_len: int, causal: bool, dtype: Any) -> Flas
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     dtype_code(dtype)
-    table_dim = next((d for d in SUPPORTED_HEAD_DIMS if d >= head_dim), SUPPORTED_HEAD_DIMS[-1])
-    entry = next((e for e in TABLE if e.matches(table_dim, seq_len, causal)), None)
-    if entry is None:
-        raise LookupError(f"no TABLE entry for head_dim {table_dim}, seq_len {seq_len}, "
-                          f"causal {causal}")
-    cfg = FlashConfig(head_dim, entry.block_r, entry.block_c, entry.warps, entry.stages, causal,
-                      dtype)
-    ok, reason = cfg.is_legal()
-    if not ok:
-        raise AssertionError(f"TABLE entry {entry} is illegal for head_dim {head_dim}: {reason}")
-    return cfg
+    return _entry(head_dim, seq_len, causal, dtype, smem_limit)[1]
 
 
-def table_reason(config: FlashConfig, seq_len: int) -> str:
-    """The TABLE reason behind ``choose_config`` for this config's problem."""
-    table_dim = next((d for d in SUPPORTED_HEAD_DIMS if d >= config.head_dim), SUPPORTED_HEAD_DIMS[-1])
-    entry = next(e for e in TABLE if e.matches(table_dim, seq_len, config.causal))
-    return entry.reason
+def table_reason(config: FlashConfig, seq_len: int, smem_limit: int = SMEM_LIMIT_SM90) -> str:
+    """The table reason behind ``choose_config`` for this config's problem."""
+    return _entry(config.head_dim, seq_len, config.causal, config.dtype, smem_limit)[0].reason
 
 
 def all_specialisations() -> List[Tuple[str, Dict[str, int]]]:
     """(kernel name, constants) of every specialisation the project launches.
 
     The chooser's configurations for each tabulated head dim, both masks, both
-    dtypes and every sequence-length band of the table. Unique, each legal.
+    dtypes, every sequence-length band of the tables, for Hopper's and Ampere's
+    shared-memory limits. Unique, each legal on sm_90 (CI compiles the sm_80 ones
+    for sm_80 too).
     """
     seen = set()
     out: List[Tuple[str, Dict[str, int]]] = []
-    lengths = sorted({e.max_seq_len for e in TABLE if e.max_seq_len is not None})
-    probe_lengths = lengths + [lengths[-1] + 1 if lengths else 1]
+    lengths = sorted({e.max_seq_len for t in (TABLE, DEFAULT_TABLE) for e in t if e.max_seq_len is not None})
+    probe_lengths = [0] + lengths + [lengths[-1] + 1 if lengths else 1]
     for head_dim in SUPPORTED_HEAD_DIMS:
         for causal in (False, True):
             for dtype in DTYPE_CODES:
                 for seq_len in probe_lengths:
-                    consts = choose_config(head_dim, seq_len, causal, dtype).constants()
-                    key = tuple(sorted(consts.items()))
-                    if key not in seen:
-                        seen.add(key)
-                        out.append((KERNEL_NAME, consts))
+                    for limit in (SMEM_LIMIT_SM90, SMEM_LIMIT_SM80):
+                        consts = choose_config(head_dim, seq_len, causal, dtype, limit).constants()
+                        key = tuple(sorted(consts.items()))
+                        if key not in seen:
+                            seen.add(key)
+                            out.append((KERNEL_NAME, consts))
     return out

@@ -196,7 +196,7 @@ def flash_params(problem: FlashProblem):
 def _mma_config(config: Any, problem: FlashProblem, smem_limit: int) -> _cfg.FlashConfig:
     s = problem.shape
     if config is None:
-        config = _cfg.choose_config(s.head_dim, s.seq_q, problem.causal, s.dtype)
+        config = _cfg.choose_config(s.head_dim, s.seq_q, problem.causal, s.dtype, smem_limit)
     elif not isinstance(config, _cfg.FlashConfig):
         raise TypeError(f"config: expected a FlashConfig or None, got {type(config).__name__}")
     for field, want in (("head_dim", s.head_dim), ("causal", problem.causal), ("dtype", s.dtype)):
