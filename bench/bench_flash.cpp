@@ -4,11 +4,16 @@
 //
 //   attnproto_bench_flash --kernel flash_fwd_mma --const HEAD_DIM=128 --const BLOCK_R=128 ...
 //       --threads 256 --smem 81920 --batch 4 --heads 16 --seq 4096 [--causal] [--dtype bf16]
-//       [--warmup 10] [--iters 100] [--flush-l2]
+//       [--warmup 10] [--iters 100] [--flush-l2] [--tma]
 //
-// Kernel ABI (shaders/cuda/flash_fwd_*.cu): (AttentionParams p, q, k, v, o, lse),
-// grid (ceil(N / BLOCK_R), heads, batch). tools/device_run.sh's bench stage passes
-// the tile chooser's configurations (attnproto.ops.configs) as arguments.
+// Kernel ABIs (shaders/cuda/flash_fwd_*.cu):
+//   default: (AttentionParams p, q, k, v, o, lse), grid (ceil(N / BLOCK_R), heads, batch)  [flash_fwd_mma]
+//   --tma:   (p, TMA map q, TMA map k, TMA map v, o, lse), 1-D grid of ceil(N / BLOCK_R) * heads * batch
+//            CTAs; 4-D maps over (D, N, H, B) with 128-byte swizzle, boxes of 64 x BLOCK_R (q) and
+//            64 x BLOCK_C (k, v)                                                           [flash_fwd_wgmma]
+// tools/bench_args.py prints the arguments of the best configuration per head dim
+// (the chooser's table for mma, the wgmma defaults) and tools/device_run.sh runs them.
+#include "cuda/cuda_backend.h"
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -29,6 +34,9 @@ namespace {
 constexpr double kMatmulsPerForward = 2.0;
 constexpr double kFlopsPerMac = 2.0;
 constexpr double kCausalFraction = 0.5;
+// TMA boxes of the wgmma kernel: 64 elements (128 bytes) of the head dim, 128-byte swizzle.
+constexpr uint32_t kTmaBoxCols = 64;
+constexpr int kTmaSwizzleBytes = 128;
 
 [[noreturn]] void usage(const std::string& why) {
     std::fprintf(stderr, "attnproto_bench_flash: %s\n", why.c_str());
@@ -72,7 +80,7 @@ int main(int argc, char** argv) {
     std::string kernel, dtype = "bf16";
     std::map<std::string, int64_t> consts;
     long threads = 0, smem = 0, batch = 0, heads = 0, kv_heads = 0, seq = 0, warmup = 10, iters = 100;
-    bool causal = false, flush = false;
+    bool causal = false, flush = false, tma = false;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         auto next = [&]() -> const char* {
@@ -96,6 +104,7 @@ int main(int argc, char** argv) {
         else if (a == "--dtype") dtype = next();
         else if (a == "--causal") causal = true;
         else if (a == "--flush-l2") flush = true;
+        else if (a == "--tma") tma = true;
         else usage("unknown argument " + a);
     }
     if (kernel.empty() || threads <= 0 || batch <= 0 || heads <= 0 || seq <= 0 || smem < 0)
@@ -144,14 +153,36 @@ int main(int argc, char** argv) {
         p.lse_stride[0] = int64_t(heads) * seq; p.lse_stride[1] = seq;
 
         LaunchConfig cfg;
-        cfg.grid[0] = unsigned((seq + block_r - 1) / block_r); cfg.grid[1] = unsigned(heads); cfg.grid[2] = unsigned(batch);
+        const unsigned m_blocks = unsigned((seq + block_r - 1) / block_r);
+        if (tma) {
+            cfg.grid[0] = m_blocks * unsigned(heads) * unsigned(batch);
+        } else {
+            cfg.grid[0] = m_blocks; cfg.grid[1] = unsigned(heads); cfg.grid[2] = unsigned(batch);
+        }
         cfg.block[0] = unsigned(threads);
         cfg.shared_bytes = size_t(smem);
-        std::vector<KernelArg> args = {KernelArg::raw(&p, sizeof(p), alignof(AttentionParams)),
-                                       KernelArg::pointer(q->device_address()), KernelArg::pointer(kk->device_address()),
-                                       KernelArg::pointer(v->device_address()), KernelArg::pointer(o->device_address()),
-                                       KernelArg::pointer(lse->device_address())};
-        TimingStats t = be.time([&] { be.launch(*k, cfg, args); }, TimingOptions{int(warmup), int(iters), flush});
+        std::vector<KernelArg> args = {KernelArg::raw(&p, sizeof(p), alignof(AttentionParams))};
+        if (tma) {
+            auto bc = consts.find("BLOCK_C");
+            if (bc == consts.end()) usage("--tma needs --const BLOCK_C=..");
+            auto map = [&](const Buffer& b, long h, uint32_t rows) {
+                const uint64_t row = uint64_t(d) * 2;
+                return cuda::tensor_map(dtype == "bf16" ? "bf16" : "f16", b.device_address(),
+                                        {uint64_t(d), uint64_t(seq), uint64_t(h), uint64_t(batch)},
+                                        {row, row * uint64_t(seq), row * uint64_t(seq) * uint64_t(h)},
+                                        {kTmaBoxCols, rows, 1, 1}, kTmaSwizzleBytes, false);
+            };
+            args.push_back(map(*q, heads, uint32_t(block_r)));
+            args.push_back(map(*kk, kv_heads, uint32_t(bc->second)));
+            args.push_back(map(*v, kv_heads, uint32_t(bc->second)));
+        } else {
+            args.push_back(KernelArg::pointer(q->device_address()));
+            args.push_back(KernelArg::pointer(kk->device_address()));
+            args.push_back(KernelArg::pointer(v->device_address()));
+        }
+        args.push_back(KernelArg::pointer(o->device_address()));
+        args.push_back(KernelArg::pointer(lse->device_address()));
+        TimingStats t = be.time([&] { be.launch(*k, cfg, args); }, TimingOptions{int(warmup), int(iters), flush, 0.0});
         double flops = kMatmulsPerForward * kFlopsPerMac * double(batch) * heads * double(seq) * seq * d;
         if (causal) flops *= kCausalFraction;
         std::printf("%s B=%ld H=%ld N=%ld D=%ld causal=%d dtype=%s regs=%d local=%dB: median %.4f ms "

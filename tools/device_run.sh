@@ -7,7 +7,7 @@
 #   build       pip install . without build isolation (the device has no network);
 #               wheels in .whl/ (e.g. fla-core) are installed to /tmp/site first
 #   test        the whole pytest suite, GPU tests included            -> $OUT/pytest.log
-#   test-gpu    only the tests marked gpu                               -> $OUT/pytest-gpu.log
+#   test-gpu    only the tests marked gpu ($PYTEST_ARGS: files/-k, default tests) -> $OUT/pytest-gpu.log
 #   sanitize    compute-sanitizer memcheck + racecheck on small shapes -> $OUT/sanitize.log
 #   run:NAME    attnproto run NAME --backend cuda (results/ updated)   -> $OUT/results.tgz
 #   bench       build and run the C++ benchmark binaries               -> $OUT/bench.log
@@ -49,7 +49,8 @@ for stage in "$@"; do
       ;;
     test-gpu)
       note test-gpu
-      timeout "${STAGE_TIMEOUT:-480}" python3 -m pytest -q -ra -m gpu -p no:cacheprovider --timeout 300 tests \
+      # shellcheck disable=SC2086
+      timeout "${STAGE_TIMEOUT:-480}" python3 -m pytest -q -ra -m gpu -p no:cacheprovider --timeout 300 ${PYTEST_ARGS:-tests} \
         --junitxml="$OUT/pytest-gpu.xml" 2>&1 | tee "$OUT/pytest-gpu.log" | tail -80
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
       ;;
@@ -69,10 +70,11 @@ for stage in "$@"; do
       note bench
       cmake -S . -B build/bench -G Ninja -DATTNPROTO_BUILD_BENCH=ON -DATTNPROTO_BUILD_PYTHON=OFF >"$OUT/bench.log" 2>&1 &&
         cmake --build build/bench >>"$OUT/bench.log" 2>&1 || { tail -30 "$OUT/bench.log"; status=1; continue; }
-      for b in build/bench/bench/attnproto_bench_*; do
-        [ -x "$b" ] || continue
-        "$b" 2>&1 | tee -a "$OUT/bench.log" | tail -20 || status=1
-      done
+      python3 tools/bench_args.py >"$OUT/bench_args.txt" || { status=1; continue; }
+      while read -r line; do
+        # shellcheck disable=SC2086
+        build/bench/bench/attnproto_bench_flash $line --warmup 10 --iters 100 2>&1 | tee -a "$OUT/bench.log" || status=1
+      done <"$OUT/bench_args.txt"
       ;;
     *)
       echo "unknown stage: $stage" >&2

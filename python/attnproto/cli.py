@@ -364,6 +364,38 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def report_text(directory: Path) -> str:
+    """The summary table of one committed result directory (results/<device>/<experiment>).
+
+    Built only from its records.jsonl, by the experiment's own ``summary_table``
+    when it has one; README tables are this text (tools/update_readme.py).
+    """
+    import importlib  # noqa: PLC0415
+
+    from .records import read_records  # noqa: PLC0415
+
+    directory = Path(directory)
+    path = directory / "records.jsonl"
+    if not path.is_file():
+        raise CLIError(f"{path}: no records (expected results/<device>/<experiment>/records.jsonl)")
+    records = read_records(path)
+    if not records:
+        raise CLIError(f"{path}: empty")
+    exp = records[0]["experiment"]
+    _experiments_module()
+    module = importlib.import_module(f"attnproto.experiments.{exp}")
+    header = (f"{exp} on {records[0]['device']} ({records[0]['backend']}, driver {records[0]['driver']}), "
+              f"commit {records[0]['commit'][:12]}, {records[0]['date'][:10]}; {len(records)} records")
+    if hasattr(module, "summary_table"):
+        return header + "\n" + format_table(module.summary_table(records))
+    return header + "\n" + "\n\n".join(_record_tables(records))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    print(report_text(Path(args.directory)))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------- parser
 def _positive_int(text: str) -> int:
     try:
@@ -411,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="sm_90a", help="target, e.g. sm_90a, sm_80")
     p.add_argument("--jobs", type=_positive_int, default=None, help="parallel compiles (default: CPU count)")
     p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser("report", help="summary table of a result directory (results/<device>/<experiment>)")
+    p.add_argument("directory", help="e.g. results/nvidia-h100-80gb-hbm3/proto1")
+    p.set_defaults(func=cmd_report)
 
     kb = sub.add_parser("kb", help="findings database")
     kb_sub = kb.add_subparsers(dest="kb_command", required=True, metavar="KB_COMMAND")
