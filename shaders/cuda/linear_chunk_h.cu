@@ -3,12 +3,33 @@
 //
 // One block per (BLOCK_DK x BLOCK_DV state tile, batch, kv head). The block walks
 // the sequence in tiles of TILE_T tokens, keeping its state tile in FP32
-// registers for the whole walk (the running state is never rounded):
+// registers for the whole walk:
 //     H <- gamma^TILE_T H + K_tile^T diag(gamma^(TILE_T-1-j)) V_tile    (tensor cores)
 // and writes H to h[b, hkv, c] whenever a chunk boundary is reached, rounded
 // to the element type (the operand type chunk_o's tensor cores read it in).
 // Only full chunks feed later states, so the walk covers tokens
 // [0, (num_chunks - 1) * CHUNK) and never reads past the sequence.
+//
+// Where the running state lives. A tensor core's FP32 accumulation is not an
+// IEEE add: it aligns the addends to the largest exponent with a few extra
+// bits and normalizes the sum by truncation (round toward zero; Fasi et al.,
+// PeerJ CS 7:e330, 2021), so every MMA that accumulates into the state shrinks
+// it by up to 1 ulp, and that bias does not average out over the walk. Per
+// element of H that is ~2^-24 relative per MMA, times the MMAs in the chain:
+//   FP32 (3xTF32, k8): 3 * TILE_T / 8 = 24 MMAs per 64-token tile; at
+//     N = 65,536 that is ~24,500 MMAs, a ~1.5e-3 relative error of H (seen on
+//     H100: FP32 output off by 5.7e-4 at RMS 0.25, 2.2x the tolerance of
+//     AC-4.2). So on the FP32 path the tensor cores accumulate each tile into
+//     zeroed registers (24 MMAs: ~1.4e-6 of the tile's contribution, of random
+//     sign across tiles) and the tile is folded into a separate FP32 state with
+//     one round-to-nearest FFMA per element per tile (random error,
+//     ~sqrt(N / TILE_T) * 2^-25 ~ 1e-6 relative at N = 65,536: no compensated
+//     summation needed).
+//   16-bit (k16): TILE_T / 16 = 4 MMAs per tile, ~4,100 at N = 65,536: ~2.4e-4
+//     relative, no larger than the rounding of the stored state (unit roundoff
+//     2^-11 fp16, 2^-8 bf16) and 40x below the half-precision rtol of 1e-2
+//     (still below it at N = 1M). There the state stays in the accumulators,
+//     sparing 4 * BLOCK_DV / 8 registers and the per-tile fold on the fast path.
 //
 // Warps split the BLOCK_DK rows (16 each); every warp spans all BLOCK_DV
 // columns. K/V tiles stream through a LIN_H_STAGES-deep cp.async ring.
@@ -70,6 +91,9 @@ constexpr int kLdK = kDK + pad_col<DTYPE>();   // K tile read down columns (A = 
 constexpr int kLdV = kDV + pad_col<DTYPE>();   // V tile read down columns (B = V)
 constexpr int kStageElems = kT * kLdK + kT * kLdV;
 constexpr int kNT = kDV / kMmaN;               // 8-column accumulator tiles per warp
+// FP32 inputs keep the running state out of the tensor-core accumulators (see
+// the header: truncating accumulation over thousands of MMAs).
+constexpr bool kSeparateState = DTYPE == kF32;
 
 static_assert(DTYPE == kF16 || DTYPE == kBF16 || DTYPE == kF32, "DTYPE must be 0, 1 or 2");
 static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "HEAD_DIM must be 64 or 128");
@@ -138,11 +162,17 @@ linear_chunk_h(const AttentionParams p, const elem_t* __restrict__ k, const elem
         cp_async_commit();
     }
 
+    // acc: tensor-core accumulators. 16-bit: the running state itself. FP32:
+    // one tile's K^T V, zeroed per tile and folded into `sep` (the running
+    // state); `state` names whichever holds the state (unused `sep` of the
+    // 16-bit path is dead code and takes no registers).
     float acc[kNT][4];
+    float sep[kNT][4];
 #pragma unroll
     for (int j = 0; j < kNT; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) acc[j][e] = sep[j][e] = 0.0f;
+    float (&state)[kNT][4] = kSeparateState ? sep : acc;
 
     const int row0 = dk0 + warp * kMmaM + g;   // this lane's state rows: row0, row0 + 8
     auto store_state = [&](int chunk) {
@@ -150,8 +180,8 @@ linear_chunk_h(const AttentionParams p, const elem_t* __restrict__ k, const elem
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
             const int col = dv0 + j * kMmaN + 2 * t4;
-            store_pair<DTYPE>(dst + (i64)row0 * kD + col, acc[j][0], acc[j][1]);
-            store_pair<DTYPE>(dst + (i64)(row0 + 8) * kD + col, acc[j][2], acc[j][3]);
+            store_pair<DTYPE>(dst + (i64)row0 * kD + col, state[j][0], state[j][1]);
+            store_pair<DTYPE>(dst + (i64)(row0 + 8) * kD + col, state[j][2], state[j][3]);
         }
     };
 
@@ -167,11 +197,12 @@ linear_chunk_h(const AttentionParams p, const elem_t* __restrict__ k, const elem
 
         const elem_t* ks = ring + (tile % kStages) * kStageElems;
         const elem_t* vs = ks + kT * kLdK;
-        if constexpr (HAS_DECAY) {
+        if constexpr (kSeparateState || HAS_DECAY) {
+            // FP32: start the tile's product from zero. 16-bit: decay the state.
 #pragma unroll
             for (int j = 0; j < kNT; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc[j][e] *= tile_decay;
+                for (int e = 0; e < 4; ++e) acc[j][e] = kSeparateState ? 0.0f : acc[j][e] * tile_decay;
         }
 #pragma unroll kKUnroll
         for (int kk = 0; kk < kT; kk += kKStep) {
@@ -184,6 +215,14 @@ linear_chunk_h(const AttentionParams p, const elem_t* __restrict__ k, const elem
                 mma_frag<DTYPE>(acc[j], a, bb, 0);
                 mma_frag<DTYPE>(acc[j + 1], a, bb, 1);
             }
+        }
+        if constexpr (kSeparateState) {
+            // H <- gamma^TILE_T H + tile, one IEEE rounding per element.
+#pragma unroll
+            for (int j = 0; j < kNT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    sep[j][e] = HAS_DECAY ? fmaf(sep[j][e], tile_decay, acc[j][e]) : sep[j][e] + acc[j][e];
         }
     }
     cp_async_wait<0>();
