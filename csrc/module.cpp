@@ -35,6 +35,15 @@ CacheMode parse_mode(const std::string& m) {
     throw std::invalid_argument("mode: '" + m + "' is not one of default, archive_only, no_archive, cold");
 }
 
+#ifdef ATTNPROTO_WITH_CUDA
+cuda::Output parse_output(const std::string& o, const std::string& what) {
+    if (o == "cubin") return cuda::Output::Cubin;
+    if (o == "ptx") return cuda::Output::Ptx;
+    if (o == "ltoir") return cuda::Output::LtoIr;
+    throw std::invalid_argument(what + ": '" + o + "' is not one of cubin, ptx, ltoir");
+}
+#endif
+
 const char* origin_name(KernelOrigin o) {
     switch (o) {
         case KernelOrigin::Compiled: return "compiled";
@@ -240,33 +249,79 @@ NB_MODULE(_attnproto, m) {
             std::vector<KernelArg> a = convert_args(args);
             return b.time([&] { b.launch(k, cfg, a); }, TimingOptions{warmup, iters, flush_l2, guard_us});
         }, "kernel"_a, "grid"_a, "block"_a, "args"_a, "shared_bytes"_a = 0, "warmup"_a = 4, "iters"_a = 50,
-           "flush_l2"_a = false, "guard_us"_a = 0.0);
+           "flush_l2"_a = false, "guard_us"_a = 0.0)
+        .def("time_sequence", [](Backend& b, const nb::list& launches, int warmup, int iters, bool flush_l2,
+                                 double guard_us) {
+            // Several launches back to back from C++ (no Python between them), timed as one sample.
+            struct One { Kernel* k; LaunchConfig cfg; std::vector<KernelArg> args; std::shared_ptr<Kernel> keep; };
+            std::vector<One> seq;
+            for (size_t i = 0; i < launches.size(); ++i) {
+                nb::tuple t = nb::cast<nb::tuple>(launches[i]);
+                if (t.size() != 5)
+                    throw std::invalid_argument("launches[" + std::to_string(i) +
+                                                "]: expected (kernel, grid, block, args, shared_bytes)");
+                auto k = nb::cast<std::shared_ptr<Kernel>>(t[0]);
+                seq.push_back({k.get(), make_config(nb::cast<std::vector<unsigned>>(t[1]),
+                                                     nb::cast<std::vector<unsigned>>(t[2]), nb::cast<size_t>(t[4])),
+                               convert_args(nb::cast<nb::list>(t[3])), k});
+            }
+            return b.time([&] { for (auto& o : seq) b.launch(*o.k, o.cfg, o.args); },
+                          TimingOptions{warmup, iters, flush_l2, guard_us});
+        }, "launches"_a, "warmup"_a = 4, "iters"_a = 50, "flush_l2"_a = false, "guard_us"_a = 0.0);
 
     m.def("get_backend", &get_backend, "name"_a, nb::rv_policy::reference);
 
 #ifdef ATTNPROTO_WITH_CUDA
     m.def("cuda_add_library_dir", &cuda::add_library_dir, "dir"_a,
-          "Extra directory searched for libnvrtc (call before the first CUDA use)");
+          "Extra directory searched for libnvrtc and libnvJitLink (call before the first CUDA use)");
     m.def("cuda_nvrtc_library", &cuda::nvrtc_library_path);
     m.def("cuda_nvrtc_version", &cuda::nvrtc_version);
     m.def("cuda_source_hash", &cuda::source_hash, "name"_a);
     m.def("cuda_compile", [](const std::string& name, const std::map<std::string, int64_t>& constants,
-                             const std::string& arch, const std::string& output) {
-        cuda::Output o;
-        if (output == "cubin") o = cuda::Output::Cubin;
-        else if (output == "ptx") o = cuda::Output::Ptx;
-        else if (output == "ltoir") o = cuda::Output::LtoIr;
-        else throw std::invalid_argument("output: '" + output + "' is not one of cubin, ptx, ltoir");
+                             const std::string& arch, const std::string& output, const std::vector<std::string>& options) {
+        cuda::Output o = parse_output(output, "output");
         KernelKey key(name, constants);
         cuda::CompileResult r;
         {
             nb::gil_scoped_release unlocked;
-            r = cuda::compile(key, arch, o);
+            r = cuda::compile(key, arch, o, options);
         }
         return nb::make_tuple(nb::bytes(reinterpret_cast<const char*>(r.binary.data()), r.binary.size()), r.log,
                               r.compile_ms);
-    }, "name"_a, "constants"_a, "arch"_a, "output"_a = "cubin",
-       "Compile a kernel with NVRTC without a device; returns (binary, log, compile_ms)");
+    }, "name"_a, "constants"_a, "arch"_a, "output"_a = "cubin", "options"_a = std::vector<std::string>(),
+       "Compile a kernel with NVRTC without a device; returns (binary, log, compile_ms). `options` are extra "
+       "NVRTC options (compile-cost studies)");
+    m.def("cuda_nvjitlink_version", &cuda::nvjitlink_version);
+    m.def("cuda_nvjitlink_library", &cuda::nvjitlink_library_path);
+    m.def("cuda_link", [](const std::vector<std::tuple<nb::bytes, std::string, std::string>>& inputs, const std::string& arch,
+                          const std::vector<std::string>& options) {
+        std::vector<cuda::LinkInput> in;
+        in.reserve(inputs.size());
+        for (size_t i = 0; i < inputs.size(); ++i) {
+            const auto& [data, kind, name] = inputs[i];
+            cuda::LinkInput li;
+            li.data.assign(reinterpret_cast<const uint8_t*>(data.c_str()),
+                           reinterpret_cast<const uint8_t*>(data.c_str()) + data.size());
+            li.kind = parse_output(kind, "inputs[" + std::to_string(i) + "] kind");
+            li.name = name;
+            in.push_back(std::move(li));
+        }
+        cuda::LinkResult r;
+        {
+            nb::gil_scoped_release unlocked;
+            r = cuda::link(in, arch, options);
+        }
+        return nb::make_tuple(nb::bytes(reinterpret_cast<const char*>(r.cubin.data()), r.cubin.size()), r.log, r.link_ms);
+    }, "inputs"_a, "arch"_a, "options"_a = std::vector<std::string>(),
+       "Link (binary, kind, name) inputs (kind: ltoir, ptx, cubin) into one cubin with nvJitLink, without a device; "
+       "returns (cubin, info_log, link_ms)");
+    m.def("cuda_kernel_from_cubin", [](const std::string& name, const std::map<std::string, int64_t>& constants,
+                                       nb::bytes cubin) {
+        std::vector<uint8_t> bin(reinterpret_cast<const uint8_t*>(cubin.c_str()),
+                                 reinterpret_cast<const uint8_t*>(cubin.c_str()) + cubin.size());
+        return cuda::kernel_from_cubin(KernelKey(name, constants), bin);
+    }, "name"_a, "constants"_a, "cubin"_a,
+       "Load a cubin built outside the cache (e.g. by cuda_link) as a Kernel whose entry is `name`");
     m.def("cuda_obtain", [](const std::string& name, const std::map<std::string, int64_t>& constants,
                             const std::string& arch, const std::string& mode) {
         KernelKey key(name, constants);

@@ -220,6 +220,14 @@ class GpuBackend:
         return self._b.time_launch(kernel, list(_dims("grid", grid)), list(_dims("block", block)), packed,
                                    int(shared_bytes), int(warmup), int(iters), bool(flush_l2), float(guard_us))
 
+    def time_sequence(self, launches, warmup=4, iters=50, flush_l2=False, guard_us=DEFAULT_TIMING_GUARD_US):
+        """Time several launches issued back to back from C++: [(kernel, grid, block, args, shared_bytes)]."""
+        native_launches = [
+            (k, list(_dims("grid", g)), list(_dims("block", b)), [_pack(i, a) for i, a in enumerate(args)], int(smem))
+            for k, g, b, args, smem in launches
+        ]
+        return self._b.time_sequence(native_launches, int(warmup), int(iters), bool(flush_l2), float(guard_us))
+
     def time(self, enqueue, warmup=4, iters=50, flush_l2=False, guard_us=DEFAULT_TIMING_GUARD_US):
         """Device-side timing of `enqueue()` (any work on this backend's stream)."""
         return self._b.time(enqueue, int(warmup), int(iters), bool(flush_l2), float(guard_us))

@@ -414,8 +414,12 @@ class LinearPlan:
         return self.out
 
     def time(self, warmup: int = 4, iters: int = 50, flush_l2: bool = False) -> Dict[str, Any]:
-        """Device-side timings: the pair back to back ("total") and each kernel alone."""
-        total = self.be.time(self.run, warmup=warmup, iters=iters, flush_l2=flush_l2)
+        """Device-side timings: the pair back to back ("total", both launched from C++ with no
+        Python between them) and each kernel alone."""
+        total = self.be.time_sequence(
+            [(self.kernel_h, self.grid_h, (self.config.h_threads, 1, 1), self.args_h, self.config.h_smem_bytes()),
+             (self.kernel_o, self.grid_o, (self.config.o_threads, 1, 1), self.args_o, self.config.o_smem_bytes())],
+            warmup=warmup, iters=iters, flush_l2=flush_l2)
         h = self.be.time_launch(self.kernel_h, self.grid_h, (self.config.h_threads, 1, 1), self.args_h,
                                 self.config.h_smem_bytes(), warmup=warmup, iters=iters, flush_l2=flush_l2)
         o = self.be.time_launch(self.kernel_o, self.grid_o, (self.config.o_threads, 1, 1), self.args_o,
