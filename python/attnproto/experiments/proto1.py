@@ -16,6 +16,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -540,6 +541,24 @@ def _findings(ctx: ExperimentContext, records: list[dict], rejected: list[dict])
     return findings
 
 
+PUBLISHED_FILE = Path(__file__).resolve().parent.parent / "data" / "published.json"
+
+
+def published_findings(prototype: str = PROTOTYPE) -> list:
+    """Cited context from data/published.json (source "published": never measured here)."""
+    from ..findings import make_finding  # noqa: PLC0415
+
+    out = []
+    for row in json.loads(PUBLISHED_FILE.read_text()):
+        if row["prototype"] != prototype:
+            continue
+        out.append(make_finding(prototype=row["prototype"], title=row["title"], claim=row["claim"],
+                                evidence=row["evidence"], config=row["config"], device=row["device"],
+                                backend=row["backend"], source="published", citation=row["citation"],
+                                slug=row["slug"]))
+    return out
+
+
 def summary_table(records: Sequence[dict]) -> list[dict[str, Any]]:
     """Per (D, causal, N): best ours, each anchor, and our ratios (the closing-note table)."""
     rows = []
@@ -587,4 +606,5 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     if table:
         (ctx.out_dir / "tile_table.json").write_text(json.dumps(table, indent=1) + "\n")
     (ctx.out_dir / "summary.json").write_text(json.dumps({"table": summary_table(records), **notes}, indent=1) + "\n")
-    return ExperimentResult(records=records, findings=_findings(ctx, records, rejected), summary=summary_table(records))
+    findings = _findings(ctx, records, rejected) + published_findings()
+    return ExperimentResult(records=records, findings=findings, summary=summary_table(records))
