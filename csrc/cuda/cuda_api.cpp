@@ -1,4 +1,4 @@
-// cuda_api.cpp — run-time loading of libcuda and libnvrtc.
+// cuda_api.cpp — run-time loading of libcuda, libnvrtc and libnvJitLink.
 #include "cuda_api.h"
 
 #include <dirent.h>
@@ -14,6 +14,7 @@ namespace {
 std::mutex g_mutex;
 std::vector<std::string> g_extra_dirs;
 std::string g_nvrtc_path;
+std::string g_nvjitlink_path;
 
 // Resolves `sym` into `slot`; returns false (and names the symbol in *missing) if absent.
 template <typename F>
@@ -176,6 +177,67 @@ const NvrtcApi* nvrtc_api(std::string* why) {
         {
             std::lock_guard<std::mutex> lk(g_mutex);
             g_nvrtc_path = opened;
+        }
+        result = &api;
+    });
+    if (!result && why) *why = reason;
+    return result;
+}
+
+std::string nvjitlink_library_path() {
+    std::lock_guard<std::mutex> lk(g_mutex);
+    return g_nvjitlink_path;
+}
+
+const NvJitLinkApi* nvjitlink_api(std::string* why) {
+    static NvJitLinkApi api{};
+    static const NvJitLinkApi* result = nullptr;
+    static std::string reason;
+    static std::once_flag once;
+    std::call_once(once, [] {
+        std::vector<std::string> candidates;
+        if (const char* e = std::getenv("ATTNPROTO_NVJITLINK")) candidates.push_back(e);
+        const char* sonames[] = {"libnvJitLink.so.13", "libnvJitLink.so.12", "libnvJitLink.so"};
+        {
+            std::lock_guard<std::mutex> lk(g_mutex);
+            for (const auto& d : g_extra_dirs)
+                for (const char* s : sonames) candidates.push_back(d + "/" + s);
+        }
+        for (const char* s : sonames) candidates.push_back(s);
+        for (const char* s : sonames) candidates.push_back(std::string("/usr/local/cuda/lib64/") + s);
+        std::string tried, opened;
+        void* lib = open_first(candidates, &tried, &opened);
+        if (!lib) {
+            reason = "nvJitLink not found (pip install nvidia-nvjitlink, or set ATTNPROTO_NVJITLINK); tried:" + tried;
+            return;
+        }
+        std::string missing;
+        bool ok = true;
+        // Versioned exports first (13.0, then 12.0), then the unversioned aliases.
+        ok &= bind_any(lib, {"__nvJitLinkCreate_13_0", "__nvJitLinkCreate_12_0", "nvJitLinkCreate"}, api.nvJitLinkCreate, &missing);
+        ok &= bind_any(lib, {"__nvJitLinkDestroy_13_0", "__nvJitLinkDestroy_12_0", "nvJitLinkDestroy"}, api.nvJitLinkDestroy, &missing);
+        ok &= bind_any(lib, {"__nvJitLinkAddData_13_0", "__nvJitLinkAddData_12_0", "nvJitLinkAddData"}, api.nvJitLinkAddData, &missing);
+        ok &= bind_any(lib, {"__nvJitLinkComplete_13_0", "__nvJitLinkComplete_12_0", "nvJitLinkComplete"}, api.nvJitLinkComplete, &missing);
+        ok &= bind_any(lib, {"__nvJitLinkGetLinkedCubinSize_13_0", "__nvJitLinkGetLinkedCubinSize_12_0",
+                             "nvJitLinkGetLinkedCubinSize"}, api.nvJitLinkGetLinkedCubinSize, &missing);
+        ok &= bind_any(lib, {"__nvJitLinkGetLinkedCubin_13_0", "__nvJitLinkGetLinkedCubin_12_0", "nvJitLinkGetLinkedCubin"},
+                       api.nvJitLinkGetLinkedCubin, &missing);
+        ok &= bind_any(lib, {"__nvJitLinkGetErrorLogSize_13_0", "__nvJitLinkGetErrorLogSize_12_0", "nvJitLinkGetErrorLogSize"},
+                       api.nvJitLinkGetErrorLogSize, &missing);
+        ok &= bind_any(lib, {"__nvJitLinkGetErrorLog_13_0", "__nvJitLinkGetErrorLog_12_0", "nvJitLinkGetErrorLog"},
+                       api.nvJitLinkGetErrorLog, &missing);
+        ok &= bind_any(lib, {"__nvJitLinkGetInfoLogSize_13_0", "__nvJitLinkGetInfoLogSize_12_0", "nvJitLinkGetInfoLogSize"},
+                       api.nvJitLinkGetInfoLogSize, &missing);
+        ok &= bind_any(lib, {"__nvJitLinkGetInfoLog_13_0", "__nvJitLinkGetInfoLog_12_0", "nvJitLinkGetInfoLog"},
+                       api.nvJitLinkGetInfoLog, &missing);
+        api.nvJitLinkVersion = reinterpret_cast<decltype(api.nvJitLinkVersion)>(::dlsym(lib, "nvJitLinkVersion"));
+        if (!ok) {
+            reason = opened + " lacks " + missing;
+            return;
+        }
+        {
+            std::lock_guard<std::mutex> lk(g_mutex);
+            g_nvjitlink_path = opened;
         }
         result = &api;
     });

@@ -121,14 +121,43 @@ struct NvrtcApi {
     nvrtcResult (*nvrtcGetLTOIR)(nvrtcProgram, char*);
 };
 
+// ---- nvJitLink (link-time optimisation of separately compiled LTO-IR) ---------
+using nvJitLinkResult = int;
+struct nvJitLink; using nvJitLinkHandle = nvJitLink*;
+constexpr nvJitLinkResult NVJITLINK_SUCCESS = 0;
+// nvJitLinkInputType values used here.
+constexpr int NVJITLINK_INPUT_CUBIN = 1;
+constexpr int NVJITLINK_INPUT_PTX = 2;
+constexpr int NVJITLINK_INPUT_LTOIR = 3;
+
+// The library exports each entry point under a versioned name (__nvJitLinkCreate_13_0);
+// nvJitLink.h maps the plain names onto those with static inline wrappers.
+struct NvJitLinkApi {
+    nvJitLinkResult (*nvJitLinkCreate)(nvJitLinkHandle*, uint32_t, const char**);
+    nvJitLinkResult (*nvJitLinkDestroy)(nvJitLinkHandle*);
+    nvJitLinkResult (*nvJitLinkAddData)(nvJitLinkHandle, int, const void*, size_t, const char*);
+    nvJitLinkResult (*nvJitLinkComplete)(nvJitLinkHandle);
+    nvJitLinkResult (*nvJitLinkGetLinkedCubinSize)(nvJitLinkHandle, size_t*);
+    nvJitLinkResult (*nvJitLinkGetLinkedCubin)(nvJitLinkHandle, void*);
+    nvJitLinkResult (*nvJitLinkGetErrorLogSize)(nvJitLinkHandle, size_t*);
+    nvJitLinkResult (*nvJitLinkGetErrorLog)(nvJitLinkHandle, char*);
+    nvJitLinkResult (*nvJitLinkGetInfoLogSize)(nvJitLinkHandle, size_t*);
+    nvJitLinkResult (*nvJitLinkGetInfoLog)(nvJitLinkHandle, char*);
+    nvJitLinkResult (*nvJitLinkVersion)(unsigned*, unsigned*);  // may be null (before 12.3)
+};
+
 // Loads libcuda / libnvrtc once per process. Each returns nullptr and sets `why` when the
 // library or a required symbol is missing.
 const DriverApi* driver_api(std::string* why);
 const NvrtcApi* nvrtc_api(std::string* why);
+// Loads libnvJitLink once per process (same search directories as NVRTC, or
+// $ATTNPROTO_NVJITLINK); nullptr and `why` when it or a symbol is missing.
+const NvJitLinkApi* nvjitlink_api(std::string* why);
+std::string nvjitlink_library_path();
 // Where the NVRTC library was found (for `attnproto info`), empty if not loaded.
 std::string nvrtc_library_path();
-// Extra directories searched for libnvrtc (e.g. the nvidia-cuda-nvrtc wheel's lib dir);
-// must be called before the first nvrtc_api().
+// Extra directories searched for libnvrtc and libnvJitLink (e.g. the nvidia-cuda-nvrtc and
+// nvidia-nvjitlink wheels' lib dir); must be called before the first nvrtc_api()/nvjitlink_api().
 void add_library_dir(const std::string& dir);
 
 }  // namespace attnproto::cuda

@@ -94,7 +94,8 @@ std::string source_hash(const std::string& kernel_name) {
     return Sha256::hex(h.digest());
 }
 
-CompileResult compile(const KernelKey& key, const std::string& arch, Output out) {
+CompileResult compile(const KernelKey& key, const std::string& arch, Output out,
+                      const std::vector<std::string>& extra_options) {
     const NvrtcApi& n = nvrtc_or_throw();
     const std::string path = kernel_path(key.name);
     std::string src = read_file(path);
@@ -109,6 +110,7 @@ CompileResult compile(const KernelKey& key, const std::string& arch, Output out)
     if (out == Output::LtoIr) opts.push_back("-dlto");
     if (out == Output::LtoIr) opts.push_back("-rdc=true");
     for (auto& kv : key.constants) opts.push_back("-D" + kv.first + "=" + std::to_string(kv.second));
+    for (const auto& o : extra_options) opts.push_back(o);
 
     CompileResult r;
     for (auto& o : opts) r.options += o + " ";
@@ -155,6 +157,78 @@ CompileResult compile(const KernelKey& key, const std::string& arch, Output out)
     if (gr != NVRTC_SUCCESS)
         throw CompileError("kernel " + key.canonical() + ": extracting the binary failed: " + n.nvrtcGetErrorString(gr));
     r.compile_ms = ms_since(t0);
+    return r;
+}
+
+std::string nvjitlink_version() {
+    std::string why;
+    const NvJitLinkApi* j = nvjitlink_api(&why);
+    if (!j) throw BackendError(why);
+    if (!j->nvJitLinkVersion) return "12.x (no nvJitLinkVersion)";
+    unsigned major = 0, minor = 0;
+    j->nvJitLinkVersion(&major, &minor);
+    return std::to_string(major) + "." + std::to_string(minor);
+}
+
+LinkResult link(const std::vector<LinkInput>& inputs, const std::string& arch,
+                const std::vector<std::string>& extra_options) {
+    std::string why;
+    const NvJitLinkApi* j = nvjitlink_api(&why);
+    if (!j) throw BackendError(why);
+    if (inputs.empty()) throw std::invalid_argument("link: no inputs");
+    bool lto = false;
+    for (const auto& in : inputs) {
+        if (in.data.empty()) throw std::invalid_argument("link: input '" + in.name + "' is empty");
+        lto |= in.kind == Output::LtoIr;
+    }
+    std::vector<std::string> opts = {"-arch=" + arch};
+    if (lto) opts.push_back("-lto");
+    for (const auto& o : extra_options) opts.push_back(o);
+    std::vector<const char*> argv;
+    for (auto& o : opts) argv.push_back(o.c_str());
+
+    LinkResult r;
+    auto t0 = std::chrono::steady_clock::now();
+    nvJitLinkHandle h = nullptr;
+    nvJitLinkResult rc = j->nvJitLinkCreate(&h, uint32_t(argv.size()), argv.data());
+    if (rc != NVJITLINK_SUCCESS)
+        throw CompileError("nvJitLinkCreate failed (error " + std::to_string(rc) + ") with options " +
+                           [&] { std::string s; for (auto& o : opts) s += o + " "; return s; }());
+    struct Destroy {
+        const NvJitLinkApi* j; nvJitLinkHandle* h;
+        ~Destroy() { if (*h) j->nvJitLinkDestroy(h); }
+    } destroy{j, &h};
+    auto logs = [&](bool error) {
+        size_t n = 0;
+        std::string text;
+        if ((error ? j->nvJitLinkGetErrorLogSize(h, &n) : j->nvJitLinkGetInfoLogSize(h, &n)) == NVJITLINK_SUCCESS && n > 1) {
+            text.resize(n);
+            if (error) j->nvJitLinkGetErrorLog(h, text.data());
+            else j->nvJitLinkGetInfoLog(h, text.data());
+            text.resize(n - 1);
+        }
+        return text;
+    };
+    for (const auto& in : inputs) {
+        const int kind = in.kind == Output::LtoIr ? NVJITLINK_INPUT_LTOIR
+                         : in.kind == Output::Ptx ? NVJITLINK_INPUT_PTX : NVJITLINK_INPUT_CUBIN;
+        rc = j->nvJitLinkAddData(h, kind, in.data.data(), in.data.size(), in.name.c_str());
+        if (rc != NVJITLINK_SUCCESS)
+            throw CompileError("nvJitLinkAddData(" + in.name + ") failed (error " + std::to_string(rc) + "):\n" + logs(true));
+    }
+    rc = j->nvJitLinkComplete(h);
+    if (rc != NVJITLINK_SUCCESS)
+        throw CompileError("nvJitLink failed to link for " + arch + " (error " + std::to_string(rc) + "):\n" + logs(true));
+    size_t size = 0;
+    rc = j->nvJitLinkGetLinkedCubinSize(h, &size);
+    if (rc == NVJITLINK_SUCCESS) {
+        r.cubin.resize(size);
+        rc = j->nvJitLinkGetLinkedCubin(h, r.cubin.data());
+    }
+    if (rc != NVJITLINK_SUCCESS)
+        throw CompileError("nvJitLink: extracting the linked cubin failed (error " + std::to_string(rc) + ")");
+    r.log = logs(false);
+    r.link_ms = ms_since(t0);
     return r;
 }
 
@@ -429,6 +503,17 @@ public:
         return TimingStats::from_samples(std::move(samples));
     }
 
+    // A Kernel from a cubin built outside the cache (kernel_from_cubin); not memoised.
+    std::shared_ptr<Kernel> load_cubin(const KernelKey& key, const std::vector<uint8_t>& cubin) {
+        require();
+        if (cubin.empty()) throw std::invalid_argument("kernel " + key.canonical() + ": empty cubin");
+        auto k = std::make_shared<CudaKernel>();
+        k->key = key;
+        k->origin = KernelOrigin::Compiled;
+        load_module(*k, cubin);
+        return k;
+    }
+
     ~CudaBackend() override = default;
 
 private:
@@ -572,6 +657,10 @@ private:
 Backend& cuda_backend() {
     static cuda::CudaBackend* b = new cuda::CudaBackend();  // process lifetime: modules outlive Python teardown
     return *b;
+}
+
+std::shared_ptr<Kernel> cuda::kernel_from_cubin(const KernelKey& key, const std::vector<uint8_t>& cubin) {
+    return static_cast<cuda::CudaBackend&>(cuda_backend()).load_cubin(key, cubin);
 }
 
 }  // namespace attnproto

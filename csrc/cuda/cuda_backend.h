@@ -26,7 +26,36 @@ struct CompileResult {
 
 // Compiles `key` from <shader_dir>/cuda/<name>.cu for `arch` (e.g. "sm_90a"); needs NVRTC
 // only, no driver or GPU. Throws CompileError (with the NVRTC log) on failure.
-CompileResult compile(const KernelKey& key, const std::string& arch, Output out = Output::Cubin);
+// `extra_options` are appended to the NVRTC options (compile-cost studies: -pch,
+// --ptxas-options=-v); kernels obtained through the cache never pass any.
+CompileResult compile(const KernelKey& key, const std::string& arch, Output out = Output::Cubin,
+                      const std::vector<std::string>& extra_options = {});
+
+// One input of a link: a binary (LTO-IR, PTX or cubin) and the name used in link logs.
+struct LinkInput {
+    std::vector<uint8_t> data;
+    Output kind = Output::LtoIr;
+    std::string name;
+};
+
+struct LinkResult {
+    std::vector<uint8_t> cubin;
+    std::string log;          // nvJitLink info log (with -verbose: per-function resource report)
+    double link_ms = 0.0;     // wall time of create + add + complete + extraction
+};
+
+// Links `inputs` into one cubin for `arch` with nvJitLink (-lto is added when any input is
+// LTO-IR); needs nvJitLink only, no driver or GPU. Throws CompileError with the error log.
+LinkResult link(const std::vector<LinkInput>& inputs, const std::string& arch,
+                const std::vector<std::string>& extra_options = {});
+
+// "13.0" from nvJitLinkVersion; throws BackendError if nvJitLink is missing.
+std::string nvjitlink_version();
+
+// Loads a cubin built outside the cache (e.g. by link()) as a Kernel of the CUDA backend;
+// `key.name` is the __global__ entry. The kernel bypasses the memory cache and the archive;
+// origin Compiled, compile_ms 0 (the caller timed the build), load_ms measured.
+std::shared_ptr<Kernel> kernel_from_cubin(const KernelKey& key, const std::vector<uint8_t>& cubin);
 
 // A cubin obtained through the on-disk archive (or compiled, per `mode`); no device needed.
 struct Obtained {

@@ -19,6 +19,7 @@ _PROVIDERS = (
     ("attnproto.ops.flash_wgmma", "wgmma_specialisations"),
     ("attnproto.ops.linear", "linear_specialisations"),
     ("attnproto.experiments.proto1", "sweep_specialisations"),
+    ("attnproto.ops.stitch", "stitch_specialisations"),
 )
 
 #: The arch CI compiles for: Hopper with arch-specific features (wgmma, setmaxnreg).
