@@ -203,6 +203,9 @@ def _anchor_fns(q, k, v, causal: bool, head_dim: int, seq: int) -> dict[str, Cal
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: PLC0415
 
+            # A fresh compile cache per shape: past torch._dynamo's recompile limit, flex_attention
+            # silently falls back to its unfused eager path, which is not the anchor we mean.
+            torch._dynamo.reset()
             compiled = torch.compile(flex_attention, dynamic=False)
             mask = None
             if causal:

@@ -170,7 +170,8 @@ class BuiltModule:
 
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
-_PTXAS_FRAME = re.compile(r"Function properties for (\w+)\s*\n\s*ptxas\s+\.\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_FRAME = re.compile(r"Function properties for (\w+)\s*\n[^\n]*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                          r"(\d+) bytes spill loads")
 _PTXAS_ENTRY = "stitch_attn"
 
 
