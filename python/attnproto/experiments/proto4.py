@@ -29,6 +29,10 @@ from .registry import ExperimentContext, ExperimentError, ExperimentResult, expe
 
 PROTOTYPE = "proto4"
 KERNEL = "flash_fwd_mma"
+# What timed cold compiles compile: flash_fwd_mma's translation unit plus a kernel storing the
+# salt, so each measured compile has distinct PTX and no code-keyed compile cache can serve it
+# (on the H100 machine a repeated compile of identical PTX took ~30 ms instead of ~450 ms).
+SALTED_KERNEL = "flash_fwd_mma_salted"
 MULTI_ENTRY_KERNEL = "stitch_multi_entry"   # four CAUSAL x DTYPE entries of flash_fwd_mma in one TU
 MULTI_ENTRIES = 4
 SALT = "VARIANT_SALT"
@@ -132,6 +136,14 @@ def _representative() -> dict[str, int]:
     return configs.choose_config(LAUNCH_HEAD_DIM, PHASE_SEQ_LEN, False, DTYPE).constants()
 
 
+_SALTS = iter(range(1, 2**31))
+
+
+def _fresh_salt() -> int:
+    """A salt no earlier compile of this process used."""
+    return next(_SALTS)
+
+
 def _compile_batch(nat, specs, arch: str, jobs: int) -> tuple[list[float], float]:
     """Per-variant NVRTC ms and the wall ms of the whole batch on `jobs` threads."""
     def one(spec):
@@ -197,15 +209,16 @@ def _measure_cold(ctx: ExperimentContext, nat, arch: str) -> list[dict]:
     records, offset = [], 0
     # One untimed compile of the kernel first: loading NVRTC, its builtins and the sources once per
     # process is not a per-variant cost.
-    nat.cuda_compile(KERNEL, {**_representative(), SALT: WARMUP_SALT}, arch)
+    nat.cuda_compile(SALTED_KERNEL, {**_representative(), SALT: WARMUP_SALT}, arch)
     for n in ctx.progress(counts, desc="proto4 cold compile"):
         if n == 1:
-            # The chooser's D=128 tiles: one representative variant, compiled alone (uncontended).
-            spec = (KERNEL, {**_representative(), SALT: offset})
-            per = [nat.cuda_compile(spec[0], spec[1], arch)[2] for _ in range(SINGLE_REPEATS)]
+            # The chooser's D=128 tiles: one representative variant, compiled alone (uncontended),
+            # each repeat with its own salt.
+            per = [nat.cuda_compile(SALTED_KERNEL, {**_representative(), SALT: _fresh_salt()}, arch)[2]
+                   for _ in range(SINGLE_REPEATS)]
             wall = float(np.median(per))
         else:
-            specs = [(KERNEL, c) for c in salted_variants(n, offset)]
+            specs = [(SALTED_KERNEL, {**c, SALT: _fresh_salt()}) for c in salted_variants(n, offset)]
             per, wall = _compile_batch(nat, specs, arch, jobs)
         offset += n
         metrics = {**_summary(per), "batch_wall_ms": wall, "wall_per_variant_ms": wall / n,
@@ -226,11 +239,12 @@ def _measure_phases(ctx: ExperimentContext, nat, arch: str) -> list[dict]:
     for d in ctx.progress(QUICK_PHASE_HEAD_DIMS if ctx.quick else PHASE_HEAD_DIMS, desc="proto4 phases"):
         cfg = configs.choose_config(d, PHASE_SEQ_LEN, False, DTYPE)
         consts = cfg.constants()
-        ptx = [nat.cuda_compile(KERNEL, consts, arch, "ptx")[2] for _ in range(reps)]
+        ptx = [nat.cuda_compile(SALTED_KERNEL, {**consts, SALT: _fresh_salt()}, arch, "ptx")[2] for _ in range(reps)]
         cubin, ptxas = [], []
         from_log = True
         for _ in range(reps):
-            _, log, ms = nat.cuda_compile(KERNEL, consts, arch, "cubin", ["--ptxas-options=-v"])
+            salted = {**consts, SALT: _fresh_salt()}
+            _, log, ms = nat.cuda_compile(SALTED_KERNEL, salted, arch, "cubin", ["--ptxas-options=-v"])
             cubin.append(ms)
             found = _PTXAS_TIME.findall(log)
             if found:
@@ -239,8 +253,8 @@ def _measure_phases(ctx: ExperimentContext, nat, arch: str) -> list[dict]:
             # Some NVRTC builds return no ptxas -v text in the program log: time ptxas alone
             # instead, as nvJitLink assembling this kernel's PTX into a cubin.
             from_log = False
-            ptx_text, _, _ = nat.cuda_compile(KERNEL, consts, arch, "ptx")
-            _, _, link_ms = nat.cuda_link([(ptx_text, "ptx", KERNEL)], arch, [])
+            ptx_text, _, _ = nat.cuda_compile(SALTED_KERNEL, {**consts, SALT: _fresh_salt()}, arch, "ptx")
+            _, _, link_ms = nat.cuda_link([(ptx_text, "ptx", SALTED_KERNEL)], arch, [])
             ptxas.append(float(link_ms))
         base = {"kernel": KERNEL, "head_dim": d, "tiles": cfg.label(), "arch": arch, "jobs": 1}
         med = float(np.median(cubin))
@@ -256,7 +270,7 @@ def _measure_phases(ctx: ExperimentContext, nat, arch: str) -> list[dict]:
         pch_opts = ["-pch", f"--pch-dir={pch_dir}", "--pch-messages=true"]
         pch_runs, used = [], 0
         for _ in range(reps + 1):
-            _, log, ms = nat.cuda_compile(KERNEL, consts, arch, "cubin", pch_opts)
+            _, log, ms = nat.cuda_compile(SALTED_KERNEL, {**consts, SALT: _fresh_salt()}, arch, "cubin", pch_opts)
             pch_runs.append(ms)
             used += "using precompiled header" in log
         with_pch = pch_runs[1:]
@@ -267,8 +281,8 @@ def _measure_phases(ctx: ExperimentContext, nat, arch: str) -> list[dict]:
 
         # One TU with the four CAUSAL x DTYPE entries vs the four single-entry compiles.
         tiles = {k: v for k, v in consts.items() if k not in ("CAUSAL", "DTYPE")}
-        multi = [nat.cuda_compile(MULTI_ENTRY_KERNEL, tiles, arch)[2] for _ in range(reps)]
-        singles = [sum(nat.cuda_compile(KERNEL, {**tiles, "CAUSAL": c, "DTYPE": t}, arch)[2]
+        multi = [nat.cuda_compile(MULTI_ENTRY_KERNEL, {**tiles, SALT: _fresh_salt()}, arch)[2] for _ in range(reps)]
+        singles = [sum(nat.cuda_compile(SALTED_KERNEL, {**tiles, "CAUSAL": c, "DTYPE": t, SALT: _fresh_salt()}, arch)[2]
                        for c in (0, 1) for t in (0, 1)) for _ in range(reps)]
         records.append(ctx.record({**base, "phase": "multi_entry", "entries": MULTI_ENTRIES}, {
             "multi_entry_median_ms": float(np.median(multi)), "four_singles_median_ms": float(np.median(singles)),
