@@ -330,6 +330,13 @@ def _measure_archive(ctx: ExperimentContext, nat, arch: str, gpu: bool) -> list[
     return [ctx.record(cfg, metrics, timing_from_samples(load_ms))]
 
 
+def compute_cache_disabled() -> bool:
+    """CUDA_CACHE_DISABLE=1: NVRTC on the H100 machine otherwise serves a compile of PTX it has
+    seen before from the on-disk compute cache (~/.nv/ComputeCache; 22 ms instead of ~650 ms,
+    tools/nvrtc_cache_probe.py). tools/device_run.sh sets it for this experiment."""
+    return os.environ.get("CUDA_CACHE_DISABLE") == "1"
+
+
 def _measure_first_launch(ctx: ExperimentContext, nat) -> list[dict]:
     """Time from the kernel request to the end of its first launch: cold, archive, memory."""
     import torch  # noqa: PLC0415
@@ -367,7 +374,7 @@ def _measure_first_launch(ctx: ExperimentContext, nat) -> list[dict]:
             nat.set_cache_dir(previous)
     for origin, s in samples.items():
         records.append(ctx.record({"phase": "first_launch", "origin": origin, "kernel": KERNEL, "tiles": cfg.label(),
-                                   "shape": list(LAUNCH_SHAPE)},
+                                   "shape": list(LAUNCH_SHAPE), "compute_cache_disabled": compute_cache_disabled()},
                                   {"first_launch_median_ms": float(np.median(s))}, timing_from_samples(s)))
     return records
 
@@ -458,7 +465,10 @@ def _findings(ctx: ExperimentContext, records: list[dict]) -> list:
             claim=(f"From the kernel request to the end of its first (tiny, {LAUNCH_SHAPE}) launch: cold "
                    f"{lm['cold']['metrics']['first_launch_median_ms']:.1f} ms, from the archive "
                    f"{lm['archive']['metrics']['first_launch_median_ms']:.2f} ms, from memory "
-                   f"{lm['memory']['metrics']['first_launch_median_ms']:.3f} ms (median of {LAUNCH_REPEATS})."),
+                   f"{lm['memory']['metrics']['first_launch_median_ms']:.3f} ms (median of {LAUNCH_REPEATS}); "
+                   + ("the machine's compute cache was disabled (CUDA_CACHE_DISABLE=1), so 'cold' compiled for real."
+                      if lm["cold"]["config"].get("compute_cache_disabled") else
+                      "the machine's compute cache was NOT disabled: 'cold' may have been served from it.")),
             evidence={f"{o}_first_launch_ms": lm[o]["metrics"]["first_launch_median_ms"] for o in lm},
             config={"kernel": KERNEL, "tiles": lm["cold"]["config"]["tiles"]},
             cv=max(r["timing"]["cv"] for r in launch), records=launch))
