@@ -196,3 +196,12 @@ def test_default_db_path(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_DATA_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_db_path() == tmp_path / "home" / ".local" / "share" / "attnproto" / "kb.sqlite"
+
+
+@pytest.mark.parametrize("fts", ENGINES)
+def test_config_topics_make_tile_configs_findable(tmp_path, fts):
+    best = _f("Best tile for D=128", {"head_dim": 128, "block_r": 128, "block_c": 64})
+    other = _f("Causal cost at D=128", {"head_dim": 128, "seq_len": 4096})
+    with FindingStore(tmp_path / "kb.sqlite", fts=fts) as store:
+        store.add([best, other])
+        assert {f.id for f in store.query("tile size D=128")} == {best.id}

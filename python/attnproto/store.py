@@ -131,12 +131,21 @@ def _format_config_value(value: Any) -> str:
     return str(value)
 
 
+#: Words a config implies without spelling them: a config with tile dimensions is about "tile size".
+CONFIG_TOPICS = {"block_r": "tile size", "block_c": "tile size", "chunk_size": "chunk size",
+                 "block_size": "page block size"}
+
+
 def config_search_text(config: Mapping[str, Any], _prefix: str = "") -> str:
-    """Render a config as searchable ``key=value`` pairs, with symbol aliases.
+    """Render a config as searchable ``key=value`` pairs, with symbol aliases and the
+    topic words of :data:`CONFIG_TOPICS` (once each).
 
     Nested dicts become ``outer.inner=value``.
     """
     parts: list[str] = []
+    if not _prefix:
+        topics = dict.fromkeys(CONFIG_TOPICS[k] for k in map(str, config) if k in CONFIG_TOPICS)
+        parts.extend(topics)
     for key in sorted(config):
         value = config[key]
         name = f"{_prefix}{key}"
