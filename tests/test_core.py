@@ -185,3 +185,12 @@ def test_archive_reused_by_a_second_process_and_concurrent_writers(cache, nvrtc)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "archive"
     assert len(list(Path(cache, "cuda").glob("*.entry"))) == 1
+
+
+def test_package_exposes_the_native_exceptions():
+    import attnproto
+
+    assert attnproto.KernelCompileError is native().KernelCompileError
+    assert issubclass(attnproto.KernelCompileError, attnproto.BackendError)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        attnproto.no_such_name  # noqa: B018

@@ -12,10 +12,11 @@ __all__ = ["__version__", "native"]
 
 
 def native():
-    """Return the compiled ``_attnproto`` module (raises ImportError with the reason)."""
-    from . import _attnproto  # noqa: PLC0415  (deliberately lazy)
+    """The configured native module (shader dir, NVRTC search dirs, layout check);
+    raises attnproto.backend.BackendUnavailable with the reason when it is not built."""
+    from .backend import native as _native  # noqa: PLC0415  (deliberately lazy)
 
-    return _attnproto
+    return _native()
 
 
 def __getattr__(name: str):
