@@ -65,6 +65,21 @@ void preload_builtins(const std::string& nvrtc_path) {
     }
 }
 
+// Candidate paths of a CUDA toolkit library, in search order: the override variable, the
+// directories added by add_library_dir (pip wheels), the loader's own path, the toolkit.
+std::vector<std::string> toolkit_candidates(const char* env_override, std::initializer_list<const char*> sonames) {
+    std::vector<std::string> candidates;
+    if (const char* e = std::getenv(env_override)) candidates.push_back(e);
+    {
+        std::lock_guard<std::mutex> lk(g_mutex);
+        for (const auto& d : g_extra_dirs)
+            for (const char* s : sonames) candidates.push_back(d + "/" + s);
+    }
+    for (const char* s : sonames) candidates.push_back(s);
+    for (const char* s : sonames) candidates.push_back(std::string("/usr/local/cuda/lib64/") + s);
+    return candidates;
+}
+
 }  // namespace
 
 void add_library_dir(const std::string& dir) {
@@ -138,16 +153,8 @@ const NvrtcApi* nvrtc_api(std::string* why) {
     static std::string reason;
     static std::once_flag once;
     std::call_once(once, [] {
-        std::vector<std::string> candidates;
-        if (const char* e = std::getenv("ATTNPROTO_NVRTC")) candidates.push_back(e);
-        const char* sonames[] = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"};
-        {
-            std::lock_guard<std::mutex> lk(g_mutex);
-            for (const auto& d : g_extra_dirs)
-                for (const char* s : sonames) candidates.push_back(d + "/" + s);
-        }
-        for (const char* s : sonames) candidates.push_back(s);
-        for (const char* s : sonames) candidates.push_back(std::string("/usr/local/cuda/lib64/") + s);
+        const auto candidates =
+            toolkit_candidates("ATTNPROTO_NVRTC", {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"});
         std::string tried, opened;
         void* lib = open_first(candidates, &tried, &opened);
         if (lib) preload_builtins(opened);
@@ -195,16 +202,8 @@ const NvJitLinkApi* nvjitlink_api(std::string* why) {
     static std::string reason;
     static std::once_flag once;
     std::call_once(once, [] {
-        std::vector<std::string> candidates;
-        if (const char* e = std::getenv("ATTNPROTO_NVJITLINK")) candidates.push_back(e);
-        const char* sonames[] = {"libnvJitLink.so.13", "libnvJitLink.so.12", "libnvJitLink.so"};
-        {
-            std::lock_guard<std::mutex> lk(g_mutex);
-            for (const auto& d : g_extra_dirs)
-                for (const char* s : sonames) candidates.push_back(d + "/" + s);
-        }
-        for (const char* s : sonames) candidates.push_back(s);
-        for (const char* s : sonames) candidates.push_back(std::string("/usr/local/cuda/lib64/") + s);
+        const auto candidates = toolkit_candidates(
+            "ATTNPROTO_NVJITLINK", {"libnvJitLink.so.13", "libnvJitLink.so.12", "libnvJitLink.so"});
         std::string tried, opened;
         void* lib = open_first(candidates, &tried, &opened);
         if (!lib) {
