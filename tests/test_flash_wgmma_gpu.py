@@ -173,7 +173,7 @@ def test_strided_views_of_packed_qkv(hopper, dtype, head_dim, causal):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim, config", fw._EXTRA_CONFIGS)
+@pytest.mark.parametrize("head_dim, config", fw.EXTRA_CONFIGS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_default_tiles(hopper, dtype, head_dim, config, causal):
     torch = _torch()

@@ -147,7 +147,7 @@ def constants(config: WgmmaConfig, head_dim: int, causal: bool, dtype: str) -> d
 
 #: Extra tiles compiled by CI besides the defaults: the FA3 non-causal D = 128
 #: tile (128 x 176) and one-consumer variants, for benchmarking against the defaults.
-_EXTRA_CONFIGS = (
+EXTRA_CONFIGS = (
     (128, WgmmaConfig(block_c=176, stages=2, consumer_wg=2)),
     (128, WgmmaConfig(block_c=128, stages=2, consumer_wg=1)),
     (64, WgmmaConfig(block_c=128, stages=2, consumer_wg=1)),
@@ -162,7 +162,7 @@ def specialisations() -> list[tuple[str, dict[str, int]]]:
         for dtype in DTYPE_CODES:
             for d in HEAD_DIMS:
                 out.append((KERNEL_NAME, constants(default_config(d, causal), d, causal, dtype)))
-            for d, cfg in _EXTRA_CONFIGS:
+            for d, cfg in EXTRA_CONFIGS:
                 out.append((KERNEL_NAME, constants(cfg, d, causal, dtype)))
     return out
 
