@@ -171,7 +171,8 @@ def _kernel_constant_names(kernel: str) -> set:
 
 def test_specialisations_name_exactly_the_kernels_constants():
     expected = {lin.KERNEL_H: _kernel_constant_names(lin.KERNEL_H),
-                lin.KERNEL_O: _kernel_constant_names(lin.KERNEL_O)}
+                lin.KERNEL_O: _kernel_constant_names(lin.KERNEL_O),
+                lin.KERNEL_FUSED: _kernel_constant_names(lin.KERNEL_FUSED)}
     specs = lin.linear_specialisations()
     assert {name for name, _ in specs} == set(expected)
     for name, consts in specs:
@@ -191,6 +192,65 @@ def test_specialisations_cover_every_supported_problem():
                         assert not cfg.problems()
                         assert (lin.KERNEL_H, tuple(sorted(cfg.h_constants().items()))) in specs
                         assert (lin.KERNEL_O, tuple(sorted(cfg.o_constants().items()))) in specs
+                        fused = lin.choose_fused_config(dtype, d, c, decay, num_heads_total=heads)
+                        exists = dtype in lin.FUSED_DTYPES and c in lin.FUSED_CHUNKS
+                        assert (fused is not None) == exists
+                        if fused is not None:
+                            assert not fused.problems()
+                            assert (lin.KERNEL_FUSED, tuple(sorted(fused.constants().items()))) in specs
+
+
+def _fused_kernel_limits():
+    """Numbers the fused kernel's static_asserts use, read from its source."""
+    src = (SHADERS / f"{lin.KERNEL_FUSED}.cu").read_text()
+    acc = int(re.search(r"constexpr int kMaxAccRegs = (\d+);", src).group(1))
+    return acc
+
+
+def test_fused_limits_mirror_the_kernel():
+    assert _fused_kernel_limits() == lin.FUSED_MAX_ACC_FLOATS
+
+
+@pytest.mark.parametrize("decay", [False, True])
+@pytest.mark.parametrize("chunk", lin.FUSED_CHUNKS)
+@pytest.mark.parametrize("head_dim", lin.SUPPORTED_HEAD_DIMS)
+def test_fused_smem_and_registers_mirror_kernel_formula(head_dim, chunk, decay):
+    for dv in lin.FUSED_BLOCK_DV_CHOICES:
+        cfg = lin.FusedConfig("bfloat16", head_dim, chunk, dv, 3, decay)
+        stage = 2 * chunk * (head_dim + 8) + chunk * (dv + 8)
+        assert cfg.smem_bytes() == (3 * stage + 2 * head_dim * (dv + 8)) * 2 + (4 * chunk if decay else 0)
+        warps = chunk // 16
+        assert cfg.threads == 32 * warps
+        warps_dk = min(warps, head_dim // 16)
+        if head_dim % dv == 0 and (dv // (warps // warps_dk)) % 16 == 0:
+            state_tiles = (head_dim // warps_dk // 16) * (dv // (warps // warps_dk) // 8)
+            assert cfg.acc_floats() == 4 * (chunk // 8 + dv // 8 + state_tiles)
+
+
+def test_fused_illegal_configs_are_refused():
+    assert lin.FusedConfig("float32", 64, 64, 32, 3, False).problems()          # no FP32 fused kernel
+    assert lin.FusedConfig("bfloat16", 64, 256, 32, 3, False).problems()        # chunk 256
+    assert lin.FusedConfig("bfloat16", 64, 128, 16, 3, False).problems()        # 2 warps over 16 state columns
+    assert not lin.FusedConfig("bfloat16", 64, 128, 32, 3, False).problems()
+    assert lin.FusedConfig("bfloat16", 128, 64, 128, 3, False).problems()       # register budget
+    assert lin.FusedConfig("bfloat16", 128, 64, 48, 3, False).problems()        # block_dv
+    assert lin.FusedConfig("bfloat16", 128, 64, 64, 5, False).problems()        # stages
+    assert not lin.FusedConfig("bfloat16", 128, 64, 64, 3, True).problems()
+    assert lin.choose_fused_config("float32", 64, 64, False, num_heads_total=64) is None
+    assert lin.choose_fused_config("float16", 64, 256, False, num_heads_total=64) is None
+
+
+def test_choose_fused_config_fills_a_wave():
+    few = lin.choose_fused_config("bfloat16", 64, 64, False, num_heads_total=64, sm_count=132)
+    many = lin.choose_fused_config("bfloat16", 64, 64, False, num_heads_total=4096, sm_count=132)
+    assert few.grid(1, 64)[0] * 64 >= 132 and many.block_dv == 64
+    for cfg in (few, many):
+        assert not cfg.problems() and cfg.stages == lin.FUSED_STAGES
+    # D=128, chunk 128: three stages exceed shared memory, two fit.
+    big = lin.choose_fused_config("bfloat16", 128, 128, False, num_heads_total=64)
+    assert big.stages == 2 and lin.FusedConfig("bfloat16", 128, 128, big.block_dv, 3, False).problems()
+    # The widest legal split is preferred once the grid fills the GPU.
+    assert many.block_dv == lin.fused_variants("bfloat16", 64, 64, False)[0].block_dv
 
 
 @pytest.mark.parametrize("dtype", lin.SUPPORTED_DTYPES)
@@ -270,6 +330,9 @@ def test_bytes(dtype, eb):
     assert lin.linear_attention_bytes(b, h, n, d, c, dtype) == expected
     with pytest.raises(TypeError, match="dtype"):
         lin.linear_attention_bytes(b, h, n, d, c, "int8")
+    assert lin.linear_attention_bytes(b, h, n, d, c, dtype, "fused") == b * h * 4 * n * d * eb
+    with pytest.raises(ValueError, match="algorithm"):
+        lin.linear_attention_bytes(b, h, n, d, c, dtype, "three_pass")
 
 
 def test_cost_model_rejects_bad_sizes():

@@ -1,5 +1,5 @@
-"""``proto6``: chunked causal linear attention (chunk_h + chunk_o) — throughput,
-chunk size, bandwidth, and the crossover against softmax attention."""
+"""``proto6``: chunked causal linear attention (one fused pass, or chunk_h + chunk_o) —
+throughput, chunk size, bandwidth, and the crossover against softmax attention."""
 from __future__ import annotations
 
 import math
@@ -77,6 +77,12 @@ CPU_REPEATS_QUICK = 3
 # Device-to-device copy for the measured bandwidth ceiling (bytes of the source).
 COPY_BYTES = 1 << 30
 
+# Implementation names of our records: the op as it runs by default, the two-pass kernels
+# where the default is fused, and the fused kernel's other block_dv splits.
+OURS = "ours"
+OURS_TWO_PASS = "ours_two_pass"
+OURS_FUSED_VARIANT = "ours_fused_variant"
+
 # FLOPs of causal softmax attention (QK^T and PV, each 2 N^2 D, causal half).
 SOFTMAX_MATMULS = 2
 MS_PER_S = 1e3
@@ -147,17 +153,20 @@ def _fmt_n(n: float) -> str:
             "chunked causal linear attention: chunk size x N x head dim, crossover vs softmax, FLA anchor",
             backends=("cpu", "cuda"))
 def run(ctx: ExperimentContext) -> ExperimentResult:
-    """Hypothesis: chunked causal linear attention (chunk_h state prefix +
-    chunk_o intra/inter-chunk output, tensor cores, FP32 state) costs O(N D^2)
-    and is memory-bound, so it overtakes causal softmax attention (O(N^2 D))
-    beyond a few thousand tokens (seed AC-4.4 expects N > 4096-8192); a chunk of
-    64-128 balances the per-chunk state traffic (D^2 per chunk, worst for small
-    chunks) against the intra-chunk C^2 D work (worst for large chunks); and on
-    an H100 our two kernels match or beat flash-linear-attention's Triton chunk
-    kernels at N >= 4K.
+    """Hypothesis: chunked causal linear attention (tensor cores, FP32 state) costs
+    O(N D^2) and is memory-bound, so it overtakes causal softmax attention
+    (O(N^2 D)) beyond a few thousand tokens (seed AC-4.4 expects N > 4096-8192);
+    a chunk of 64-128 balances the per-chunk state traffic (D^2 per chunk, worst
+    for small chunks) against the intra-chunk C^2 D work (worst for large
+    chunks); keeping the state on chip in one fused pass (linear_fused: Q, K, V
+    read once, O written once) beats the two-pass chunk_h + chunk_o, which
+    writes and re-reads a D x D state per chunk; and on an H100 our forward
+    matches or beats flash-linear-attention's Triton chunk kernels at N >= 4K.
 
     Sweep (cuda): bfloat16, batch 4 x 16 heads, chunk 32/64/128/256 x N 1K..64K
-    (powers of two) x head dim 64/128; per config the median of device-event
+    (powers of two) x head dim 64/128, each with the op's default algorithm
+    (fused where it exists) and, where that is fused, the two-pass kernels and
+    every other legal value-column split of the fused kernel; per config the median of device-event
     timings (TFLOPS of the chunked algorithm's FLOPs, causal half counted; GB/s
     of its least bytes, % of a measured device copy), our Prototype 1 causal
     kernel (if importable) and torch SDPA (cuDNN backend, causal) on the same
@@ -222,10 +231,11 @@ def _run_cpu(ctx: ExperimentContext) -> ExperimentResult:
 # ---------------------------------------------------------------- records
 def _linear_record(ctx: ExperimentContext, impl: str, dtype: str, b: int, h: int, n: int, d: int, c: int,
                    timing: Any, *, tolerance_ratio: Optional[float], copy_gbps: Optional[float],
-                   extra: Optional[dict[str, float]] = None) -> dict[str, Any]:
+                   extra: Optional[dict[str, float]] = None, algorithm: str = "two_pass",
+                   extra_config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     med = float(timing["median_ms"] if isinstance(timing, dict) else timing.median_ms)
     flops = lin.linear_attention_flops(b, h, n, d, c)
-    nbytes = lin.linear_attention_bytes(b, h, n, d, c, dtype)
+    nbytes = lin.linear_attention_bytes(b, h, n, d, c, dtype, algorithm)
     gbps = nbytes / (med / MS_PER_S) / GIGA
     metrics = {"tflops": flops / (med / MS_PER_S) / TERA, "bandwidth_gbps": gbps,
                "algorithm_bytes": float(nbytes), "algorithm_flops_count": float(flops)}
@@ -236,7 +246,7 @@ def _linear_record(ctx: ExperimentContext, impl: str, dtype: str, b: int, h: int
     if extra:
         metrics.update(extra)
     config = {"impl": impl, "op": "linear_attention", "dtype": dtype, "batch": b, "num_heads": h,
-              "seq_len": n, "head_dim": d, "chunk_size": c}
+              "seq_len": n, "head_dim": d, "chunk_size": c, "algorithm": algorithm, **(extra_config or {})}
     return ctx.record(config, metrics, timing)
 
 
@@ -307,14 +317,19 @@ def _correctness_cuda(ctx: ExperimentContext, torch: Any, quick: bool) -> dict[t
                 gamma = _retnet_decay(CHECK_HEADS) if decay else None
                 exact = ref.linear_attention_recurrent(qh, kh, vh, scale=scale, decay=gamma)
                 for c in CHUNKS:
-                    plan = lin.LinearPlan(qt, kt, vt, chunk_size=c, scale=scale, decay=gamma)
-                    plan.out.fill_(float("nan"))          # poison: every element must be written
-                    o = plan.run().double().cpu().numpy()
-                    ratio = _tolerance_ratio(o, exact, dtype)
-                    if ratio > 1.0:
-                        raise ExperimentError(f"linear attention {dtype} D={d} C={c} decay={decay} N={n}: "
-                                              f"error {ratio:.3g}x the tolerance {TOLERANCES[dtype]}")
-                    out[(dtype, d, c, decay)] = ratio
+                    worst = 0.0
+                    for algorithm in ("auto", "two_pass"):
+                        plan = lin.LinearPlan(qt, kt, vt, chunk_size=c, scale=scale, decay=gamma,
+                                              algorithm=algorithm)
+                        plan.out.fill_(float("nan"))          # poison: every element must be written
+                        o = plan.run().double().cpu().numpy()
+                        ratio = _tolerance_ratio(o, exact, dtype)
+                        if ratio > 1.0:
+                            raise ExperimentError(f"linear attention ({plan.algorithm}) {dtype} D={d} C={c} "
+                                                  f"decay={decay} N={n}: error {ratio:.3g}x the tolerance "
+                                                  f"{TOLERANCES[dtype]}")
+                        worst = max(worst, ratio)
+                    out[(dtype, d, c, decay)] = worst
     return out
 
 
@@ -392,6 +407,7 @@ def _run_cuda(ctx: ExperimentContext) -> ExperimentResult:
                           {"bandwidth_gbps": copy_gbps}, copy_timing)
     records = [copy_rec]
     lin_recs: dict[tuple[int, int, int], dict[str, Any]] = {}
+    alt_recs: dict[tuple[str, int, int, int, int], dict[str, Any]] = {}
     soft_recs: dict[tuple[str, int, int], dict[str, Any]] = {}
     fla_recs: dict[tuple[int, int], dict[str, Any]] = {}
     jobs = [(d, n) for d in HEAD_DIMS for n in seq_lens]
@@ -400,14 +416,23 @@ def _run_cuda(ctx: ExperimentContext) -> ExperimentResult:
         scale = 1.0 / math.sqrt(d)      # FLA's default; the same on every implementation
         ours_by_chunk = {}
         for c in CHUNKS:
-            plan = lin.LinearPlan(q, k, v, chunk_size=c, scale=scale)
-            times = plan.time(warmup=WARMUP, iters=_iters_for(be, plan.run, quick))
-            ours_by_chunk[c] = plan.out.clone()
             tol = max(check[(SWEEP_DTYPE, d, c, dec)] for dec in (False, True))
-            extra = {"chunk_h_ms": float(times["chunk_h"].median_ms),
-                     "chunk_o_ms": float(times["chunk_o"].median_ms)}
-            lin_recs[(d, n, c)] = _linear_record(ctx, "ours", SWEEP_DTYPE, b, h, n, d, c, times["total"],
-                                                 tolerance_ratio=tol, copy_gbps=copy_gbps, extra=extra)
+            plan = lin.LinearPlan(q, k, v, chunk_size=c, scale=scale)
+            lin_recs[(d, n, c)] = _time_plan(ctx, be, plan, OURS, (b, h, n, d, c), tol, copy_gbps, quick)
+            ours_by_chunk[c] = plan.out.clone()
+            if plan.algorithm == "fused":
+                chosen = plan.fused_config
+                two = lin.LinearPlan(q, k, v, chunk_size=c, scale=scale, algorithm="two_pass")
+                alt_recs[(OURS_TWO_PASS, d, n, c, 0)] = _time_plan(ctx, be, two, OURS_TWO_PASS, (b, h, n, d, c),
+                                                                   tol, copy_gbps, quick)
+                for fcfg in lin.fused_variants(SWEEP_DTYPE, d, c, False):
+                    if fcfg == chosen:
+                        continue
+                    var = lin.LinearPlan(q, k, v, chunk_size=c, scale=scale, algorithm="fused", fused_config=fcfg)
+                    alt_recs[(OURS_FUSED_VARIANT, d, n, c, fcfg.block_dv)] = _time_plan(
+                        ctx, be, var, OURS_FUSED_VARIANT, (b, h, n, d, c), tol, copy_gbps, quick)
+                    del var
+                del two
             del plan
         # torch SDPA, cuDNN backend, causal.
         with sdpa_ctx():
@@ -440,6 +465,7 @@ def _run_cuda(ctx: ExperimentContext) -> ExperimentResult:
         del q, k, v, ours_by_chunk
         torch.cuda.empty_cache()
     records.extend(lin_recs.values())
+    records.extend(alt_recs.values())
     records.extend(soft_recs.values())
     records.extend(fla_recs.values())
     impls = tuple(i for i in ("sdpa_cudnn", "proto1") if any(key[0] == i for key in soft_recs))
@@ -447,7 +473,94 @@ def _run_cuda(ctx: ExperimentContext) -> ExperimentResult:
         notes["long_check"] = ", ".join(f"D={d}: {r:.3g}x tolerance" for d, r in long_check.items())
     findings = _findings(ctx, lin_recs, soft_recs, softmax_impls=impls, fla_recs=fla_recs,
                          copy_gbps=copy_gbps, notes=notes, copy_rec=copy_rec)
+    findings += _algorithm_findings(ctx, lin_recs, alt_recs)
     return ExperimentResult(records=records, findings=findings)
+
+
+def _time_plan(ctx: ExperimentContext, be: Any, plan: Any, impl: str, shape: tuple[int, int, int, int, int],
+               tol: float, copy_gbps: float, quick: bool) -> dict[str, Any]:
+    """Time one LinearPlan (all its launches from C++) and record it with its algorithm."""
+    b, h, n, d, c = shape
+    times = plan.time(warmup=WARMUP, iters=_iters_for(be, plan.run, quick))
+    extra = {f"{name}_ms": float(times[name].median_ms) for name in plan.names if name in times}
+    cfg: dict[str, Any] = {}
+    if plan.fused_config is not None:
+        cfg = {"block_dv": plan.fused_config.block_dv, "stages": plan.fused_config.stages}
+    return _linear_record(ctx, impl, SWEEP_DTYPE, b, h, n, d, c, times["total"], tolerance_ratio=tol,
+                          copy_gbps=copy_gbps, extra=extra, algorithm=plan.algorithm, extra_config=cfg)
+
+
+def _gmean(xs: Sequence[float]) -> float:
+    return math.exp(float(np.mean([math.log(x) for x in xs])))
+
+
+def _algorithm_findings(ctx: ExperimentContext, lin_recs: dict, alt_recs: dict) -> list:
+    """Fused vs two-pass, and whether the fused chooser's block_dv was the fastest measured."""
+    if not alt_recs:
+        return []
+    findings = []
+    head_dims = sorted({d for d, _, _ in lin_recs})
+    seq_lens = sorted({n for _, n, _ in lin_recs})
+    long_ns = [n for n in seq_lens if n >= FLA_TARGET_MIN_N] or seq_lens[-1:]
+    for d in head_dims:
+        pairs = [(lin_recs[key], alt_recs[(OURS_TWO_PASS, *key, 0)]) for key in sorted(lin_recs)
+                 if key[0] == d and (OURS_TWO_PASS, *key, 0) in alt_recs]
+        if not pairs:
+            continue
+        speed = [_med(t) / _med(f) for f, t in pairs]
+        at_long = [_med(t) / _med(f) for f, t in pairs if f["config"]["seq_len"] in long_ns] or speed
+        n_top = max(f["config"]["seq_len"] for f, _ in pairs)
+        best_f = min((f for f, _ in pairs if f["config"]["seq_len"] == n_top), key=_med)
+        best_t = min((t for _, t in pairs if t["config"]["seq_len"] == n_top), key=_med)
+        recs = [r for pair in pairs for r in pair]
+        findings.append(ctx.finding(
+            prototype=PROTOTYPE, slug=f"fused-vs-two-pass-d{d}-{ctx.backend}",
+            title=f"Linear attention D={d}: one fused pass vs chunk_h + chunk_o on {ctx.backend}",
+            claim=(f"Same inputs and chunk: the fused kernel (state kept on chip) runs at {min(speed):.3g}-"
+                   f"{max(speed):.3g}x the speed of the two-pass kernels over N {_fmt_n(seq_lens[0])}-"
+                   f"{_fmt_n(seq_lens[-1])} and chunks {sorted({f['config']['chunk_size'] for f, _ in pairs})} "
+                   f"(geometric mean {_gmean(at_long):.3g}x at N >= {_fmt_n(long_ns[0])}). At N={_fmt_n(n_top)}: "
+                   f"fused best {_med(best_f):.4g} ms (C={best_f['config']['chunk_size']}, block_dv "
+                   f"{best_f['config'].get('block_dv')}, {best_f['metrics']['bandwidth_gbps']:.4g} GB/s of its "
+                   f"least bytes), two-pass best {_med(best_t):.4g} ms (C={best_t['config']['chunk_size']})."),
+            evidence={"min_speedup_x": min(speed), "max_speedup_x": max(speed),
+                      "long_n_gmean_speedup_x": _gmean(at_long)},
+            config={"head_dim": d, "seq_lens": seq_lens, "dtype": SWEEP_DTYPE},
+            cv=_cv(recs), records=recs))
+
+    # The chooser's block_dv against the other legal splits, at every measured point.
+    hits, total, worst, worst_at = 0, 0, 1.0, None
+    recs = []
+    for key, rec in sorted(lin_recs.items()):
+        if rec["config"].get("algorithm") != "fused":
+            continue
+        alts = [r for (impl, *k, _), r in alt_recs.items() if impl == OURS_FUSED_VARIANT and tuple(k) == key]
+        if not alts:
+            continue
+        total += 1
+        fastest = min(alts + [rec], key=_med)
+        recs += alts + [rec]
+        if fastest is rec:
+            hits += 1
+        elif _med(fastest) / _med(rec) < worst:
+            worst = _med(fastest) / _med(rec)
+            worst_at = (*key, fastest["config"]["block_dv"], rec["config"]["block_dv"])
+    if total:
+        tail = "" if worst_at is None else (
+            f"; where it was not, the worst case was D={worst_at[0]} N={_fmt_n(worst_at[1])} C={worst_at[2]}: "
+            f"block_dv {worst_at[3]} took {worst:.3g}x the time of the chosen {worst_at[4]}")
+        findings.append(ctx.finding(
+            prototype=PROTOTYPE, slug=f"fused-block-dv-choice-{ctx.backend}",
+            title=f"Fused linear attention: the block_dv chooser against every legal split on {ctx.backend}",
+            claim=(f"The chooser (widest value-column split whose grid fills {lin.FUSED_MIN_WAVES:g} wave of "
+                   f"blocks on the SMs) picked the fastest measured split at {hits} of {total} (D, N, chunk) "
+                   "points" + tail + "."),
+            evidence={"chooser_hits_count": float(hits), "points_count": float(total),
+                      "worst_time_ratio_x": worst},
+            config={"dtype": SWEEP_DTYPE, "min_waves": lin.FUSED_MIN_WAVES},
+            cv=_cv(recs), records=recs))
+    return findings
+
 
 
 # ---------------------------------------------------------------- findings
@@ -569,9 +682,11 @@ def _findings(ctx: ExperimentContext, lin_recs: dict, soft_recs: dict, *, softma
     findings.append(ctx.finding(
         prototype=PROTOTYPE, slug=f"bandwidth-{ctx.backend}",
         title=f"Linear attention memory bandwidth at N={_fmt_n(n_max)} on {ctx.backend}",
-        claim=("Counting the two passes' least bytes (K, V and states in chunk_h; Q, K, V, states and O in "
-               "chunk_o): " + "; ".join(
-                   f"D={d} (chunk {best_chunk[d]}): {ev[f'd{d}_bandwidth_gbps']:.4g} GB/s"
+        claim=("Counting the least bytes of the algorithm that ran (fused: Q, K, V and O once; two-pass: K, V "
+               "and states in chunk_h, Q, K, V, states and O in chunk_o): " + "; ".join(
+                   f"D={d} (chunk {best_chunk[d]}, "
+                   f"{lin_recs[(d, n_max, best_chunk[d])]['config'].get('algorithm', 'two_pass')}): "
+                   f"{ev[f'd{d}_bandwidth_gbps']:.4g} GB/s"
                    + (f" = {ev[f'd{d}_copy_bw_pct']:.3g} %" if copy_gbps else "")
                    for d in head_dims) + ceiling + "."),
         evidence=ev,
@@ -607,7 +722,9 @@ def _findings(ctx: ExperimentContext, lin_recs: dict, soft_recs: dict, *, softma
                    + f". Worst at N >= {_fmt_n(FLA_TARGET_MIN_N)}: {worst:.3g}x with our chunk choice, "
                    f"{worst_same:.3g}x at chunk {FLA_CHUNK} (target >= {FLA_TARGET_RATIO}x: "
                    + ("met" if worst >= FLA_TARGET_RATIO else "NOT met") + "). Both sides timed without host "
-                   "gaps: ours as two launches issued from C++, FLA "
+                   "gaps: ours as launches issued from C++ ("
+                   + ", ".join(sorted({lin_recs[(d, n, FLA_CHUNK)]["config"].get("algorithm", "two_pass")
+                                       for d, n in fla_recs})) + "), FLA "
                    + ("as CUDA-graph replays" if graphed else "eagerly (graph capture failed)") + "."),
             evidence={"worst_ratio_at_target_n_x": worst, "worst_same_chunk_ratio_at_target_n_x": worst_same,
                       "best_ratio_x": max(best_ratios.values())},
@@ -660,7 +777,8 @@ def summary_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             other[(c["impl"], *key)] = r
     rows = []
     for (d, n), r in sorted(ours.items()):
-        row = {"D": d, "N": n, "chunk": r["config"]["chunk_size"], "ours_ms": float(f"{med(r):.4g}"),
+        row = {"D": d, "N": n, "chunk": r["config"]["chunk_size"],
+               "algorithm": r["config"].get("algorithm", "two_pass"), "ours_ms": float(f"{med(r):.4g}"),
                "ours_tflops": float(f"{r['metrics']['tflops']:.4g}")}
         for impl, col in (("fla_chunk_simple_gla", "fla"), ("sdpa_cudnn", "sdpa_cudnn"), ("proto1", "proto1"),
                           ("cpu_flash", "cpu_softmax")):

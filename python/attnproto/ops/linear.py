@@ -5,8 +5,15 @@ RetNet-style, a constant per head):
 
     S_t = gamma S_{t-1} + k_t^T v_t,    o_t = s q_t S_t = s sum_{j<=t} gamma^(t-j) (q_t . k_j) v_j
 
-Two launches (shaders/cuda/linear_chunk_h.cu, linear_chunk_o.cu; math and
-fragment layouts in shaders/cuda/include/linear.cuh):
+Two algorithms (math and fragment layouts in shaders/cuda/include/linear.cuh).
+float16/bfloat16 with chunk 32/64/128 run the one-pass kernel by default:
+
+* ``linear_fused`` (shaders/cuda/linear_fused.cu): one block per (value-column
+  slice, batch, head) walks the chunks in order with the running state in FP32
+  registers; Q, K, V read once, O written once, no states in device memory.
+
+Everything else (float32, chunk 256, or ``algorithm="two_pass"``) runs two
+launches (shaders/cuda/linear_chunk_h.cu, linear_chunk_o.cu):
 
 * ``linear_chunk_h``: the state before every chunk, H_c = S_{cC-1}, kept in
   FP32 registers across the whole sequence and written once per chunk in the
@@ -33,10 +40,10 @@ So for N a multiple of C, about 4 N D^2 + N D^2 / C + 2 N (C + 1) D per head. Th
 round the causal half up to whole 16 x 8 MMA tiles; that extra work is not
 counted (it is not the algorithm's).
 
-Bytes counted (:func:`linear_attention_bytes`): what the two passes must move
-through device memory at the least: chunk_h reads K and V of the full chunks
-and writes NC states (D^2 each); chunk_o reads Q, K, V, the states of chunks
-1.. and writes O.
+Bytes counted (:func:`linear_attention_bytes`): what the algorithm must move
+through device memory at the least. Two-pass: chunk_h reads K and V of the full
+chunks and writes NC states (D^2 each); chunk_o reads Q, K, V, the states of
+chunks 1.. and writes O. Fused: Q, K, V read and O written once.
 
 Nothing here needs a GPU until a launch; :func:`linear_specialisations` and
 the config functions run anywhere (CI compiles every listed specialisation).
@@ -54,6 +61,12 @@ from .. import validate as _v
 __all__ = [
     "KERNEL_H",
     "KERNEL_O",
+    "KERNEL_FUSED",
+    "ALGORITHMS",
+    "FUSED_CHUNKS",
+    "FusedConfig",
+    "choose_fused_config",
+    "fused_variants",
     "DTYPE_CODES",
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
@@ -74,6 +87,9 @@ __all__ = [
 
 KERNEL_H = "linear_chunk_h"
 KERNEL_O = "linear_chunk_o"
+KERNEL_FUSED = "linear_fused"
+#: LinearPlan(algorithm=...): "auto" = fused where it exists (16-bit, FUSED_CHUNKS), else two-pass.
+ALGORITHMS: Tuple[str, ...] = ("auto", "fused", "two_pass")
 
 # DTYPE named constant (shaders/cuda/include/linear.cuh: kF16, kBF16, kF32).
 DTYPE_CODES: Dict[str, int] = {"float16": 0, "bfloat16": 1, "float32": 2}
@@ -102,6 +118,22 @@ O_ROWS_PER_WARP = 16
 # A second K/V stage only pays off with two resident blocks per SM; if the
 # doubled ring would leave one block per SM, the single-stage kernel is used.
 O_TARGET_BLOCKS_PER_SM = 2
+
+# ---- linear_fused geometry (mirrors linear_fused.cu) ----
+FUSED_DTYPES: Tuple[str, ...] = ("float16", "bfloat16")
+FUSED_CHUNKS: Tuple[int, ...] = (32, 64, 128)      # CHUNK / 16 warps of 16 query rows
+FUSED_ROWS_PER_WARP = 16
+FUSED_BLOCK_DV_CHOICES: Tuple[int, ...] = (128, 64, 32, 16)   # widest first: least Q K^T recomputed
+FUSED_STAGE_CHOICES: Tuple[int, ...] = (2, 3, 4)
+# Chunks in flight: chunk c + 2 loads while c is computed and c + 1 has landed.
+FUSED_STAGES = 3
+# Accumulator floats per thread the kernel allows (kMaxAccRegs): S, O and the state.
+FUSED_MAX_ACC_FLOATS = 160
+# The fused kernel's only parallelism is (value-column slices x batch x heads), each
+# block sequential over the chunks: narrow the slice until the grid fills at least
+# one wave of blocks on the SMs (a narrower slice recomputes Q K^T once more per
+# slice and re-reads Q and K, through L2).
+FUSED_MIN_WAVES = 1.0
 
 # Shared-memory row padding in elements (linear.cuh kPad16, kPad32Row, kPad32Col).
 PAD_16 = 8
@@ -199,6 +231,104 @@ class LinearConfig:
                 "BLOCK_Q": self.block_q, "STAGES": self.stages, "HAS_DECAY": int(self.has_decay)}
 
 
+@dataclass(frozen=True)
+class FusedConfig:
+    """One linear_fused specialisation."""
+
+    dtype: str
+    head_dim: int
+    chunk: int
+    block_dv: int
+    stages: int
+    has_decay: bool
+
+    @property
+    def threads(self) -> int:
+        return (self.chunk // FUSED_ROWS_PER_WARP) * 32
+
+    @property
+    def warps(self) -> int:
+        return self.chunk // FUSED_ROWS_PER_WARP
+
+    def smem_bytes(self) -> int:
+        eb = ELEM_BYTES.get(self.dtype, 2)
+        ld_qk = self.head_dim + PAD_16
+        ld_v = self.block_dv + PAD_16
+        stage = 2 * self.chunk * ld_qk + self.chunk * ld_v
+        h_tile = self.head_dim * ld_v
+        return (self.stages * stage + 2 * h_tile) * eb + (self.chunk * 4 if self.has_decay else 0)
+
+    @property
+    def warps_dk(self) -> int:
+        """Warps along the state rows (16-row tiles); the rest split its columns."""
+        return min(self.warps, self.head_dim // 16)
+
+    def acc_floats(self) -> int:
+        """Accumulator floats per thread: S (chunk/8 tiles), O (block_dv/8) and the warp's state tile."""
+        state_rows = self.head_dim // self.warps_dk
+        state_cols = self.block_dv // (self.warps // self.warps_dk)
+        return 4 * (self.chunk // 8 + self.block_dv // 8 + (state_rows // 16) * (state_cols // 8))
+
+    def problems(self) -> List[str]:
+        """Why this combination is illegal (mirrors linear_fused.cu's static_asserts); empty if legal."""
+        out = []
+        if self.dtype not in FUSED_DTYPES:
+            out.append(f"dtype {self.dtype!r} not in {FUSED_DTYPES} (float32 runs the two-pass kernels)")
+            return out
+        if self.head_dim not in SUPPORTED_HEAD_DIMS:
+            out.append(f"head_dim {self.head_dim} not in {SUPPORTED_HEAD_DIMS}")
+        if self.chunk not in FUSED_CHUNKS:
+            out.append(f"chunk {self.chunk} not in {FUSED_CHUNKS}")
+        if self.block_dv not in FUSED_BLOCK_DV_CHOICES or self.head_dim % self.block_dv:
+            out.append(f"block_dv {self.block_dv} must be one of {FUSED_BLOCK_DV_CHOICES} and divide head_dim")
+        if self.stages not in FUSED_STAGE_CHOICES:
+            out.append(f"stages {self.stages} not in {FUSED_STAGE_CHOICES}")
+        if out:
+            return out
+        if (self.block_dv // (self.warps // self.warps_dk)) % 16:
+            out.append(f"block_dv {self.block_dv} over {self.warps // self.warps_dk} warps along the state columns "
+                       "is not a multiple of 16")
+        elif self.acc_floats() > FUSED_MAX_ACC_FLOATS:
+            out.append(f"{self.acc_floats()} accumulator floats per thread over {FUSED_MAX_ACC_FLOATS}")
+        if self.smem_bytes() > SMEM_OPTIN_LIMIT:
+            out.append(f"shared memory {self.smem_bytes()} B over {SMEM_OPTIN_LIMIT} B")
+        return out
+
+    def constants(self) -> Dict[str, int]:
+        return {"DTYPE": DTYPE_CODES[self.dtype], "HEAD_DIM": self.head_dim, "CHUNK": self.chunk,
+                "BLOCK_DV": self.block_dv, "STAGES": self.stages, "HAS_DECAY": int(self.has_decay)}
+
+    def grid(self, batch: int, num_heads: int) -> Tuple[int, int, int]:
+        return (self.head_dim // self.block_dv, batch * num_heads, 1)
+
+
+def fused_variants(dtype: str, head_dim: int, chunk: int, has_decay: bool) -> List[FusedConfig]:
+    """The legal linear_fused configs of a problem, widest block_dv first, each at FUSED_STAGES
+    or, where that ring does not fit in shared memory, the deepest ring that does."""
+    out = []
+    stage_order = [FUSED_STAGES] + sorted((s for s in FUSED_STAGE_CHOICES if s < FUSED_STAGES), reverse=True)
+    for dv in FUSED_BLOCK_DV_CHOICES:
+        for stages in stage_order:
+            cfg = FusedConfig(dtype, head_dim, chunk, dv, stages, bool(has_decay))
+            if not cfg.problems():
+                out.append(cfg)
+                break
+    return out
+
+
+def choose_fused_config(dtype: str, head_dim: int, chunk: int, has_decay: bool, *,
+                        num_heads_total: int, sm_count: int = DEFAULT_SM_COUNT) -> Optional[FusedConfig]:
+    """The linear_fused config for a problem, or None where the kernel does not exist
+    (float32, chunk 256): the widest legal block_dv whose grid fills FUSED_MIN_WAVES."""
+    variants = fused_variants(dtype, head_dim, chunk, has_decay) if dtype in FUSED_DTYPES else []
+    if not variants:
+        return None
+    for cfg in variants:
+        if (head_dim // cfg.block_dv) * num_heads_total >= FUSED_MIN_WAVES * sm_count:
+            return cfg
+    return variants[-1]
+
+
 def choose_config(dtype: str, head_dim: int, chunk: int, has_decay: bool, *,
                   num_state_heads: int, sm_count: int = DEFAULT_SM_COUNT) -> LinearConfig:
     """The specialisation pair used for a problem (see the H_/O_ constants for the reasons)."""
@@ -228,8 +358,8 @@ def choose_config(dtype: str, head_dim: int, chunk: int, has_decay: bool, *,
 
 def linear_specialisations() -> List[Tuple[str, Dict[str, int]]]:
     """Every (kernel, constants) the project launches: chunk_h at each state-tile
-    width the chooser can pick, chunk_o as chosen, for every dtype, head dim,
-    chunk and decay switch."""
+    width the chooser can pick, chunk_o as chosen, linear_fused at every legal
+    block_dv, for every dtype, head dim, chunk and decay switch."""
     out: List[Tuple[str, Dict[str, int]]] = []
     seen = set()
 
@@ -249,6 +379,8 @@ def linear_specialisations() -> List[Tuple[str, Dict[str, int]]]:
                             h_cfg = LinearConfig(dtype, d, c, dv, cfg.block_q, cfg.stages, decay)
                             add(KERNEL_H, h_cfg.h_constants())
                     add(KERNEL_O, cfg.o_constants())
+                    for fcfg in (fused_variants(dtype, d, c, decay) if dtype in FUSED_DTYPES else []):
+                        add(KERNEL_FUSED, fcfg.constants())
     return out
 
 
@@ -279,12 +411,16 @@ def linear_attention_flops(batch: int, num_heads: int, seq_len: int, head_dim: i
 
 
 def linear_attention_bytes(batch: int, num_heads: int, seq_len: int, head_dim: int, chunk: int,
-                           dtype: str) -> int:
-    """Least device-memory bytes of the two-pass algorithm (module docstring)."""
+                           dtype: str, algorithm: str = "two_pass") -> int:
+    """Least device-memory bytes of the two-pass or the fused algorithm (module docstring)."""
     if dtype not in ELEM_BYTES:
         raise TypeError(f"dtype: {dtype} not supported; expected one of {', '.join(SUPPORTED_DTYPES)}")
+    if algorithm not in ("fused", "two_pass"):
+        raise ValueError(f"algorithm: expected 'fused' or 'two_pass', got {algorithm!r}")
     eb = ELEM_BYTES[dtype]
     d = head_dim
+    if algorithm == "fused":
+        return batch * num_heads * 4 * seq_len * d * eb
     num_chunks = -(-seq_len // chunk)
     full_tokens = (num_chunks - 1) * chunk
     state = d * d * eb
@@ -358,10 +494,16 @@ def check_inputs(q: Any, k: Any, v: Any, *, chunk_size: Any, scale: Any = 1.0, d
 
 # ------------------------------------------------------------------ launches
 class LinearPlan:
-    """Kernels, grids and arguments of one linear-attention call; run() or time() it."""
+    """Kernels, grids and arguments of one linear-attention call; run() or time() it.
+
+    ``algorithm``: "auto" (the fused kernel where it exists, else two-pass), "fused"
+    (ValueError where it does not exist) or "two_pass". ``fused_config`` overrides the
+    chooser's FusedConfig (sweeps); it must match the problem.
+    """
 
     def __init__(self, q: Any, k: Any, v: Any, *, chunk_size: int, scale: float = 1.0,
-                 decay: Any = None, backend: Any = None, out: Any = None) -> None:
+                 decay: Any = None, backend: Any = None, out: Any = None, algorithm: str = "auto",
+                 fused_config: Optional[FusedConfig] = None) -> None:
         import torch  # noqa: PLC0415
 
         from .. import backend as _backend  # noqa: PLC0415
@@ -370,14 +512,35 @@ class LinearPlan:
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch CUDA tensor, got {type(x).__name__}")
+        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
         prob = check_inputs(q, k, v, chunk_size=chunk_size, scale=scale, decay=decay)
         self.problem = prob
         self.be = backend if backend is not None else _backend.get("cuda")
         sm_count = int(self.be.info.get("multiprocessors", DEFAULT_SM_COUNT) or DEFAULT_SM_COUNT)
-        self.config = choose_config(prob.dtype, prob.head_dim, prob.chunk, prob.gamma is not None,
-                                    num_state_heads=prob.batch * prob.num_heads, sm_count=sm_count)
-        cfg = self.config
         b, h, n, d = prob.batch, prob.num_heads, prob.seq_len, prob.head_dim
+        has_decay = prob.gamma is not None
+        fused = None
+        if algorithm != "two_pass":
+            fused = fused_config if fused_config is not None else choose_fused_config(
+                prob.dtype, d, prob.chunk, has_decay, num_heads_total=b * h, sm_count=sm_count)
+            if fused is None and algorithm == "fused":
+                raise ValueError(f"algorithm: no fused kernel for {prob.dtype} with chunk_size {prob.chunk} "
+                                 f"(it takes {FUSED_DTYPES} and chunks {FUSED_CHUNKS})")
+            if fused is not None:
+                want = (prob.dtype, d, prob.chunk, has_decay)
+                got = (fused.dtype, fused.head_dim, fused.chunk, fused.has_decay)
+                if got != want:
+                    raise ValueError(f"fused_config: made for (dtype, head_dim, chunk, decay) = {got}, "
+                                     f"the problem is {want}")
+                bad = fused.problems()
+                if bad:
+                    raise ValueError(f"fused_config: illegal: {'; '.join(bad)}")
+        self.algorithm = "fused" if fused is not None else "two_pass"
+        self.fused_config = fused
+        self.config = choose_config(prob.dtype, d, prob.chunk, has_decay,
+                                    num_state_heads=b * h, sm_count=sm_count)
+        cfg = self.config
         num_chunks = -(-n // prob.chunk)
         if out is None:
             out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
@@ -385,68 +548,72 @@ class LinearPlan:
             oi = _v.check_output(out, "out", shape=(b, h, n, d), allowed_dtypes=(prob.dtype,), device="cuda")
             _check_alignment(out, oi, prob.dtype)
         self.out = out
-        self.states = torch.empty((b, h, num_chunks, d, d), dtype=q.dtype, device=q.device)
         log2_gamma = np.zeros(h) if prob.gamma is None else np.log2(prob.gamma)
         self.log2_decay = torch.tensor(log2_gamma, dtype=torch.float32, device=q.device)
         self.params = _params.make_params(
             batch=b, num_heads=h, num_kv_heads=h, seq_q=n, seq_kv=n, head_dim=d, scale=prob.scale,
             q_stride=tuple(q.stride()[:3]), k_stride=tuple(k.stride()[:3]), v_stride=tuple(v.stride()[:3]),
             o_stride=tuple(out.stride()[:3]), chunk_size=prob.chunk)
+        self._keep = (q, k, v)
+        if fused is not None:
+            self.states = None
+            self.kernel_f = self.be.kernel(KERNEL_FUSED, **fused.constants())
+            self.launches = [(self.kernel_f, fused.grid(b, h), (fused.threads, 1, 1),
+                              [self.params, q, k, v, out, self.log2_decay], fused.smem_bytes())]
+            self.names = ["fused"]
+            return
+        self.states = torch.empty((b, h, num_chunks, d, d), dtype=q.dtype, device=q.device)
         self.kernel_h = self.be.kernel(KERNEL_H, **cfg.h_constants())
         self.kernel_o = self.be.kernel(KERNEL_O, **cfg.o_constants())
-        self.grid_h = ((d // H_BLOCK_DK) * (d // cfg.block_dv), b * h, 1)
-        self.grid_o = (-(-n // cfg.block_q), b * h, 1)
-        self.args_h = [self.params, k, v, self.states, self.log2_decay]
-        self.args_o = [self.params, q, k, v, self.states, out, self.log2_decay]
-        self._keep = (q, k, v)
-
-    def launch_h(self) -> None:
-        self.be.launch(self.kernel_h, self.grid_h, (self.config.h_threads, 1, 1), self.args_h,
-                       self.config.h_smem_bytes())
-
-    def launch_o(self) -> None:
-        self.be.launch(self.kernel_o, self.grid_o, (self.config.o_threads, 1, 1), self.args_o,
-                       self.config.o_smem_bytes())
+        grid_h = ((d // H_BLOCK_DK) * (d // cfg.block_dv), b * h, 1)
+        grid_o = (-(-n // cfg.block_q), b * h, 1)
+        self.launches = [
+            (self.kernel_h, grid_h, (cfg.h_threads, 1, 1), [self.params, k, v, self.states, self.log2_decay],
+             cfg.h_smem_bytes()),
+            (self.kernel_o, grid_o, (cfg.o_threads, 1, 1),
+             [self.params, q, k, v, self.states, out, self.log2_decay], cfg.o_smem_bytes()),
+        ]
+        self.names = ["chunk_h", "chunk_o"]
 
     def run(self) -> Any:
-        self.launch_h()
-        self.launch_o()
+        for kern, grid, block, args, smem in self.launches:
+            self.be.launch(kern, grid, block, args, smem)
         return self.out
 
     def time(self, warmup: int = 4, iters: int = 50, flush_l2: bool = False) -> Dict[str, Any]:
-        """Device-side timings: the pair back to back ("total", both launched from C++ with no
-        Python between them) and each kernel alone."""
-        total = self.be.time_sequence(
-            [(self.kernel_h, self.grid_h, (self.config.h_threads, 1, 1), self.args_h, self.config.h_smem_bytes()),
-             (self.kernel_o, self.grid_o, (self.config.o_threads, 1, 1), self.args_o, self.config.o_smem_bytes())],
-            warmup=warmup, iters=iters, flush_l2=flush_l2)
-        h = self.be.time_launch(self.kernel_h, self.grid_h, (self.config.h_threads, 1, 1), self.args_h,
-                                self.config.h_smem_bytes(), warmup=warmup, iters=iters, flush_l2=flush_l2)
-        o = self.be.time_launch(self.kernel_o, self.grid_o, (self.config.o_threads, 1, 1), self.args_o,
-                                self.config.o_smem_bytes(), warmup=warmup, iters=iters, flush_l2=flush_l2)
-        return {"total": total, "chunk_h": h, "chunk_o": o}
+        """Device-side timings: "total" (all launches back to back, issued from C++ with no
+        Python between them) and, for the two-pass algorithm, "chunk_h" and "chunk_o" alone."""
+        out = {"total": self.be.time_sequence(self.launches, warmup=warmup, iters=iters, flush_l2=flush_l2)}
+        if len(self.launches) > 1:
+            for name, (kern, grid, block, args, smem) in zip(self.names, self.launches):
+                out[name] = self.be.time_launch(kern, grid, block, args, smem, warmup=warmup, iters=iters,
+                                                flush_l2=flush_l2)
+        return out
 
 
 def plan_linear_attention(q: Any, k: Any, v: Any, *, chunk_size: int, scale: float = 1.0,
-                          decay: Any = None, backend: Any = None, out: Any = None) -> LinearPlan:
-    return LinearPlan(q, k, v, chunk_size=chunk_size, scale=scale, decay=decay, backend=backend, out=out)
+                          decay: Any = None, backend: Any = None, out: Any = None,
+                          algorithm: str = "auto") -> LinearPlan:
+    return LinearPlan(q, k, v, chunk_size=chunk_size, scale=scale, decay=decay, backend=backend, out=out,
+                      algorithm=algorithm)
 
 
 def linear_attention(q: Any, k: Any, v: Any, *, chunk_size: int, scale: float = 1.0,
-                     decay: Any = None) -> Any:
+                     decay: Any = None, algorithm: str = "auto") -> Any:
     """Chunked causal linear attention on torch CUDA tensors q, k, v [B, H, N, D].
 
     dtype float16, bfloat16 or float32 (all three alike); D in SUPPORTED_HEAD_DIMS;
     chunk_size in SUPPORTED_CHUNKS (N need not be a multiple); ``scale``
     multiplies q.k (no implicit 1/sqrt(D)); ``decay``: None, a float, or one
-    gamma in (0, 1] per head. Returns O [B, H, N, D] in the input dtype.
+    gamma in (0, 1] per head; ``algorithm`` "auto", "fused" or "two_pass" (LinearPlan).
+    Returns O [B, H, N, D] in the input dtype.
     """
-    return LinearPlan(q, k, v, chunk_size=chunk_size, scale=scale, decay=decay).run()
+    return LinearPlan(q, k, v, chunk_size=chunk_size, scale=scale, decay=decay, algorithm=algorithm).run()
 
 
 def time_linear_attention(q: Any, k: Any, v: Any, *, chunk_size: int, scale: float = 1.0,
                           decay: Any = None, warmup: int = 4, iters: int = 50) -> Dict[str, Any]:
-    """Timing helper: {"total", "chunk_h", "chunk_o"} TimingStats (device events)."""
+    """Timing helper: TimingStats (device events) of LinearPlan.time: "total" (+ per pass for two-pass)."""
     return LinearPlan(q, k, v, chunk_size=chunk_size, scale=scale, decay=decay).time(warmup=warmup, iters=iters)
 
 
