@@ -14,7 +14,7 @@ from attnproto import ref
 from attnproto.ops import configs as C
 from attnproto.ops import flash as F
 
-KERNEL_SOURCE = Path(__file__).resolve().parents[1] / "shaders" / "cuda" / "flash_fwd_mma.cu"
+KERNEL_SOURCE = Path(__file__).resolve().parents[1] / "shaders" / "cuda" / "include" / "fa_mma.cuh"
 DTYPES = ("float16", "bfloat16")
 # Every legal head dim: multiples of 16 up to 256 (odd ones such as 80, 96, 112 included).
 ALL_HEAD_DIMS = tuple(range(C.MMA_K, C.MAX_HEAD_DIM + 1, C.MMA_K))

@@ -16,8 +16,13 @@ from attnproto.ops import configs, stitch
 ARCH = kernels.DEFAULT_ARCH
 ELF_MAGIC = b"\x7fELF"
 DTYPES = tuple(configs.DTYPE_CODES)
-# (head_dim, block_c) pairs inside 48 KiB of static shared memory with 4 warps.
-LEGAL_TILES = ((64, 64), (128, 64), (256, 32))
+# Head dims: the two swizzled benchmark dims and two padded-row (non-multiple-of-64) ones.
+HEAD_DIMS = (64, 128, 80, 96)
+
+
+def _tile(head_dim=128, causal=False, dtype="bfloat16", block_r=64, block_c=64, warps=4, stages=1):
+    """A Prototype 1 tile; the default (64-row CTAs, 1 stage) compiles in about a second."""
+    return configs.FlashConfig(head_dim, block_r, block_c, warps, stages, causal, dtype)
 
 
 @pytest.fixture
@@ -41,22 +46,26 @@ def _ctx(name, tmp_path, seed=0):
 
 # ---------------------------------------------------------------- StitchConfig
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim,block_c", LEGAL_TILES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("causal", (False, True))
 @pytest.mark.parametrize("mode", stitch.MODES)
-def test_stitch_config_legal(dtype, head_dim, block_c, mode):
-    cfg = stitch.StitchConfig(head_dim, block_c, stitch.BENCH_WARPS, dtype, mode)
+def test_stitch_config_legal(dtype, head_dim, causal, mode):
+    tile = _tile(head_dim, causal, dtype, block_r=128)
+    cfg = stitch.StitchConfig(tile, mode)
     assert cfg.is_legal() == (True, "")
-    assert cfg.smem_bytes() <= stitch.STATIC_SMEM_LIMIT
-    assert cfg.constants() == {"HEAD_DIM": head_dim, "BLOCK_C": block_c, "WARPS": stitch.BENCH_WARPS,
-                               "DTYPE": configs.DTYPE_CODES[dtype], "STITCH_MODE": mode}
+    assert cfg.smem_bytes() == tile.smem_bytes() and cfg.threads == tile.threads
+    assert cfg.constants() == {**tile.constants(), "STITCH_MODE": mode}
+    assert cfg.grid(2, 3, 200) == tile.grid(2, 3, 200) == (2, 3, 2)
+    assert cfg.with_mode(0).tile is tile and f"mode{mode}" in cfg.label()
 
 
-@pytest.mark.parametrize("head_dim,block_c,warps,mode,word", [
-    (96, 64, 4, 0, "HEAD_DIM"), (65, 64, 4, 1, "HEAD_DIM"), (128, 48, 4, 2, "BLOCK_C"),
-    (128, 64, 0, 0, "WARPS"), (128, 64, 4, 4, "STITCH_MODE"), (256, 64, 4, 0, "shared memory"),
+@pytest.mark.parametrize("tile,mode,word", [
+    (_tile(128), 4, "STITCH_MODE"), (_tile(128), -1, "STITCH_MODE"),
+    (_tile(128, block_r=48), 0, "BLOCK_R"), (_tile(256, block_r=256, block_c=128, stages=2), 1, "shared memory"),
+    (_tile(128, block_r=256, block_c=128), 2, "register budget"), (_tile(72), 3, "HEAD_DIM"),
 ])
-def test_stitch_config_illegal(head_dim, block_c, warps, mode, word):
-    cfg = stitch.StitchConfig(head_dim, block_c, warps, "bfloat16", mode)
+def test_stitch_config_illegal(tile, mode, word):
+    cfg = stitch.StitchConfig(tile, mode)
     ok, why = cfg.is_legal()
     assert not ok and word in why
     with pytest.raises(ValueError, match="config"):
@@ -64,74 +73,119 @@ def test_stitch_config_illegal(head_dim, block_c, warps, mode, word):
 
 
 def test_stitch_config_type_errors():
-    with pytest.raises(TypeError, match="head_dim"):
-        stitch.StitchConfig(128.0, 64, 4, "bfloat16", 0)
+    with pytest.raises(TypeError, match="tile"):
+        stitch.StitchConfig({"head_dim": 128}, 0)
     with pytest.raises(TypeError, match="mode"):
-        stitch.StitchConfig(128, 64, 4, "bfloat16", True)
-    with pytest.raises(TypeError, match="dtype"):
-        stitch.StitchConfig(128, 64, 4, "float32", 0)
+        stitch.StitchConfig(_tile(), True)
+    with pytest.raises(TypeError, match="mode"):
+        stitch.StitchConfig(_tile(), 1.0)
 
 
-def test_dispatched_calls():
-    # 2 x 3 rows x 100 queries, ceil(130 / 64) = 3 tiles, 3 stages per tile
-    assert stitch.dispatched_calls(2, 3, 100, 130, 64) == 2 * 3 * 100 * 3 * stitch.STAGES_PER_TILE
-    assert stitch.dispatched_calls(1, 1, 1, 64, 64) == stitch.STAGES_PER_TILE
+def _calls_by_loop(batch, heads, seq_q, seq_kv, tile):
+    """The kernel's loops written out: per CTA, warp and tile, warp_sees_tile."""
+    kv_tiles = -(-seq_kv // tile.block_c)
+    offset = seq_kv - seq_q
+    total = 0
+    for cta in range(-(-seq_q // tile.block_r)):
+        q0 = cta * tile.block_r
+        n_tiles = kv_tiles
+        if tile.causal:
+            last_key = min(q0 + tile.block_r, seq_q) - 1 + offset
+            n_tiles = 0 if last_key < 0 else min(kv_tiles, last_key // tile.block_c + 1)
+        for w in range(tile.warps):
+            warp_q0 = q0 + w * tile.rows_per_warp
+            for j in range(n_tiles):
+                if not tile.causal or j * tile.block_c <= warp_q0 + tile.rows_per_warp - 1 + offset:
+                    total += 1
+    return batch * heads * total * stitch.STAGES_PER_TILE
+
+
+@pytest.mark.parametrize("causal", (False, True))
+@pytest.mark.parametrize("seq_q,seq_kv", [(77, 133), (133, 77), (300, 300), (1, 1), (64, 0), (2048, 2048)])
+def test_dispatched_calls_follow_the_kernel(causal, seq_q, seq_kv):
+    for tile in (_tile(128, causal, block_r=128), _tile(64, causal, block_r=64, block_c=128, stages=2)):
+        assert stitch.dispatched_calls(2, 3, seq_q, seq_kv, tile) == _calls_by_loop(2, 3, seq_q, seq_kv, tile)
+
+
+def test_dispatched_calls_values():
+    # Non-causal: 2 x 3 heads x ceil(100/64) = 2 CTAs x 4 warps x ceil(130/64) = 3 tiles x 3 stages.
+    assert stitch.dispatched_calls(2, 3, 100, 130, _tile(128)) == 2 * 3 * 2 * 4 * 3 * stitch.STAGES_PER_TILE
+    # Causal, one 64-row CTA of 4 warps x 16 rows, Nq = Nkv = 64, BLOCK_C 64: every warp sees tile 0.
+    assert stitch.dispatched_calls(1, 1, 64, 64, _tile(128, True)) == 4 * stitch.STAGES_PER_TILE
+    # Causal with Nkv < Nq: the first 64 - 16 = 48 queries see no key; warps 0-2 skip the tile.
+    assert stitch.dispatched_calls(1, 1, 64, 16, _tile(128, True)) == 1 * stitch.STAGES_PER_TILE
+    with pytest.raises(ValueError, match="seq_q"):
+        stitch.dispatched_calls(1, 1, -1, 4, _tile())
+    with pytest.raises(TypeError, match="tile"):
+        stitch.dispatched_calls(1, 1, 4, 4, 64)
 
 
 def test_stitch_specs_registered_and_exclude_linked_mode():
     specs = stitch.stitch_specialisations()
     assert specs and all(n == stitch.KERNEL_NAME for n, _ in specs)
     assert {c["STITCH_MODE"] for _, c in specs} == {0, 1, 2}
+    assert {(c["HEAD_DIM"], c["CAUSAL"]) for _, c in specs} == {(d, int(c)) for _, _, _, d, c in stitch.BENCH_PROBLEMS}
     every = {(n, tuple(sorted(c.items()))) for n, c in kernels.all_specialisations()}
     assert all((n, tuple(sorted(c.items()))) in every for n, c in specs)
 
 
 # ---------------------------------------------------------------- compile and link
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim,block_c", LEGAL_TILES)
-def test_linked_mode_links_with_nvjitlink(nvjitlink, dtype, head_dim, block_c):
-    cfg = stitch.StitchConfig(head_dim, block_c, stitch.BENCH_WARPS, dtype, stitch.LINKED_MODE)
+@pytest.mark.parametrize("dtype,head_dim,causal", [("bfloat16", 128, False), ("float16", 80, True)])
+def test_linked_mode_links_with_nvjitlink(nvjitlink, dtype, head_dim, causal):
+    cfg = stitch.StitchConfig(_tile(head_dim, causal, dtype), stitch.LINKED_MODE)
     built = stitch.link_linked_mode(cfg, ARCH, verbose=True)
     assert built.cubin[:4] == ELF_MAGIC
+    assert stitch.KERNEL_NAME.encode() in built.cubin
     assert set(built.compile_ms) == {stitch.KERNEL_NAME, *stitch.STAGE_SOURCES}
     assert built.link_ms > 0 and built.build_ms > built.link_ms
     report = stitch.ptxas_report(built.log)
     assert report["registers_regs"] > 0
-    assert report["spill_bytes"] == 0
 
 
 @pytest.mark.parametrize("mode", (0, 1, 2))
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cubin_modes_compile_with_resource_report(nvrtc, mode, dtype):
-    cfg = stitch.StitchConfig(128, 64, stitch.BENCH_WARPS, dtype, mode)
+@pytest.mark.parametrize("dtype,head_dim,causal", [("bfloat16", 128, False), ("float16", 96, True)])
+def test_cubin_modes_compile_with_resource_report(nvrtc, mode, dtype, head_dim, causal):
+    cfg = stitch.StitchConfig(_tile(head_dim, causal, dtype), mode)
     built = stitch.compile_mode(cfg, ARCH, verbose=True)
     assert built.cubin[:4] == ELF_MAGIC and built.link_ms == 0
     report = stitch.ptxas_report(built.log)
     # Modes 1 and 2 keep three real stage functions; mode 0 inlines them.
-    assert report["device_functions_count"] == (0 if mode == 0 else len(stitch.STAGE_SOURCES))
+    assert report["device_functions_count"] == (0 if mode == 0 else len(stitch.STAGE_FUNCTIONS))
+    for fn in stitch.STAGE_FUNCTIONS:
+        assert (f"Function properties for {fn}" in built.log) == (mode != 0)
     if mode:
-        assert report["stack_frame_bytes"] > 0  # arguments passed through the call ABI's stack
+        # The register tiles behind the stage pointers live in the kernel's stack frame.
+        assert report["stack_frame_bytes"] > 0
+
+
+def test_mode0_is_the_production_kernel(nvrtc):
+    """Mode 0 compiles the code of flash_fwd_mma: same registers and stack as the production kernel."""
+    tile = _tile(128)
+    mode0 = stitch.ptxas_report(stitch.compile_mode(stitch.StitchConfig(tile, 0), ARCH, verbose=True).log)
+    _, log, _ = nvrtc.cuda_compile(configs.KERNEL_NAME, tile.constants(), ARCH, "cubin", ["--ptxas-options=-v"])
+    prod = stitch.ptxas_report(log, entry=configs.KERNEL_NAME)
+    assert mode0 == prod
 
 
 def test_compile_mode_refuses_linked_mode(nvrtc):
     with pytest.raises(ValueError, match="link_linked_mode"):
-        stitch.compile_mode(stitch.StitchConfig(128, 64, 4, "float16", stitch.LINKED_MODE), ARCH)
+        stitch.compile_mode(stitch.StitchConfig(_tile(), stitch.LINKED_MODE), ARCH)
     with pytest.raises(ValueError, match="linked mode"):
-        stitch.link_linked_mode(stitch.StitchConfig(128, 64, 4, "float16", 0), ARCH)
+        stitch.link_linked_mode(stitch.StitchConfig(_tile(), 0), ARCH)
 
 
 def test_linked_mode_needs_cubin_free_ltoir(nvrtc):
     """Mode 3 has unresolved stage calls: a plain cubin compile must fail in ptxas."""
-    consts = stitch.StitchConfig(128, 64, 4, "bfloat16", stitch.LINKED_MODE).constants()
-    with pytest.raises(RuntimeError, match="stitch_score|unresolved|undefined"):
+    consts = stitch.StitchConfig(_tile(), stitch.LINKED_MODE).constants()
+    with pytest.raises(RuntimeError, match="fa_mma_stage|unresolved|undefined"):
         nvrtc.cuda_compile(stitch.KERNEL_NAME, consts, ARCH, "cubin")
 
 
 def test_link_without_stages_fails_with_log(nvjitlink):
-    consts = stitch.StitchConfig(128, 64, 4, "bfloat16", stitch.LINKED_MODE).constants()
+    consts = stitch.StitchConfig(_tile(), stitch.LINKED_MODE).constants()
     blob, _, _ = nvjitlink.cuda_compile(stitch.KERNEL_NAME, consts, ARCH, "ltoir")
-    with pytest.raises(RuntimeError, match="stitch_"):
-        nvjitlink.cuda_link([(blob, "ltoir", "stitch_attn")], ARCH)
+    with pytest.raises(RuntimeError, match="fa_mma_stage_"):
+        nvjitlink.cuda_link([(blob, "ltoir", stitch.KERNEL_NAME)], ARCH)
 
 
 def test_link_input_validation(nvjitlink):
@@ -143,18 +197,47 @@ def test_link_input_validation(nvjitlink):
         nvjitlink.cuda_link([(b"", "ltoir", "a")], ARCH)
 
 
-def test_illegal_stitch_constants_fail_with_static_assert(nvrtc):
-    bad = {"HEAD_DIM": 96, "BLOCK_C": 64, "WARPS": 4, "DTYPE": 1, "STITCH_MODE": 0}
-    with pytest.raises(RuntimeError, match="HEAD_DIM must be a positive multiple of 64"):
+@pytest.mark.parametrize("consts,message", [
+    ({"STITCH_MODE": 4}, "STITCH_MODE must be 0"),
+    ({"HEAD_DIM": 72}, "HEAD_DIM must be a multiple of 16"),
+    ({"BLOCK_R": 48}, "BLOCK_R must be a positive multiple of 16\\*WARPS"),
+])
+def test_illegal_stitch_constants_fail_with_static_assert(nvrtc, consts, message):
+    bad = {**stitch.StitchConfig(_tile(), 0).constants(), **consts}
+    with pytest.raises(RuntimeError, match=message):
         nvrtc.cuda_compile(stitch.KERNEL_NAME, bad, ARCH)
 
 
+def test_missing_stitch_mode_fails(nvrtc):
+    with pytest.raises(RuntimeError, match="STITCH_MODE must be defined"):
+        nvrtc.cuda_compile(stitch.KERNEL_NAME, _tile().constants(), ARCH)
+
+
 def test_extra_options_reach_nvrtc(nvrtc):
-    consts = {"HEAD_DIM": 64, "BLOCK_C": 64, "WARPS": 4, "DTYPE": 0, "STITCH_MODE": 0}
+    consts = stitch.StitchConfig(_tile(64), 0).constants()
     with pytest.raises(RuntimeError, match="--no-such-option"):
         nvrtc.cuda_compile(stitch.KERNEL_NAME, consts, ARCH, "cubin", ["--no-such-option"])
     _, log, _ = nvrtc.cuda_compile(stitch.KERNEL_NAME, consts, ARCH, "cubin", ["--ptxas-options=-v"])
     assert "Used" in log and "registers" in log
+
+
+PTXAS_LOG = """ptxas info    : Compiling entry function 'flash_fwd_mma_stitch' for 'sm_90a'
+ptxas info    : Function properties for flash_fwd_mma_stitch
+    800 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 230 registers, used 1 barriers, 800 bytes cumulative stack size
+ptxas info    : Function properties for fa_mma_stage_score
+    144 bytes stack frame, 140 bytes spill stores, 140 bytes spill loads
+ptxas info    : Function properties for fa_mma_stage_softmax
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+"""
+
+
+def test_ptxas_report_parses_entry_and_stage_functions():
+    report = stitch.ptxas_report(PTXAS_LOG)
+    assert report == {"registers_regs": 230.0, "stack_frame_bytes": 800.0, "spill_bytes": 8.0 + 280.0,
+                      "device_functions_count": 2.0}
+    with pytest.raises(ValueError, match="flash_fwd_mma"):
+        stitch.ptxas_report(PTXAS_LOG, entry="flash_fwd_mma")
 
 
 def test_ptxas_report_rejects_logs_without_report():

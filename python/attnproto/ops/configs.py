@@ -1,7 +1,7 @@
 """Tile configurations of the mma.sync Flash Attention forward kernel (flash_fwd_mma).
 
 :class:`FlashConfig` names one specialisation (the named constants of
-``shaders/cuda/flash_fwd_mma.cu``); :meth:`FlashConfig.is_legal` mirrors the
+``shaders/cuda/flash_fwd_mma.cu``, defined in ``include/fa_mma.cuh``); :meth:`FlashConfig.is_legal` mirrors the
 kernel's ``static_assert`` s so that an illegal combination is refused before it
 reaches NVRTC. :func:`choose_config` picks the tiles for a problem from
 :data:`TABLE`, whose entries each carry the reason they were chosen;
@@ -43,7 +43,7 @@ DTYPE_CODES: Dict[str, int] = {"float16": 0, "bfloat16": 1}
 # [MMA_K, MAX_HEAD_DIM] is legal and borrows the tiles of the next larger one.
 SUPPORTED_HEAD_DIMS: Tuple[int, ...] = (64, 128, 256)
 
-# ---- mirrors of the kernel's constants (flash_fwd_mma.cu, namespace fa_mma) ----
+# ---- mirrors of the kernel's constants (shaders/cuda/include/fa_mma.cuh, namespace fa_mma) ----
 MMA_M = 16                  # rows of one mma.sync.m16n8k16 tile
 MMA_N = 8                   # columns of one accumulator tile
 MMA_K = 16                  # k depth of one mma.sync

@@ -34,6 +34,7 @@ __all__ = [
     "register_kernel",
     "check_flash_inputs",
     "flash_params",
+    "resolve_mma_config",
     "prepare_mma",
     "flash_forward",
     "time_flash_forward",
@@ -209,8 +210,9 @@ def _mma_config(config: Any, problem: FlashProblem, smem_limit: int) -> _cfg.Fla
     return config
 
 
-def prepare_mma(problem: FlashProblem, config: Any, backend: Any) -> PreparedLaunch:
-    """PreparedLaunch of flash_fwd_mma (arguments: params, q, k, v, out, lse)."""
+def resolve_mma_config(problem: FlashProblem, config: Any, backend: Any) -> _cfg.FlashConfig:
+    """The mma.sync tiles of a launch on ``backend``: ``config`` checked against the problem
+    and the device's shared memory, or the chooser's. BackendUnavailable below sm_80."""
     from ..backend import BackendUnavailable  # noqa: PLC0415
 
     info = backend.info
@@ -219,7 +221,12 @@ def prepare_mma(problem: FlashProblem, config: Any, backend: Any) -> PreparedLau
                                  f"{MIN_COMPUTE_MAJOR}.0 or newer, the device is "
                                  f"{info.get('compute_major')}.{info.get('compute_minor')}")
     smem_limit = int(info.get("shared_mem_per_block_optin") or _cfg.SMEM_LIMIT_SM90)
-    cfg = _mma_config(config, problem, smem_limit)
+    return _mma_config(config, problem, smem_limit)
+
+
+def prepare_mma(problem: FlashProblem, config: Any, backend: Any) -> PreparedLaunch:
+    """PreparedLaunch of flash_fwd_mma (arguments: params, q, k, v, out, lse)."""
+    cfg = resolve_mma_config(problem, config, backend)
     s = problem.shape
     kern = backend.kernel(_cfg.KERNEL_NAME, **cfg.constants())
     args = [flash_params(problem), problem.q, problem.k, problem.v, problem.out, problem.lse]

@@ -1,24 +1,33 @@
-"""Prototype 2 host side: the stitched attention inner loop (``shaders/cuda/stitch_attn.cu``).
+"""Prototype 2 host side: the Prototype 1 tensor-core kernel with dispatchable stages
+(``shaders/cuda/flash_fwd_mma_stitch.cu``).
 
-One SIMT Flash Attention forward whose per-tile work is split into three stages
-(score, softmax_update, accumulate; ``shaders/cuda/include/stitch.cuh``), dispatched
-in one of four ways chosen by the named constant STITCH_MODE:
+flash_fwd_mma's per-tile work is three stages (``shaders/cuda/include/fa_mma_stitch.cuh``):
+score (S = Q K^T plus the causal / key-tail mask), softmax (online softmax, O rescale,
+S -> P) and accumulate (O += P V). The named constant STITCH_MODE chooses how the kernel
+reaches them:
 
 ====  ==========  ===========================================================
 mode  name        how the kernel reaches the stages
 ====  ==========  ===========================================================
-0     inline      force-inlined: the monolithic, specialised baseline
+0     inline      force-inlined: the code (and SASS) of flash_fwd_mma
 1     noinline    ``__noinline__`` device functions in the same translation unit
-2     table       a device function-pointer table in global memory, row chosen
-                  by a kernel argument (indirect calls)
+2     table       a device function-pointer table in writable global memory, row
+                  chosen by a kernel argument (indirect calls)
 3     linked      stages in separate translation units compiled to LTO-IR by
                   NVRTC and linked at load time by nvJitLink
 ====  ==========  ===========================================================
 
-Every mode does the same arithmetic (explicit round-to-nearest FMAs, MUFU exp2), so
-outputs are bit-identical to mode 0. Compiling and linking need NVRTC and nvJitLink
-only (:func:`compile_mode`, :func:`link_linked_mode`); launching needs the CUDA backend
-and torch tensors (:func:`prepare`).
+The stages take pointers to the kernel's register arrays, so in modes 1-3 (unless the
+nvJitLink link inlines them) the arrays live in local memory across each call: that is
+the cost measured. Every mode runs the same stage code, so O and LSE are expected to be
+bit-identical to mode 0 (the only freedom left to the compiler is contracting the
+softmax's ``row_max * scale_log2 - mx_scaled`` into an FMA differently when the stage is a
+separate function; tests/test_proto2_gpu.py checks equality). Tiles, launch shape and
+outputs are those of flash_fwd_mma (:class:`~attnproto.ops.configs.FlashConfig`).
+
+Compiling and linking need NVRTC and nvJitLink only (:func:`compile_mode`,
+:func:`link_linked_mode`); launching needs the CUDA backend and torch tensors
+(:func:`prepare`).
 """
 from __future__ import annotations
 
@@ -26,9 +35,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from .. import params as _params
-from .. import validate as _v
+import numpy as np
+
 from . import configs as _cfg
+from . import flash as _flash
 
 __all__ = [
     "KERNEL_NAME",
@@ -37,119 +47,112 @@ __all__ = [
     "MODE_NAMES",
     "LINKED_MODE",
     "STAGES_PER_TILE",
+    "TABLE_ROW",
+    "BENCH_PROBLEMS",
     "StitchConfig",
     "BuiltModule",
     "compile_mode",
     "link_linked_mode",
     "build",
     "ptxas_report",
+    "warp_tiles",
     "dispatched_calls",
     "StitchLaunch",
     "prepare",
     "stitch_specialisations",
 ]
 
-KERNEL_NAME = "stitch_attn"
+KERNEL_NAME = "flash_fwd_mma_stitch"
 #: Translation units of the stages (mode 3 links these with the kernel's LTO-IR).
-STAGE_SOURCES: Tuple[str, ...] = ("stitch_score", "stitch_softmax", "stitch_accumulate")
+STAGE_SOURCES: Tuple[str, ...] = ("flash_fwd_mma_stage_score", "flash_fwd_mma_stage_softmax",
+                                  "flash_fwd_mma_stage_accumulate")
+#: The extern stage functions (ptxas reports each one it compiles separately).
+STAGE_FUNCTIONS: Tuple[str, ...] = ("fa_mma_stage_score", "fa_mma_stage_softmax", "fa_mma_stage_accumulate")
 MODES: Tuple[int, ...] = (0, 1, 2, 3)
 MODE_NAMES: Dict[int, str] = {0: "inline", 1: "noinline", 2: "table", 3: "linked"}
 LINKED_MODE = 3
-#: Dispatched stage calls per warp per K/V tile: score, softmax_update, accumulate.
+#: Dispatched stage calls per warp per K/V tile it sees: score (+ mask), softmax, accumulate.
 STAGES_PER_TILE = 3
-#: Function-pointer table rows of mode 2 (stitch::kTableRows); row 0 holds the stages.
-TABLE_ROWS = 1
+#: Row of the mode-2 function-pointer table (fa_stitch::kTableRows = 1: row 0 holds the stages).
 TABLE_ROW = 0
 
-# ---- mirrors of include/stitch.cuh ----
-WARP_SIZE = 32
-MAX_WARPS = 32
-STATIC_SMEM_LIMIT = 48 * 1024
-WORD_BYTES = 4
-ELEM_BYTES = 2
-OUT_DTYPE = "float32"
-
-# Tiles the Prototype 2 benchmark uses: 64 keys per tile (2 per lane) and 4 warps (4 query
-# rows) per CTA keep every benchmarked head dim (64, 128) inside 48 KiB of static shared memory.
-BENCH_BLOCK_C = 64
-BENCH_WARPS = 4
-BENCH_HEAD_DIMS = (64, 128)
+#: (batch, heads, seq_len, head_dim, causal) of the Prototype 2 benchmark, BF16: the issue's
+#: N = 2048, D = 128, a longer and narrower shape, and the causal variant of the first.
+BENCH_PROBLEMS: Tuple[Tuple[int, int, int, int, bool], ...] = (
+    (4, 16, 2048, 128, False), (2, 16, 4096, 64, False), (4, 16, 2048, 128, True))
+BENCH_DTYPE = "bfloat16"
 
 
 @dataclass(frozen=True)
 class StitchConfig:
-    """One specialisation of stitch_attn (dtype stored as its name)."""
+    """One specialisation of flash_fwd_mma_stitch: a Prototype 1 tile plus STITCH_MODE."""
 
-    head_dim: int
-    block_c: int
-    warps: int
-    dtype: str
+    tile: _cfg.FlashConfig
     mode: int
 
     def __post_init__(self) -> None:
-        for name in ("head_dim", "block_c", "warps", "mode"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-        code = _cfg.dtype_code(self.dtype)
-        object.__setattr__(self, "dtype", next(n for n, c in _cfg.DTYPE_CODES.items() if c == code))
+        if not isinstance(self.tile, _cfg.FlashConfig):
+            raise TypeError(f"tile: expected a FlashConfig, got {type(self.tile).__name__}")
+        if isinstance(self.mode, bool) or not isinstance(self.mode, int):
+            raise TypeError(f"mode: expected an int, got {type(self.mode).__name__}")
 
     @property
     def threads(self) -> int:
-        return self.warps * WARP_SIZE
+        return self.tile.threads
+
+    @property
+    def head_dim(self) -> int:
+        return self.tile.head_dim
 
     def smem_bytes(self) -> int:
-        """Static shared memory: padded K tile, V tile and one float query row per warp."""
-        k_words = self.block_c * (self.head_dim // 2 + 1)
-        v_words = self.block_c * (self.head_dim // 2)
-        return (k_words + v_words + self.warps * self.head_dim) * WORD_BYTES
+        """Dynamic shared memory of a launch (as flash_fwd_mma)."""
+        return self.tile.smem_bytes()
 
-    def is_legal(self) -> Tuple[bool, str]:
-        """(True, "") or (False, reason), in the order of the kernel's static_asserts."""
+    def is_legal(self, smem_limit: int = _cfg.SMEM_LIMIT_SM90) -> Tuple[bool, str]:
+        """(True, "") or (False, reason): STITCH_MODE, then flash_fwd_mma's rules."""
         if self.mode not in MODES:
             return False, f"STITCH_MODE must be one of {MODES} (got {self.mode})"
-        if self.head_dim <= 0 or self.head_dim % (2 * WARP_SIZE):
-            return False, f"HEAD_DIM must be a positive multiple of 64 (got {self.head_dim})"
-        if self.block_c <= 0 or self.block_c % WARP_SIZE:
-            return False, f"BLOCK_C must be a positive multiple of 32 (got {self.block_c})"
-        if not 1 <= self.warps <= MAX_WARPS:
-            return False, f"WARPS must be in [1, {MAX_WARPS}] (got {self.warps})"
-        if self.smem_bytes() > STATIC_SMEM_LIMIT:
-            return False, (f"shared memory {self.smem_bytes()} bytes exceeds {STATIC_SMEM_LIMIT} bytes of "
-                           "static shared memory")
-        return True, ""
+        return self.tile.is_legal(smem_limit)
 
-    def check(self) -> "StitchConfig":
-        ok, why = self.is_legal()
+    def check(self, smem_limit: int = _cfg.SMEM_LIMIT_SM90) -> "StitchConfig":
+        ok, why = self.is_legal(smem_limit)
         if not ok:
             raise ValueError(f"config: {self.label()} is illegal: {why}")
         return self
 
     def constants(self) -> Dict[str, int]:
-        return {"HEAD_DIM": self.head_dim, "BLOCK_C": self.block_c, "WARPS": self.warps,
-                "DTYPE": _cfg.DTYPE_CODES[self.dtype], "STITCH_MODE": self.mode}
+        return {**self.tile.constants(), "STITCH_MODE": self.mode}
 
     def grid(self, batch: int, num_heads: int, seq_q: int) -> Tuple[int, int, int]:
-        return (-(-seq_q // self.warps), num_heads, batch)
+        return self.tile.grid(batch, num_heads, seq_q)
 
     def with_mode(self, mode: int) -> "StitchConfig":
-        return StitchConfig(self.head_dim, self.block_c, self.warps, self.dtype, mode)
+        return StitchConfig(self.tile, mode)
 
     def label(self) -> str:
-        return f"d{self.head_dim}_c{self.block_c}_w{self.warps}_{self.dtype}_mode{self.mode}"
+        return f"{self.tile.label()}_mode{self.mode}"
+
+
+def bench_config(batch: int, num_heads: int, seq_len: int, head_dim: int, causal: bool, mode: int,
+                 dtype: str = BENCH_DTYPE) -> StitchConfig:
+    """The chooser's (configs.choose_config) tiles for a benchmark problem, with ``mode``."""
+    del batch, num_heads  # the chooser keys on head dim, query length and mask only
+    return StitchConfig(_cfg.choose_config(head_dim, seq_len, causal, dtype), mode)
 
 
 def stitch_specialisations() -> List[Tuple[str, Dict[str, int]]]:
-    """Cubin specialisations of the Prototype 2 benchmark (modes 0-2; mode 3 exists only as
-    LTO-IR linked at load time, which tests/test_proto2_4.py covers)."""
-    out = []
-    for head_dim in BENCH_HEAD_DIMS:
-        for dtype in _cfg.DTYPE_CODES:
-            for mode in MODES:
-                if mode == LINKED_MODE:
-                    continue
-                cfg = StitchConfig(head_dim, BENCH_BLOCK_C, BENCH_WARPS, dtype, mode).check()
-                out.append((KERNEL_NAME, cfg.constants()))
+    """Cubin specialisations of the Prototype 2 benchmark (modes 0-2 of BENCH_PROBLEMS; mode 3
+    exists only as LTO-IR linked at load time, which tests/test_proto2_4.py covers)."""
+    seen, out = set(), []
+    for problem in BENCH_PROBLEMS:
+        for mode in MODES:
+            if mode == LINKED_MODE:
+                continue
+            consts = bench_config(*problem, mode).check().constants()
+            key = tuple(sorted(consts.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append((KERNEL_NAME, consts))
     return out
 
 
@@ -172,12 +175,12 @@ class BuiltModule:
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_FRAME = re.compile(r"Function properties for (\w+)\s*\n[^\n]*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
                           r"(\d+) bytes spill loads")
-_PTXAS_ENTRY = "stitch_attn"
 
 
-def ptxas_report(log: str, entry: str = _PTXAS_ENTRY) -> Dict[str, float]:
-    """Registers of the entry, its stack frame, the total spill bytes and the number of
-    functions ptxas compiled separately, from a ``ptxas -v`` (or nvJitLink -verbose) log."""
+def ptxas_report(log: str, entry: str = KERNEL_NAME) -> Dict[str, float]:
+    """Registers of the entry, its stack frame, the total spill bytes (all functions) and the
+    number of functions ptxas compiled separately, from a ``ptxas -v`` (or nvJitLink
+    -verbose) log."""
     frames = {m.group(1): (int(m.group(2)), int(m.group(3)) + int(m.group(4))) for m in _PTXAS_FRAME.finditer(log)}
     regs = _PTXAS_REGS.findall(log)
     if entry not in frames or not regs:
@@ -225,70 +228,70 @@ def build(config: StitchConfig, arch: str, verbose: bool = False) -> BuiltModule
     return compile_mode(config, arch, verbose)
 
 
-def dispatched_calls(batch: int, num_heads: int, seq_q: int, seq_kv: int, block_c: int) -> int:
-    """Stage calls of one launch: one warp per query row, STAGES_PER_TILE calls per K/V tile."""
-    tiles = -(-seq_kv // block_c)
-    return batch * num_heads * seq_q * tiles * STAGES_PER_TILE
+# --------------------------------------------------------------------------- call counts
+def _check_count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: must be >= 0, got {value}")
+    return int(value)
+
+
+def warp_tiles(seq_q: int, seq_kv: int, tile: _cfg.FlashConfig) -> np.ndarray:
+    """K/V tiles each warp of one (batch, head) processes, shape (query tiles, warps).
+
+    Mirrors fa_mma_kernel_body.cuh: a CTA visits ``n_tiles`` tiles (all of them, or
+    causal: up to the last key its last valid row sees) and a warp runs the stages of
+    tile j iff ``warp_sees_tile`` (non-causal: always; causal: col0 <= warp_q0 +
+    rows_per_warp - 1 + Nkv - Nq). Warps whose rows are all past Nq still run them.
+    """
+    seq_q, seq_kv = _check_count(seq_q, "seq_q"), _check_count(seq_kv, "seq_kv")
+    if not isinstance(tile, _cfg.FlashConfig):
+        raise TypeError(f"tile: expected a FlashConfig, got {type(tile).__name__}")
+    kv_tiles = -(-seq_kv // tile.block_c)
+    q_tiles = -(-seq_q // tile.block_r)
+    q0 = np.arange(q_tiles, dtype=np.int64)[:, None] * tile.block_r
+    warp_q0 = q0 + np.arange(tile.warps, dtype=np.int64)[None, :] * tile.rows_per_warp
+    if not tile.causal:
+        return np.full((q_tiles, tile.warps), kv_tiles, dtype=np.int64)
+    offset = seq_kv - seq_q
+    last_key = np.minimum(q0 + tile.block_r, seq_q) - 1 + offset
+    n_tiles = np.where(last_key < 0, 0, np.minimum(kv_tiles, last_key // tile.block_c + 1))
+    limit = warp_q0 + tile.rows_per_warp - 1 + offset           # col0 <= limit: the warp sees the tile
+    seen = np.where(limit < 0, 0, limit // tile.block_c + 1)
+    return np.minimum(n_tiles, seen)
+
+
+def dispatched_calls(batch: int, num_heads: int, seq_q: int, seq_kv: int, tile: _cfg.FlashConfig) -> int:
+    """Stage calls of one launch: per (batch, head), per CTA, per warp, STAGES_PER_TILE per
+    K/V tile the warp processes (:func:`warp_tiles`)."""
+    batch, num_heads = _check_count(batch, "batch"), _check_count(num_heads, "num_heads")
+    return batch * num_heads * int(warp_tiles(seq_q, seq_kv, tile).sum()) * STAGES_PER_TILE
 
 
 # --------------------------------------------------------------------------- launching
 @dataclass
-class StitchLaunch:
-    """A ready launch of one mode on torch CUDA tensors; outputs O and LSE float32."""
+class StitchLaunch(_flash.PreparedLaunch):
+    """flash.PreparedLaunch of one mode (``config`` is the StitchConfig); ``module`` holds the
+    nvJitLink build of mode 3 (None for modes 0-2, which come from the kernel cache)."""
 
-    backend: Any
-    kernel: Any
-    config: StitchConfig
-    grid: Tuple[int, int, int]
-    block: Tuple[int, int, int]
-    args: list
-    out: Any
-    lse: Any
-    module: Optional[BuiltModule]
-
-    def launch(self) -> Tuple[Any, Any]:
-        self.backend.launch(self.kernel, grid=self.grid, block=self.block, args=self.args)
-        return self.out, self.lse
-
-    def time(self, warmup: int = 4, iters: int = 50):
-        return self.backend.time_launch(self.kernel, self.grid, self.block, self.args, warmup=warmup, iters=iters)
+    module: Optional[BuiltModule] = None
 
 
-def _check_inputs(q: Any, k: Any, v: Any, scale: Optional[float]):
-    shape = _v.check_attention_inputs(q, k, v, causal=False, allowed_dtypes=tuple(_cfg.DTYPE_CODES), device="cuda")
-    scale = _v.check_scale(scale, shape.head_dim)
-    if scale <= 0.0:
-        raise ValueError(f"scale: must be positive, got {scale}")
-    infos = {}
-    for x, name in ((q, "q"), (k, "k"), (v, "v")):
-        infos[name] = _v.tensor_info(x, name)
-        if x.data_ptr() % WORD_BYTES:
-            raise ValueError(f"{name}: data pointer {x.data_ptr():#x} is not {WORD_BYTES}-byte aligned")
-        if any(s % (WORD_BYTES // ELEM_BYTES) for s, n in zip(infos[name].strides[:3], infos[name].shape[:3]) if n > 1):
-            raise ValueError(f"{name}: batch/head/token strides must be even (the kernel reads 32-bit pairs)")
-        if x.device != q.device:
-            raise ValueError(f"{name}: on {x.device}, q is on {q.device}")
-    return shape, scale, infos
-
-
-def prepare(q: Any, k: Any, v: Any, mode: int, *, block_c: int = BENCH_BLOCK_C, warps: int = BENCH_WARPS,
+def prepare(q: Any, k: Any, v: Any, mode: int, *, config: Optional[_cfg.FlashConfig] = None, causal: bool = False,
             scale: Optional[float] = None, backend: Any = None, cache_mode: str = "default") -> StitchLaunch:
-    """Check Q/K/V (torch CUDA, float16/bfloat16, non-causal, GQA allowed), allocate float32
-    O and LSE and obtain the kernel of ``mode`` (modes 0-2 through the kernel cache with
-    ``cache_mode``; mode 3 compiled to LTO-IR and linked now)."""
-    import torch  # noqa: PLC0415
-
+    """Check Q/K/V exactly as flash_forward does (flash.check_flash_inputs), allocate O (input
+    dtype) and LSE (float32), and obtain the kernel of ``mode`` with the tiles ``config`` (a
+    FlashConfig; default: the Prototype 1 chooser's). Modes 0-2 come through the kernel cache
+    with ``cache_mode``; mode 3 is compiled to LTO-IR and linked now."""
     if isinstance(mode, bool) or not isinstance(mode, int) or mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    shape, scale, _ = _check_inputs(q, k, v, scale)
-    cfg = StitchConfig(shape.head_dim, block_c, warps, shape.dtype, mode)
-    ok, why = cfg.is_legal()
-    if not ok:
-        raise ValueError(f"q: head_dim {shape.head_dim} with block_c={block_c}, warps={warps} is not supported: {why}")
+    problem = _flash.check_flash_inputs(q, k, v, causal=causal, scale=scale)
     if backend is None:
         from .. import backend as _backend  # noqa: PLC0415
 
         backend = _backend.get("cuda")
+    cfg = StitchConfig(_flash.resolve_mma_config(problem, config, backend), mode)
     module = None
     if mode == LINKED_MODE:
         from ..backend import native  # noqa: PLC0415
@@ -297,16 +300,8 @@ def prepare(q: Any, k: Any, v: Any, mode: int, *, block_c: int = BENCH_BLOCK_C, 
         kern = native().cuda_kernel_from_cubin(KERNEL_NAME, cfg.constants(), module.cubin)
     else:
         kern = backend.kernel(KERNEL_NAME, mode=cache_mode, **cfg.constants())
-    out = torch.empty((shape.batch, shape.num_heads, shape.seq_q, shape.head_dim), dtype=torch.float32,
-                      device=q.device)
-    lse = torch.empty((shape.batch, shape.num_heads, shape.seq_q), dtype=torch.float32, device=q.device)
-    qs, ks, vs = (tuple(int(s) for s in x.stride()[:3]) for x in (q, k, v))
-    p = _params.make_params(batch=shape.batch, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
-                            seq_q=shape.seq_q, seq_kv=shape.seq_kv, head_dim=shape.head_dim, scale=scale,
-                            q_stride=qs, k_stride=ks, v_stride=vs, o_stride=tuple(out.stride()[:3]),
-                            lse_stride=tuple(lse.stride()[:2]))
-    import numpy as np  # noqa: PLC0415
-
-    args = [p, q, k, v, out, lse, np.int32(TABLE_ROW)]
-    return StitchLaunch(backend, kern, cfg, cfg.grid(shape.batch, shape.num_heads, shape.seq_q),
-                        (cfg.threads, 1, 1), args, out, lse, module)
+    s = problem.shape
+    args = [_flash.flash_params(problem), problem.q, problem.k, problem.v, problem.out, problem.lse,
+            np.int32(TABLE_ROW)]
+    return StitchLaunch(backend, kern, cfg.grid(s.batch, s.num_heads, s.seq_q), (cfg.threads, 1, 1), args,
+                        cfg.smem_bytes(), problem, cfg, module)
