@@ -36,8 +36,9 @@ MAX_HEAD_DIM = 256
 MAX_BLOCK_C = 128
 FLOAT_BYTES = 4
 
-# Prototype 7 (seed task 4.20): N=2048, D=128, 32 heads, GQA groups 1/2/4/8. The tile is
-# the largest legal D=128 tile of the sweep with Br=32 (Br=64 does not fit at D=128).
+# Prototype 7 (seed task 4.20): N=2048, D=128, 32 heads, GQA groups 1/2/4/8. The variants are
+# compared with one another at one fixed tile, a mid-sized legal one of the sweep (17 KB of
+# threadgroup memory); which tile matters less than that every variant uses the same.
 PROTO7_HEAD_DIM = 128
 PROTO7_BLOCK_R = 32
 PROTO7_BLOCK_C = 64
@@ -136,6 +137,100 @@ def illegal_sweep_tiles(dtype: str = "float16") -> list[tuple[int, int, int]]:
     """Sweep tiles the kernel rejects at compile time (over 32 KB)."""
     return [(d, r, c) for d, r, c in itertools.product(SWEEP_HEAD_DIM, SWEEP_BLOCK_R, SWEEP_BLOCK_C)
             if not flash_tile_legal(d, r, c, dtype)]
+
+
+def _check_dim(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name}: must be positive, got {value}")
+    return value
+
+
+def flash_tiles(head_dim: int, dtype: str = "float16") -> list[tuple[int, int]]:
+    """(block_r, block_c) of the seed sweep's sets that the kernel accepts at this head dim.
+
+    Any head dim the kernel takes (a multiple of 8 up to 256), not only the sweep's: the same
+    Br x Bc sets, filtered by the same legality (32 KB) check as the sweep.
+    """
+    _check_dim(head_dim, "head_dim")
+    if head_dim % FRAG or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim: {head_dim} not supported by flash_attention; expected a multiple "
+                         f"of {FRAG} in [{FRAG}, {MAX_HEAD_DIM}]")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype: must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    return [(r, c) for r, c in itertools.product(SWEEP_BLOCK_R, SWEEP_BLOCK_C)
+            if flash_tile_legal(head_dim, r, c, dtype)]
+
+
+def choose_flash_tile(head_dim: int, dtype: str = "float16", seq_q: int | None = None) -> tuple[int, int]:
+    """Default (block_r, block_c) for flash_attention, before any Mac has measured the sweep.
+
+    Rule: the largest BLOCK_R among the legal sweep tiles (K/V bytes staged per query row fall
+    as 1/BLOCK_R), then the largest BLOCK_C (fewer loop trips and barriers per row). When
+    ``seq_q`` is given and smaller than that BLOCK_R, the smallest legal BLOCK_R covering it
+    instead (a threadgroup's simdgroups past the last query row would idle). Unmeasured: the
+    tile table of a Metal proto1 run is the evidence that should replace this rule.
+    """
+    tiles = flash_tiles(head_dim, dtype)
+    if not tiles:
+        raise ValueError(f"head_dim: no tile of the sweep fits {THREADGROUP_MEMORY_LIMIT} bytes of "
+                         f"threadgroup memory at head_dim={head_dim}")
+    block_r = max(r for r, _ in tiles)
+    if seq_q is not None:
+        _check_dim(seq_q, "seq_q")
+        covering = [r for r, _ in tiles if r >= seq_q]
+        if covering:
+            block_r = min(covering)
+    block_c = max(c for r, c in tiles if r == block_r)
+    return block_r, block_c
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def flash_dispatch(batch: int, num_heads: int, seq_q: int, block_r: int,
+                   head_dim: int, block_c: int, dtype: str = "float16"
+                   ) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
+    """(threadgroups, threads per threadgroup, threadgroup bytes) of one flash_attention launch.
+
+    The kernel's launch contract (shaders/metal/flash_attention.metal): threadgroups
+    (ceil(seq_q / BLOCK_R), num_heads, batch), ATTNPROTO_FLASH_THREADS(BLOCK_R) threads in x,
+    ATTNPROTO_FLASH_TG_BYTES bytes of threadgroup memory.
+    """
+    for value, name in ((batch, "batch"), (num_heads, "num_heads"), (seq_q, "seq_q")):
+        _check_dim(value, name)
+    if not flash_tile_legal(head_dim, block_r, block_c, dtype):
+        raise ValueError(f"tile: head_dim={head_dim}, block_r={block_r}, block_c={block_c} ({dtype}) "
+                         "is not a legal flash_attention tile")
+    grid = (ceil_div(seq_q, block_r), num_heads, batch)
+    return grid, (flash_threads(block_r), 1, 1), flash_threadgroup_bytes(head_dim, block_r, block_c, dtype)
+
+
+# Threads per rope threadgroup: a multiple of the SIMD width that every Apple GPU pipeline of a
+# kernel this small allows (the backend checks against the pipeline's maximum as well).
+ROPE_THREADGROUP_THREADS = 256
+
+
+def rope_dispatch(batch: int, num_heads: int, tokens: int, head_dim: int,
+                  max_threads: int = ROPE_THREADGROUP_THREADS
+                  ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(threadgroups, threads per threadgroup) covering rope's thread grid (D/2, tokens, B*H).
+
+    x spans the D/2 rotation pairs of one token (up to ``max_threads``), y as many tokens as
+    fit in the rest of the threadgroup; out-of-range threads return in the kernel.
+    """
+    for value, name in ((batch, "batch"), (num_heads, "num_heads"), (tokens, "tokens"),
+                        (head_dim, "head_dim"), (max_threads, "max_threads")):
+        _check_dim(value, name)
+    if head_dim % 2:
+        raise ValueError(f"head_dim: RoPE needs an even head_dim, got {head_dim}")
+    pairs = head_dim // 2
+    tx = min(pairs, max_threads)
+    ty = max(1, min(tokens, max_threads // tx))
+    grid = (ceil_div(pairs, tx), ceil_div(tokens, ty), batch * num_heads)
+    return grid, (tx, ty, 1)
 
 
 def proto1_specs() -> list[MetalSpec]:

@@ -12,8 +12,10 @@
 //
 // Masking: keys >= seq_kv and, with CAUSAL, keys j > i + seq_kv - seq_q (bottom-right
 // aligned) get -inf scores; tails of Q/K/V tiles are zero-filled; a row that sees no key
-// writes O = 0 and LSE = -inf (a masked score is a finite sentinel, see kMaskedScore). Softmax runs in base 2 (scores scaled by log2 e); LSE is
-// written in natural log.
+// writes O = 0 and LSE = -inf (a masked score is a finite sentinel, see kMaskedScore).
+// Softmax runs in base 2 (scores scaled by log2 e); LSE is written in natural log.
+// RoPE (fused): K row j rotates at position j, Q row i at i + seq_kv - seq_q (the causal
+// alignment), as attnproto.ref.attention(rope=True) defines it.
 //
 // Launch: threadgroups (ceil(seq_q / BLOCK_R), num_heads, batch), ATTNPROTO_FLASH_THREADS
 // (BLOCK_R) threads, ATTNPROTO_FLASH_TG_BYTES(...) bytes at [[threadgroup(ATTNPROTO_TG_SMEM)]].
@@ -126,12 +128,12 @@ static void flash_attention_impl(constant AttentionParams& p,
     const float slope_log2 =
         kAlibi ? exp2(-p.alibi_max_bias * float(h + 1) / float(p.num_heads)) * kLog2e : 0.0f;
 
-    // ---- Q -> registers ----
+    // ---- Q -> registers (RoPE: query row i sits at position i + seq_kv - seq_q) ----
     const int q_valid = min(BLOCK_R, seq_q - q0);
     simdgroup_matrix<T, 8, 8> q_frag[kMaxDFrags];
     for (int c0 = 0; c0 < HEAD_DIM; c0 += kChunkD) {
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        stage_chunk(kv_tile, q_base, p.q_stride[2], BLOCK_R, q_valid, c0, q0, kRope, p.rope_theta, tid);
+        stage_chunk(kv_tile, q_base, p.q_stride[2], BLOCK_R, q_valid, c0, q0 + shift, kRope, p.rope_theta, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         for (int f = 0; f < kChunkD / kFrag; ++f) {
             simdgroup_load(q_frag[c0 / kFrag + f], kv_tile + sg * kFrag * kChunkD + f * kFrag, kChunkD);

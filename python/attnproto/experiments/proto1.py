@@ -9,6 +9,11 @@ run on identical inputs in the same process, and every one of our outputs at
 full size is compared with cuDNN's. The chooser table (best mma.sync tiles per
 head dim, length and mask, with the measured reason) is written next to the
 records as ``tile_table.json``.
+
+The Metal sweep (``--backend metal``, Apple GPU family 9) runs the seeds' Br x Bc x D
+tiles of shaders/metal/flash_attention.metal that fit 32 KB of threadgroup memory, each
+gated against float64, with MLX's and torch MPS's SDPA as anchors when installed (absent
+ones are listed in summary.json, never substituted); its tile table covers the Metal tiles.
 """
 from __future__ import annotations
 
@@ -143,6 +148,8 @@ def _label(cfg: dict[str, Any]) -> str:
         return f"wgmma {cfg['block_r']}x{cfg['block_c']} wg{cfg['consumer_wg']} s{cfg['stages']}"
     if cfg["kernel"] == "cpu_tiled":
         return f"cpu {cfg['block_r']}x{cfg['block_c']}"
+    if cfg["kernel"] == METAL_KERNEL:
+        return f"metal {cfg['block_r']}x{cfg['block_c']}"
     return cfg["kernel"]
 
 
@@ -318,9 +325,333 @@ def _run_cpu(ctx: ExperimentContext) -> tuple[list[dict], list[dict], dict[str, 
     return records, [], {}
 
 
+# ====================================================================== Metal
+# The seeds' Metal sweep (AC-1.2): Br in {16, 32, 64} x Bc in {64, 80, 128} x D in {64, 128, 256},
+# the tiles over 32 KB of threadgroup memory left out (attnproto.metal_specs.flash_tiles).
+METAL_KERNEL = "flash_attention"
+# float16: numpy holds it natively (the FP64 gates need no ml_dtypes) and both anchors take it.
+METAL_DTYPE = "float16"
+METAL_HEAD_DIMS = (64, 128, 256)
+# The FA3 setting (TOKENS x HIDDEN) up to N = 4K: 16K-token runs of every tile would take
+# minutes per configuration on an M3-class GPU.
+METAL_TOKENS = TOKENS
+METAL_HIDDEN = HIDDEN
+METAL_SEQ_LENS = (512, 1024, 2048, 4096)
+METAL_QUICK_HEAD_DIMS = (64, 128)
+METAL_QUICK_SEQ_LENS = (512, 1024)
+# FP64 gates: the CUDA gate's odd square shape, and Nq < Nkv for the bottom-right causal alignment.
+METAL_GATE_SHAPES = ((1, 2, 333, 333), (1, 2, 77, 333))
+# At full size our output is compared, on one (batch, head) slice, with the FP64 reference.
+METAL_CHECK_SLICE = (slice(0, 1), slice(0, 1))
+METAL_ANCHORS = ("mlx_sdpa", "mps_sdpa")
+# Wall-clock anchors: enough runs for a stable median (seed NFR: median of many, after warm-up).
+ANCHOR_ITERS = 30
+ANCHOR_QUICK_ITERS = 5
+
+
+def metal_problem(head_dim: int, seq_len: int) -> tuple[int, int]:
+    """(batch, heads) of the Metal sweep's setting for a head dim and length."""
+    return max(1, METAL_TOKENS // seq_len), max(1, METAL_HIDDEN // head_dim)
+
+
+def metal_sweep_specs(quick: bool = False) -> list:
+    """Every flash_attention specialisation the Metal sweep dispatches (MetalSpec)."""
+    from .. import metal_specs  # noqa: PLC0415
+
+    dims = METAL_QUICK_HEAD_DIMS if quick else METAL_HEAD_DIMS
+    return [metal_specs.flash_spec(d, r, c, METAL_DTYPE, causal=causal)
+            for d in dims for causal in (False, True) for r, c in metal_specs.flash_tiles(d, METAL_DTYPE)]
+
+
+def _metal_backend():
+    """The Metal GpuBackend (a function so the harness test can substitute a CPU-computing fake)."""
+    from .. import backend as backend_mod  # noqa: PLC0415
+
+    return backend_mod.get("metal")
+
+
+def _metal_config(tile: tuple[int, int]) -> dict[str, Any]:
+    return {"kernel": METAL_KERNEL, "block_r": tile[0], "block_c": tile[1]}
+
+
+def _half_inputs(rng: np.random.Generator, batch: int, heads: int, nq: int, nkv: int, head_dim: int):
+    q = rng.standard_normal((batch, heads, nq, head_dim), dtype=np.float32).astype(np.float16)
+    k = rng.standard_normal((batch, heads, nkv, head_dim), dtype=np.float32).astype(np.float16)
+    v = rng.standard_normal((batch, heads, nkv, head_dim), dtype=np.float32).astype(np.float16)
+    return q, k, v
+
+
+def _metal_gate(be: Any, head_dim: int, causal: bool, tile: tuple[int, int],
+                rng: np.random.Generator) -> tuple[bool, float, str]:
+    """Correctness of one tile on METAL_GATE_SHAPES vs float64; outputs start NaN-poisoned."""
+    from ..ops import metal_flash  # noqa: PLC0415
+
+    worst = 0.0
+    for b, h, nq, nkv in METAL_GATE_SHAPES:
+        q, k, v = _half_inputs(rng, b, h, nq, nkv, head_dim)
+        try:
+            o, lse = metal_flash.flash_forward(q, k, v, causal=causal, block_r=tile[0], block_c=tile[1], backend=be)
+        except Exception as exc:  # noqa: BLE001 - a kernel that fails is excluded and reported, not hidden
+            return False, math.inf, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        exact, exact_lse = ref.attention(q, k, v, causal=causal, return_lse=True)
+        check = ref.allclose(o.astype(np.float64), exact, atol=ATOL, rtol=RTOL)
+        lse_check = ref.allclose(lse.astype(np.float64), exact_lse, atol=ATOL, rtol=RTOL)
+        err = float(np.nan_to_num(np.abs(o.astype(np.float64) - exact), nan=math.inf).max())
+        worst = max(worst, err)
+        if not check or not lse_check:
+            return False, err, (f"shape {(b, h, nq, nkv)} outside atol {ATOL}/rtol {RTOL}: "
+                                f"{(check if not check else lse_check).report()}")
+    return True, worst, ""
+
+
+def _wall_timing(fn: Callable[[], Any], warmup: int, iters: int) -> dict[str, Any]:
+    """Median-of-many wall-clock timing of a call that returns once its GPU work is complete."""
+    from ..records import timing_from_samples  # noqa: PLC0415
+
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) / MS)
+    return timing_from_samples(samples)
+
+
+def _mlx_anchor(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, scale: float):
+    """(time(warmup, iters) -> timing dict, output() -> float32 O) of MLX's fused SDPA, or why not."""
+    try:
+        import mlx.core as mx  # noqa: PLC0415
+    except ImportError:
+        return "not installed (import mlx.core failed)"
+    try:
+        qm, km, vm = mx.array(q), mx.array(k), mx.array(v)
+        mask = "causal" if causal else None
+
+        def compute():
+            out = mx.fast.scaled_dot_product_attention(qm, km, vm, scale=scale, mask=mask)
+            mx.eval(out)
+            return out
+
+        compute()
+    except Exception as exc:  # noqa: BLE001 - reported as unavailable in the summary
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return (lambda warmup, iters: _wall_timing(compute, warmup, iters),
+            lambda: np.array(compute().astype(mx.float32)))
+
+
+def _mps_anchor(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, scale: float):
+    """torch's scaled_dot_product_attention on MPS, timed with torch.mps events when torch has them."""
+    try:
+        import torch  # noqa: PLC0415
+        import torch.nn.functional as F  # noqa: PLC0415, N812
+    except ImportError:
+        return "not installed (import torch failed)"
+    if not torch.backends.mps.is_available():
+        return "torch is installed but torch.backends.mps.is_available() is False"
+    try:
+        qt, kt, vt = (torch.from_numpy(x).to("mps") for x in (q, k, v))
+
+        def compute():
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+
+        compute()
+        torch.mps.synchronize()
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+    def synced():
+        compute()
+        torch.mps.synchronize()
+
+    def timing(warmup: int, iters: int) -> dict[str, Any]:
+        # Wall clock around a synchronised call, like the MLX anchor and our wall-clock column,
+        # so the three are compared on one clock.
+        return _wall_timing(synced, warmup, iters)
+
+    return timing, lambda: compute().float().cpu().numpy()
+
+
+METAL_ANCHOR_FNS = {"mlx_sdpa": _mlx_anchor, "mps_sdpa": _mps_anchor}
+
+
+def _run_metal(ctx: ExperimentContext) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    from .. import metal_specs  # noqa: PLC0415
+    from ..ops import metal_flash  # noqa: PLC0415
+
+    be = _metal_backend()
+    head_dims = METAL_QUICK_HEAD_DIMS if ctx.quick else METAL_HEAD_DIMS
+    seqs = METAL_QUICK_SEQ_LENS if ctx.quick else METAL_SEQ_LENS
+    iters = QUICK_ITERS if ctx.quick else ITERS
+    anchor_iters = ANCHOR_QUICK_ITERS if ctx.quick else ANCHOR_ITERS
+    records: list[dict] = []
+    rejected: list[dict] = []
+    notes: dict[str, Any] = {
+        "anchors_unavailable": {},
+        "timing": ("ours: GPU time of each command buffer (backend time_launch) in the record, plus "
+                   "wall_median_ms (launch + wait, like the anchors); anchors: wall clock around a "
+                   "synchronised call; standing against the anchors compares wall clock with wall clock"),
+        "dtype": METAL_DTYPE,
+    }
+    jobs = [(d, c) for d in head_dims for c in (False, True)]
+    for head_dim, causal in ctx.progress(jobs, desc="proto1[metal]"):
+        good = []
+        for tile in metal_specs.flash_tiles(head_dim, METAL_DTYPE):
+            ok, err, why = _metal_gate(be, head_dim, causal, tile, ctx.rng)
+            if ok:
+                good.append((tile, err))
+            else:
+                rejected.append({**_metal_config(tile), "head_dim": head_dim, "causal": causal, "why": why})
+        for seq in seqs:
+            batch, heads = metal_problem(head_dim, seq)
+            base = {"head_dim": head_dim, "seq_len": seq, "batch": batch, "num_heads": heads, "causal": causal,
+                    "dtype": METAL_DTYPE}
+            flops = attention_flops(batch, heads, seq, head_dim, causal)
+            nbytes = min_bytes(batch, heads, seq, head_dim)
+            q, k, v = _half_inputs(ctx.rng, batch, heads, seq, seq, head_dim)
+            scale = 1.0 / math.sqrt(head_dim)
+            bs, hs = METAL_CHECK_SLICE
+            exact = ref.attention(q[bs, hs], k[bs, hs], v[bs, hs], causal=causal)
+            reference = None
+            for name in METAL_ANCHORS:
+                anchor = METAL_ANCHOR_FNS[name](q, k, v, causal, scale)
+                if isinstance(anchor, str):
+                    notes["anchors_unavailable"][f"{name} D={head_dim} N={seq} causal={causal}"] = anchor
+                    continue
+                time_fn, output_fn = anchor
+                timing = time_fn(WARMUP, anchor_iters)
+                metrics = _metrics(flops, nbytes, timing["median_ms"])
+                metrics["wall_median_ms"] = timing["median_ms"]
+                records.append(ctx.record({**base, "kernel": name}, metrics, timing))
+                if reference is None:
+                    reference = (name, output_fn())
+            for tile, gate_err in good:
+                launch = metal_flash.prepare_flash_forward(q, k, v, causal=causal, block_r=tile[0], block_c=tile[1],
+                                                           backend=be)
+                o, _ = launch.launch().result()
+                got = o[bs, hs].astype(np.float64)
+                check = ref.allclose(got, exact, atol=ATOL, rtol=RTOL)
+                if not check:
+                    rejected.append({**_metal_config(tile), **base,
+                                     "why": f"full-size output (batch 0, head 0) vs FP64: {check.report()}"})
+                    continue
+                stats = launch.time(warmup=WARMUP, iters=iters)
+
+                def synced(launch=launch):
+                    launch.launch()
+                    be.synchronize()
+
+                wall = _wall_timing(synced, WARMUP, iters)
+                metrics = _metrics(flops, nbytes, stats.median_ms)
+                metrics.update({
+                    "gate_max_abs_err": gate_err,
+                    "slice_max_abs_err": float(np.abs(got - exact).max()),
+                    "wall_median_ms": wall["median_ms"],
+                    "wall_tflops": flops / (wall["median_ms"] * MS) / TERA,
+                    "smem_bytes": float(launch.shared_bytes),
+                    "threads": float(launch.block[0]),
+                })
+                if reference is not None:
+                    metrics[f"vs_{reference[0]}_max_abs_err"] = float(
+                        np.abs(o.astype(np.float32) - reference[1].astype(np.float32)).max())
+                records.append(ctx.record({**base, **_metal_config(tile)}, metrics, stats))
+            del q, k, v, reference
+    notes["rejected"] = rejected
+    notes["anchors_missing"] = sorted({key.split()[0] for key in notes["anchors_unavailable"]})
+    return records, rejected, notes
+
+
+def _wall_best(records: Sequence[dict], **match) -> dict | None:
+    rows = [r for r in records if r["config"]["kernel"] == METAL_KERNEL
+            and all(r["config"].get(k) == v for k, v in match.items())]
+    return max(rows, key=lambda r: r["metrics"]["wall_tflops"], default=None)
+
+
+def metal_summary_table(records: Sequence[dict]) -> list[dict[str, Any]]:
+    """Per (D, causal, N): best Metal tile (GPU and wall clock) and each anchor on the wall clock."""
+    rows = []
+    keys = sorted({(r["config"]["head_dim"], r["config"]["causal"], r["config"]["seq_len"]) for r in records})
+    for d, causal, n in keys:
+        b = _best(records, head_dim=d, seq_len=n, causal=causal)
+        w = _wall_best(records, head_dim=d, seq_len=n, causal=causal)
+        if b is None or w is None:
+            continue
+        row = {"D": d, "causal": causal, "N": n, "ours": _label(b["config"]),
+               "tflops": float(f"{b['metrics']['tflops']:.4g}"), "cv_pct": round(100 * b["timing"]["cv"], 2),
+               "wall_tflops": float(f"{w['metrics']['wall_tflops']:.4g}")}
+        for name in METAL_ANCHORS:
+            a = _anchor(records, name, head_dim=d, seq_len=n, causal=causal)
+            row[name] = float(f"{a['metrics']['tflops']:.4g}") if a else "not run"
+            row[f"x_{name}"] = round(w["metrics"]["wall_tflops"] / a["metrics"]["tflops"], 3) if a else None
+        rows.append(row)
+    return rows
+
+
+def _metal_findings(ctx: ExperimentContext, records: list[dict], rejected: list[dict]) -> list:
+    """Metal-specific findings: standing against MLX / torch MPS, threadgroup memory, gate rejections."""
+    findings = []
+    longest = max(r["config"]["seq_len"] for r in records)
+    dims = sorted({r["config"]["head_dim"] for r in records})
+    for d in dims:
+        for causal in (False, True):
+            ours = _wall_best(records, head_dim=d, seq_len=longest, causal=causal)
+            anchors = {name: _anchor(records, name, head_dim=d, seq_len=longest, causal=causal)
+                       for name in METAL_ANCHORS}
+            present = {n: a for n, a in anchors.items() if a is not None}
+            if ours is None or not present:
+                continue
+            ev = {f"vs_{n}_wall_ratio": ours["metrics"]["wall_tflops"] / a["metrics"]["tflops"]
+                  for n, a in present.items()}
+            mode = "causal" if causal else "non-causal"
+            claim = (f"At D={d}, N={longest}, {mode}, wall clock (launch to completion): ours "
+                     f"{_label(ours['config'])} {ours['metrics']['wall_tflops']:.2f} TFLOPS; " + "; ".join(
+                         f"{n} {a['metrics']['tflops']:.2f} (ours {ev[f'vs_{n}_wall_ratio']:.2f}x)"
+                         for n, a in present.items()) + ".")
+            missing = [n for n in METAL_ANCHORS if n not in present]
+            if missing:
+                claim += f" Not run: {', '.join(missing)}."
+            findings.append(ctx.finding(
+                prototype=PROTOTYPE, title=f"Standing against MLX / torch MPS SDPA, D={d}, {mode}, N={longest}",
+                slug=f"metal-anchors-d{d}-{'causal' if causal else 'noncausal'}-n{longest}",
+                claim=claim, evidence=ev, config={"head_dim": d, "seq_len": longest, "causal": causal},
+                cv=max([ours["timing"]["cv"]] + [a["timing"]["cv"] for a in present.values()]),
+                records=[ours, *present.values()]))
+
+    ours_long = [r for r in records if r["config"]["kernel"] == METAL_KERNEL
+                 and r["config"]["seq_len"] == longest and not r["config"]["causal"]]
+    if len(ours_long) >= 2:
+        top = sorted(ours_long, key=lambda r: -r["metrics"]["tflops"])[: max(1, len(ours_long) // 4)]
+        rest = [r for r in ours_long if r not in top]
+        mean = lambda rows, key: float(np.mean([r["metrics"][key] for r in rows]))  # noqa: E731
+        findings.append(ctx.finding(
+            prototype=PROTOTYPE, title=f"Threadgroup memory of the fastest Metal tiles on {ctx.device_name}",
+            slug=f"metal-threadgroup-memory-n{longest}",
+            claim=(f"Over {len(ours_long)} gated tiles at N={longest} (non-causal), the fastest quarter uses "
+                   f"{mean(top, 'smem_bytes') / 1024:.1f} KiB of threadgroup memory and {mean(top, 'threads'):.0f} "
+                   f"threads per threadgroup on average, against {mean(rest, 'smem_bytes') / 1024:.1f} KiB and "
+                   f"{mean(rest, 'threads'):.0f} for the rest (limit 32 KiB)."),
+            evidence={"top_mean_smem_bytes": mean(top, "smem_bytes"), "rest_mean_smem_bytes": mean(rest, "smem_bytes"),
+                      "top_mean_threads": mean(top, "threads"), "rest_mean_threads": mean(rest, "threads")},
+            config={"seq_len": longest, "causal": False, "configs": len(ours_long)},
+            cv=max(r["timing"]["cv"] for r in top), records=top))
+
+    if rejected:
+        best_any = _best(records, seq_len=longest, causal=False)
+        findings.append(ctx.finding(
+            prototype=PROTOTYPE, title=f"Metal tiles excluded by the correctness gates on {ctx.device_name}",
+            slug="metal-rejected-configs",
+            claim=(f"{len(rejected)} Metal tile configurations failed the FP64 gate (atol {ATOL}, rtol {RTOL} on "
+                   f"{list(METAL_GATE_SHAPES)}) or the full-size FP64 check of one head and were not timed: " +
+                   "; ".join(f"{_label(r)} D={r['head_dim']} causal={r['causal']}: {r['why']}" for r in rejected[:8])
+                   + ("; ..." if len(rejected) > 8 else "")),
+            evidence={"rejected_count": float(len(rejected))}, config={"rejected": len(rejected)},
+            cv=best_any["timing"]["cv"] if best_any else 0.0, records=[best_any] if best_any else []))
+    return findings
+
+
 # ====================================================================== analysis
 def _ours(r: dict) -> bool:
-    return r["config"]["kernel"] in ("flash_fwd_mma", "flash_fwd_wgmma", "cpu_tiled")
+    return r["config"]["kernel"] in ("flash_fwd_mma", "flash_fwd_wgmma", "cpu_tiled", METAL_KERNEL)
 
 
 def _best(records: Sequence[dict], **match) -> dict | None:
@@ -338,12 +669,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
-def tile_table(records: Sequence[dict], device: str) -> list[dict[str, Any]]:
-    """Best mma.sync tiles per (head dim, causal), banded by length, each with its measured reason."""
+# Tile parameters of each kernel family that has a chooser table.
+TILE_KEYS = {"flash_fwd_mma": ("block_r", "block_c", "warps", "stages"), "flash_attention": ("block_r", "block_c")}
+TILE_FAMILY = {"flash_fwd_mma": "mma.sync", "flash_attention": "Metal simdgroup_matrix"}
+
+
+def tile_table(records: Sequence[dict], device: str, kernel: str = "flash_fwd_mma") -> list[dict[str, Any]]:
+    """Best tiles of `kernel` per (head dim, causal), banded by length, each with its measured reason."""
     entries = []
     by_key = defaultdict(list)
+    keys = TILE_KEYS[kernel]
     for r in records:
-        if r["config"]["kernel"] == "flash_fwd_mma":
+        if r["config"]["kernel"] == kernel:
             c = r["config"]
             by_key[(c["head_dim"], c["causal"], c["seq_len"])].append(r)
     for head_dim, causal in sorted({(d, c) for d, c, _ in by_key}):
@@ -352,9 +689,9 @@ def tile_table(records: Sequence[dict], device: str) -> list[dict[str, Any]]:
         for seq in seqs:
             rows = sorted(by_key[(head_dim, causal, seq)], key=lambda r: -r["metrics"]["tflops"])
             best = rows[0]
-            tiles = {k: best["config"][k] for k in ("block_r", "block_c", "warps", "stages")}
+            tiles = {k: best["config"][k] for k in keys}
             runner = rows[1] if len(rows) > 1 else None
-            reason = (f"fastest of {len(rows)} legal mma.sync tiles at N={seq}: "
+            reason = (f"fastest of {len(rows)} legal {TILE_FAMILY[kernel]} tiles at N={seq}: "
                       f"{best['metrics']['tflops']:.1f} TFLOPS (CV {_pct(best['timing']['cv'])})")
             if runner is not None:
                 reason += f"; next {_label(runner['config'])} at {runner['metrics']['tflops']:.1f}"
@@ -393,7 +730,7 @@ def _findings(ctx: ExperimentContext, records: list[dict], rejected: list[dict])
                  f"{_pct(best['timing']['cv'])}); the slowest, {_label(worst['config'])}, reaches "
                  f"{worst['metrics']['tflops']:.1f}.")
         cited = [best, worst]
-        if gpu:
+        if ctx.backend == "cuda":
             for name in ("sdpa_flash", "sdpa_cudnn", "flex"):
                 a = _anchor(records, name, head_dim=d, seq_len=longest, causal=False)
                 if a is not None:
@@ -449,6 +786,8 @@ def _findings(ctx: ExperimentContext, records: list[dict], rejected: list[dict])
             config={"head_dim": d, "seq_len": longest}, cv=max(ca["timing"]["cv"], nc["timing"]["cv"]),
             records=[ca, nc]))
 
+    if ctx.backend == "metal":
+        return findings + _metal_findings(ctx, records, rejected)
     if not gpu:
         return findings
 
@@ -579,7 +918,7 @@ def summary_table(records: Sequence[dict]) -> list[dict[str, Any]]:
     return rows
 
 
-@experiment(name="proto1", prototype=PROTOTYPE, backends=("cpu", "cuda"),
+@experiment(name="proto1", prototype=PROTOTYPE, backends=("cpu", "cuda", "metal"),
             description="Flash Attention forward: tile sweep, causal cost, mma.sync vs wgmma, anchors")
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: a from-scratch FA2-style mma.sync kernel matches torch SDPA's flash backend
@@ -591,6 +930,10 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     heads x D = 2048 (BF16) x causal in {no, yes} x every legal mma.sync tile
     (BLOCK_R x BLOCK_C x WARPS x STAGES from attnproto.ops.configs.sweep_space) and the wgmma
     tiles; anchors SDPA flash, SDPA cuDNN and compiled flex_attention on the same inputs.
+    Sweep (metal): the seeds' Br {16, 32, 64} x Bc {64, 80, 128} x D {64, 128, 256} tiles that fit
+    32 KB of threadgroup memory (FP16, causal and not, N up to 4K in the same 16K-token setting),
+    each gated against float64 first; anchors MLX mx.fast.scaled_dot_product_attention and torch
+    MPS SDPA on the same inputs when installed (wall clock, compared with our wall clock).
     Sweep (cpu): the same algorithm in numpy (attnproto.cpu.flash_forward) at small N, as a
     check of the pipeline; CPU timings are never compared with GPU ones.
     """
@@ -598,14 +941,18 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
         records, rejected, notes = _run_cuda(ctx)
     elif ctx.backend == "cpu":
         records, rejected, notes = _run_cpu(ctx)
+    elif ctx.backend == "metal":
+        records, rejected, notes = _run_metal(ctx)
     else:
         raise ExperimentError(f"proto1 has no {ctx.backend} path yet")
     if not any(_ours(r) for r in records):
         raise ExperimentError("no kernel configuration passed the correctness gates: " + json.dumps(rejected)[:2000])
-    table = tile_table(records, ctx.device_name)
+    metal = ctx.backend == "metal"
+    table = tile_table(records, ctx.device_name, METAL_KERNEL if metal else "flash_fwd_mma")
+    summary = metal_summary_table(records) if metal else summary_table(records)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     if table:
         (ctx.out_dir / "tile_table.json").write_text(json.dumps(table, indent=1) + "\n")
-    (ctx.out_dir / "summary.json").write_text(json.dumps({"table": summary_table(records), **notes}, indent=1) + "\n")
+    (ctx.out_dir / "summary.json").write_text(json.dumps({"table": summary, **notes}, indent=1) + "\n")
     findings = _findings(ctx, records, rejected) + published_findings()
-    return ExperimentResult(records=records, findings=findings, summary=summary_table(records))
+    return ExperimentResult(records=records, findings=findings, summary=summary)
