@@ -23,7 +23,7 @@ def workload() -> None:
     import torch
 
     from attnproto import backend, gpu_smoke
-    from attnproto.ops import flash, linear
+    from attnproto.ops import flash, linear, stitch
     import numpy as np
 
     be = backend.get("cuda")
@@ -41,10 +41,29 @@ def workload() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         for d in (64, 128):
             q, k, v = (torch.randn(1, 2, 100, d, device="cuda", dtype=dtype) for _ in range(3))
-            linear.linear_attention(q, k, v, chunk_size=32, scale=0.05)
-            linear.linear_attention(q, k, v, chunk_size=64, scale=0.05, decay=0.9)
+            for algorithm in ("auto", "two_pass"):
+                linear.linear_attention(q, k, v, chunk_size=32, scale=0.05, algorithm=algorithm)
+                linear.linear_attention(q, k, v, chunk_size=64, scale=0.05, decay=0.9, algorithm=algorithm)
             torch.cuda.synchronize()
             print(f"ran linear D={d} dtype={dtype}", flush=True)
+    # Every value-column split of the fused kernel, ragged length, with decay.
+    for d in (64, 128):
+        q, k, v = (torch.randn(1, 2, SMALL_N + 100, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for c in linear.FUSED_CHUNKS:
+            for cfg in linear.fused_variants("bfloat16", d, c, True):
+                linear.LinearPlan(q, k, v, chunk_size=c, scale=0.05, decay=0.9, algorithm="fused",
+                                  fused_config=cfg).run()
+        torch.cuda.synchronize()
+        print(f"ran linear_fused D={d} (every chunk and block_dv)", flush=True)
+    # Prototype 2: every dispatch mode of the stitched tensor-core kernel.
+    for causal in (False, True):
+        q = torch.randn(1, 2, SMALL_N, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 2, SMALL_NKV, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        for mode in stitch.MODES:
+            stitch.prepare(q, k, v, mode, causal=causal).launch()
+        torch.cuda.synchronize()
+        print(f"ran stitch modes {stitch.MODES} causal={causal}", flush=True)
 
 
 def main() -> int:
