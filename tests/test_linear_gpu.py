@@ -23,6 +23,7 @@ RETNET_BASE_EXP = 5
 # Not a multiple of any chunk size.
 RAGGED_N = 1000
 LONG_N = 65536
+FUSED_SEGMENTS = (1, 2, 3)
 
 
 def _tdtype(name):
@@ -87,19 +88,21 @@ def test_matches_fp64_recurrence(dtype, head_dim, chunk, algorithm, decay):
 @pytest.mark.parametrize("chunk", lin.FUSED_CHUNKS)
 @pytest.mark.parametrize("head_dim", lin.SUPPORTED_HEAD_DIMS)
 def test_every_fused_block_dv(head_dim, chunk, decay):
-    """Every legal value-column split of the fused kernel (what sweeps and the chooser may pick)."""
+    """Every legal value-column split and warp layout of the fused kernel, with 1-3 chunk
+    segments (3 does not divide the 13 chunks of N=777 at chunk 64: a short last segment)."""
     rng = np.random.default_rng([head_dim, chunk, int(decay), 5])
     b, h, n = 1, 2, 777
     q, k, v = _inputs(rng, (b, h, n, head_dim), "bfloat16")
     scale = OUTPUT_RMS / math.sqrt(n * head_dim)
     gamma = _decay(h) if decay else None
     exact = ref.linear_attention_recurrent(*_host64(q, k, v), scale=scale, decay=gamma)
-    variants = lin.fused_variants("bfloat16", head_dim, chunk, decay)
+    variants = lin.all_fused_variants("bfloat16", head_dim, chunk, decay)
     assert variants, "no legal fused config"
     for cfg in variants:
-        _, out = _run_poisoned(q, k, v, chunk_size=chunk, scale=scale, decay=gamma, algorithm="fused",
-                               fused_config=cfg)
-        _assert_close(out, exact, "bfloat16")
+        for segments in FUSED_SEGMENTS:
+            _, out = _run_poisoned(q, k, v, chunk_size=chunk, scale=scale, decay=gamma, algorithm="fused",
+                                   fused_config=cfg.with_segments(segments))
+            _assert_close(out, exact, "bfloat16")
 
 
 def test_fused_agrees_with_two_pass():

@@ -192,7 +192,7 @@ def test_specialisations_cover_every_supported_problem():
                         assert not cfg.problems()
                         assert (lin.KERNEL_H, tuple(sorted(cfg.h_constants().items()))) in specs
                         assert (lin.KERNEL_O, tuple(sorted(cfg.o_constants().items()))) in specs
-                        fused = lin.choose_fused_config(dtype, d, c, decay, num_heads_total=heads)
+                        fused = lin.choose_fused_config(dtype, d, c, decay, num_heads_total=heads, seq_len=16384)
                         exists = dtype in lin.FUSED_DTYPES and c in lin.FUSED_CHUNKS
                         assert (fused is not None) == exists
                         if fused is not None:
@@ -220,7 +220,7 @@ def test_fused_smem_and_registers_mirror_kernel_formula(head_dim, chunk, decay):
         stage = 2 * chunk * (head_dim + 8) + chunk * (dv + 8)
         assert cfg.smem_bytes() == (3 * stage + 2 * head_dim * (dv + 8)) * 2 + (4 * chunk if decay else 0)
         warps = chunk // 16
-        assert cfg.threads == 32 * warps
+        assert cfg.threads == 32 * warps and cfg.with_state_warps(1).threads == 64 * warps
         warps_dk = min(warps, head_dim // 16)
         if head_dim % dv == 0 and (dv // (warps // warps_dk)) % 16 == 0:
             state_tiles = (head_dim // warps_dk // 16) * (dv // (warps // warps_dk) // 8)
@@ -236,21 +236,33 @@ def test_fused_illegal_configs_are_refused():
     assert lin.FusedConfig("bfloat16", 128, 64, 48, 3, False).problems()        # block_dv
     assert lin.FusedConfig("bfloat16", 128, 64, 64, 5, False).problems()        # stages
     assert not lin.FusedConfig("bfloat16", 128, 64, 64, 3, True).problems()
-    assert lin.choose_fused_config("float32", 64, 64, False, num_heads_total=64) is None
-    assert lin.choose_fused_config("float16", 64, 256, False, num_heads_total=64) is None
+    assert lin.choose_fused_config("float32", 64, 64, False, num_heads_total=64, seq_len=4096) is None
+    assert lin.choose_fused_config("float16", 64, 256, False, num_heads_total=64, seq_len=4096) is None
 
 
 def test_choose_fused_config_fills_a_wave():
-    few = lin.choose_fused_config("bfloat16", 64, 64, False, num_heads_total=64, sm_count=132)
-    many = lin.choose_fused_config("bfloat16", 64, 64, False, num_heads_total=4096, sm_count=132)
-    assert few.grid(1, 64)[0] * 64 >= 132 and many.block_dv == 64
+    n = 16384
+    few = lin.choose_fused_config("bfloat16", 64, 64, False, num_heads_total=64, seq_len=n, sm_count=132)
+    many = lin.choose_fused_config("bfloat16", 64, 64, False, num_heads_total=4096, seq_len=n, sm_count=132)
     for cfg in (few, many):
         assert not cfg.problems() and cfg.stages == lin.FUSED_STAGES
+        assert 1 <= cfg.segments <= lin.FUSED_MAX_SEGMENTS
+    assert few.grid(1, 64)[0] * 64 >= lin.FUSED_MIN_WAVES * 132
+    # Many heads: the widest split, no segments (nothing to gain, the prefix walk to pay).
+    widest = lin.fused_variants("bfloat16", 64, 64, False, lin.FUSED_STATE_WARPS)[0]
+    assert (many.block_dv, many.state_warps, many.segments) == (widest.block_dv, widest.state_warps, 1)
+    # Where the state group would make the block too large, the chooser falls back to none.
+    c128 = lin.choose_fused_config("bfloat16", 64, 128, False, num_heads_total=64, seq_len=n)
+    assert c128.state_warps == 0 and not c128.problems()
+    assert lin.FusedConfig("bfloat16", 64, 128, 64, 3, False, 1, 1).problems()     # 512 threads
+    # Segments fit in the resident blocks and leave each at least the minimum of chunks.
+    assert few.grid(1, 64)[0] * 64 <= few.resident_blocks_per_sm() * 132
+    short = lin.choose_fused_config("bfloat16", 64, 64, False, num_heads_total=64, seq_len=200, sm_count=132)
+    assert short.segments <= max(1, -(-200 // 64) // lin.FUSED_MIN_CHUNKS_PER_SEGMENT)
     # D=128, chunk 128: three stages exceed shared memory, two fit.
-    big = lin.choose_fused_config("bfloat16", 128, 128, False, num_heads_total=64)
+    big = lin.choose_fused_config("bfloat16", 128, 128, False, num_heads_total=64, seq_len=n)
     assert big.stages == 2 and lin.FusedConfig("bfloat16", 128, 128, big.block_dv, 3, False).problems()
-    # The widest legal split is preferred once the grid fills the GPU.
-    assert many.block_dv == lin.fused_variants("bfloat16", 64, 64, False)[0].block_dv
+    assert lin.FusedConfig("bfloat16", 64, 64, 32, 3, False, 0).problems()
 
 
 @pytest.mark.parametrize("dtype", lin.SUPPORTED_DTYPES)

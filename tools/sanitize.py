@@ -46,15 +46,16 @@ def workload() -> None:
                 linear.linear_attention(q, k, v, chunk_size=64, scale=0.05, decay=0.9, algorithm=algorithm)
             torch.cuda.synchronize()
             print(f"ran linear D={d} dtype={dtype}", flush=True)
-    # Every value-column split of the fused kernel, ragged length, with decay.
+    # Every value-column split and warp layout of the fused kernel, ragged length, with decay.
     for d in (64, 128):
         q, k, v = (torch.randn(1, 2, SMALL_N + 100, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for c in linear.FUSED_CHUNKS:
-            for cfg in linear.fused_variants("bfloat16", d, c, True):
-                linear.LinearPlan(q, k, v, chunk_size=c, scale=0.05, decay=0.9, algorithm="fused",
-                                  fused_config=cfg).run()
+            for cfg in linear.all_fused_variants("bfloat16", d, c, True):
+                for segments in (1, 2):
+                    linear.LinearPlan(q, k, v, chunk_size=c, scale=0.05, decay=0.9, algorithm="fused",
+                                      fused_config=cfg.with_segments(segments)).run()
         torch.cuda.synchronize()
-        print(f"ran linear_fused D={d} (every chunk and block_dv)", flush=True)
+        print(f"ran linear_fused D={d} (every chunk, block_dv, state warps; 1 and 2 segments)", flush=True)
     # Prototype 2: every dispatch mode of the stitched tensor-core kernel.
     for causal in (False, True):
         q = torch.randn(1, 2, SMALL_N, 128, device="cuda", dtype=torch.bfloat16)

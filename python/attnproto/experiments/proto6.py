@@ -407,7 +407,7 @@ def _run_cuda(ctx: ExperimentContext) -> ExperimentResult:
                           {"bandwidth_gbps": copy_gbps}, copy_timing)
     records = [copy_rec]
     lin_recs: dict[tuple[int, int, int], dict[str, Any]] = {}
-    alt_recs: dict[tuple[str, int, int, int, int], dict[str, Any]] = {}
+    alt_recs: dict[tuple[str, int, int, int, Any], dict[str, Any]] = {}
     soft_recs: dict[tuple[str, int, int], dict[str, Any]] = {}
     fla_recs: dict[tuple[int, int], dict[str, Any]] = {}
     jobs = [(d, n) for d in HEAD_DIMS for n in seq_lens]
@@ -425,11 +425,13 @@ def _run_cuda(ctx: ExperimentContext) -> ExperimentResult:
                 two = lin.LinearPlan(q, k, v, chunk_size=c, scale=scale, algorithm="two_pass")
                 alt_recs[(OURS_TWO_PASS, d, n, c, 0)] = _time_plan(ctx, be, two, OURS_TWO_PASS, (b, h, n, d, c),
                                                                    tol, copy_gbps, quick)
-                for fcfg in lin.fused_variants(SWEEP_DTYPE, d, c, False):
+                for fcfg in lin.all_fused_variants(SWEEP_DTYPE, d, c, False):
+                    fcfg = fcfg.with_segments(lin.fused_segments(fcfg, b * h, n, be.info.get("multiprocessors")
+                                                                 or lin.DEFAULT_SM_COUNT))
                     if fcfg == chosen:
                         continue
                     var = lin.LinearPlan(q, k, v, chunk_size=c, scale=scale, algorithm="fused", fused_config=fcfg)
-                    alt_recs[(OURS_FUSED_VARIANT, d, n, c, fcfg.block_dv)] = _time_plan(
+                    alt_recs[(OURS_FUSED_VARIANT, d, n, c, (fcfg.block_dv, fcfg.state_warps))] = _time_plan(
                         ctx, be, var, OURS_FUSED_VARIANT, (b, h, n, d, c), tol, copy_gbps, quick)
                     del var
                 del two
@@ -485,13 +487,19 @@ def _time_plan(ctx: ExperimentContext, be: Any, plan: Any, impl: str, shape: tup
     extra = {f"{name}_ms": float(times[name].median_ms) for name in plan.names if name in times}
     cfg: dict[str, Any] = {}
     if plan.fused_config is not None:
-        cfg = {"block_dv": plan.fused_config.block_dv, "stages": plan.fused_config.stages}
+        cfg = {"block_dv": plan.fused_config.block_dv, "stages": plan.fused_config.stages,
+               "segments": plan.fused_config.segments, "state_warps": plan.fused_config.state_warps}
     return _linear_record(ctx, impl, SWEEP_DTYPE, b, h, n, d, c, times["total"], tolerance_ratio=tol,
                           copy_gbps=copy_gbps, extra=extra, algorithm=plan.algorithm, extra_config=cfg)
 
 
 def _gmean(xs: Sequence[float]) -> float:
     return math.exp(float(np.mean([math.log(x) for x in xs])))
+
+
+def _fused_label(rec: dict[str, Any]) -> str:
+    c = rec["config"]
+    return f"block_dv {c.get('block_dv')}, state warps {c.get('state_warps')}, {c.get('segments')} segment(s)"
 
 
 def _algorithm_findings(ctx: ExperimentContext, lin_recs: dict, alt_recs: dict) -> list:
@@ -520,9 +528,8 @@ def _algorithm_findings(ctx: ExperimentContext, lin_recs: dict, alt_recs: dict) 
                    f"{max(speed):.3g}x the speed of the two-pass kernels over N {_fmt_n(seq_lens[0])}-"
                    f"{_fmt_n(seq_lens[-1])} and chunks {sorted({f['config']['chunk_size'] for f, _ in pairs})} "
                    f"(geometric mean {_gmean(at_long):.3g}x at N >= {_fmt_n(long_ns[0])}). At N={_fmt_n(n_top)}: "
-                   f"fused best {_med(best_f):.4g} ms (C={best_f['config']['chunk_size']}, block_dv "
-                   f"{best_f['config'].get('block_dv')}, {best_f['metrics']['bandwidth_gbps']:.4g} GB/s of its "
-                   f"least bytes), two-pass best {_med(best_t):.4g} ms (C={best_t['config']['chunk_size']})."),
+                   f"fused best {_med(best_f):.4g} ms (C={best_f['config']['chunk_size']}, {_fused_label(best_f)}, "
+                   f"{best_f['metrics']['bandwidth_gbps']:.4g} GB/s of its least bytes), two-pass best {_med(best_t):.4g} ms (C={best_t['config']['chunk_size']})."),
             evidence={"min_speedup_x": min(speed), "max_speedup_x": max(speed),
                       "long_n_gmean_speedup_x": _gmean(at_long)},
             config={"head_dim": d, "seq_lens": seq_lens, "dtype": SWEEP_DTYPE},
@@ -544,20 +551,21 @@ def _algorithm_findings(ctx: ExperimentContext, lin_recs: dict, alt_recs: dict) 
             hits += 1
         elif _med(fastest) / _med(rec) < worst:
             worst = _med(fastest) / _med(rec)
-            worst_at = (*key, fastest["config"]["block_dv"], rec["config"]["block_dv"])
+            worst_at = (*key, _fused_label(fastest), _fused_label(rec))
     if total:
         tail = "" if worst_at is None else (
             f"; where it was not, the worst case was D={worst_at[0]} N={_fmt_n(worst_at[1])} C={worst_at[2]}: "
-            f"block_dv {worst_at[3]} took {worst:.3g}x the time of the chosen {worst_at[4]}")
+            f"{worst_at[3]} took {worst:.3g}x the time of the chosen {worst_at[4]}")
         findings.append(ctx.finding(
             prototype=PROTOTYPE, slug=f"fused-block-dv-choice-{ctx.backend}",
             title=f"Fused linear attention: the block_dv chooser against every legal split on {ctx.backend}",
-            claim=(f"The chooser (widest value-column split whose grid fills {lin.FUSED_MIN_WAVES:g} wave of "
-                   f"blocks on the SMs) picked the fastest measured split at {hits} of {total} (D, N, chunk) "
-                   "points" + tail + "."),
+            claim=(f"The chooser (state warps {lin.FUSED_STATE_WARPS} where legal; widest value-column split "
+                   f"whose grid, with the segments that fit in the resident blocks, fills {lin.FUSED_MIN_WAVES:g} "
+                   f"wave) picked the fastest of the measured variants (every legal block_dv x state warps 0/1) at "
+                   f"{hits} of {total} (D, N, chunk) points" + tail + "."),
             evidence={"chooser_hits_count": float(hits), "points_count": float(total),
                       "worst_time_ratio_x": worst},
-            config={"dtype": SWEEP_DTYPE, "min_waves": lin.FUSED_MIN_WAVES},
+            config={"dtype": SWEEP_DTYPE, "min_waves": lin.FUSED_MIN_WAVES, "state_warps": lin.FUSED_STATE_WARPS},
             cv=_cv(recs), records=recs))
     return findings
 

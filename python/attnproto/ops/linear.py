@@ -125,15 +125,39 @@ FUSED_CHUNKS: Tuple[int, ...] = (32, 64, 128)      # CHUNK / 16 warps of 16 quer
 FUSED_ROWS_PER_WARP = 16
 FUSED_BLOCK_DV_CHOICES: Tuple[int, ...] = (128, 64, 32, 16)   # widest first: least Q K^T recomputed
 FUSED_STAGE_CHOICES: Tuple[int, ...] = (2, 3, 4)
+# STATE_WARPS: 0 = the output warps also update the state, 1 = a second warp group does.
+FUSED_STATE_WARPS_CHOICES: Tuple[int, ...] = (0, 1)
+# 64K registers per SM / 255 per thread: larger blocks spill (linear_fused.cu kMaxThreads).
+FUSED_MAX_THREADS = 256
+# The STATE_WARPS the chooser prefers (falls back to 0 where the block would be too large):
+# a separate state group measured faster wherever it is legal (tools/linear_probe.py --grid
+# on the H100, bfloat16, 4 x 16 heads: D=128 C=64 block_dv 64 0.754 vs 0.897 ms at N=16K,
+# 0.200 vs 0.231 ms at 4K; D=64 C=64 block_dv 64, 2 segments, 0.362 vs 0.388 ms at 16K).
+# attnproto run proto6 re-times both at every point (finding fused-block-dv-choice).
+FUSED_STATE_WARPS = 1
 # Chunks in flight: chunk c + 2 loads while c is computed and c + 1 has landed.
 FUSED_STAGES = 3
 # Accumulator floats per thread the kernel allows (kMaxAccRegs): S, O and the state.
 FUSED_MAX_ACC_FLOATS = 160
-# The fused kernel's only parallelism is (value-column slices x batch x heads), each
-# block sequential over the chunks: narrow the slice until the grid fills at least
-# one wave of blocks on the SMs (a narrower slice recomputes Q K^T once more per
-# slice and re-reads Q and K, through L2).
-FUSED_MIN_WAVES = 1.0
+# The fused kernel's parallelism is (value-column slices x chunk segments x batch x
+# heads), each block sequential over its chunks. FUSED_MIN_WAVES = 0.75: measured on the
+# H100 (proto6 at commit 877ad34, 4 x 16 heads, N=16K): D=128 C=64, 128 blocks of block_dv
+# 64 (0.97 waves) 1.5x faster than 256 blocks of 32; D=64 C=64, 64 blocks of 64 (0.48
+# waves) 1.24x slower than 128 of 32. A narrower slice recomputes Q K^T once
+# more per slice; a further segment re-walks the chunks before it for the state (K, V
+# loads and K^T V, no outputs). The chooser takes the widest slice, then adds segments
+# while they fit in the blocks the SMs can keep resident, up to FUSED_MAX_SEGMENTS and
+# no shorter than FUSED_MIN_CHUNKS_PER_SEGMENT chunks; it narrows the slice only when
+# that grid is still below FUSED_MIN_WAVES waves of one block per SM.
+FUSED_MIN_WAVES = 0.75
+FUSED_MAX_SEGMENTS = 4
+FUSED_MIN_CHUNKS_PER_SEGMENT = 4
+# Per-SM limits for the resident-block count (Hopper): 64K registers (the kernel may use
+# up to 255 per thread under __launch_bounds__(threads, 1), allocated in units of 256
+# per warp-thread row), 228 KB shared memory with 1 KB reserved per block.
+REGS_PER_SM = 65536
+FUSED_ASSUMED_REGS = 256
+SMEM_RESERVED_PER_BLOCK = 1024
 
 # Shared-memory row padding in elements (linear.cuh kPad16, kPad32Row, kPad32Col).
 PAD_16 = 8
@@ -241,13 +265,24 @@ class FusedConfig:
     block_dv: int
     stages: int
     has_decay: bool
+    #: Chunk segments per (slice, head): a launch argument, not a named constant.
+    segments: int = 1
+    #: STATE_WARPS (FUSED_STATE_WARPS_CHOICES).
+    state_warps: int = 0
 
     @property
     def threads(self) -> int:
-        return (self.chunk // FUSED_ROWS_PER_WARP) * 32
+        return (self.chunk // FUSED_ROWS_PER_WARP) * (1 + self.state_warps) * 32
+
+    def resident_blocks_per_sm(self) -> int:
+        """Blocks an SM can hold, by shared memory and by the registers the kernel may use."""
+        by_smem = SMEM_PER_SM // (self.smem_bytes() + SMEM_RESERVED_PER_BLOCK)
+        by_regs = REGS_PER_SM // (self.threads * FUSED_ASSUMED_REGS)
+        return max(1, min(by_smem, by_regs))
 
     @property
     def warps(self) -> int:
+        """Warps that tile the state (either warp group): chunk / 16."""
         return self.chunk // FUSED_ROWS_PER_WARP
 
     def smem_bytes(self) -> int:
@@ -283,6 +318,10 @@ class FusedConfig:
             out.append(f"block_dv {self.block_dv} must be one of {FUSED_BLOCK_DV_CHOICES} and divide head_dim")
         if self.stages not in FUSED_STAGE_CHOICES:
             out.append(f"stages {self.stages} not in {FUSED_STAGE_CHOICES}")
+        if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
+            out.append(f"segments {self.segments!r} must be a positive int")
+        if self.state_warps not in FUSED_STATE_WARPS_CHOICES:
+            out.append(f"state_warps {self.state_warps!r} not in {FUSED_STATE_WARPS_CHOICES}")
         if out:
             return out
         if (self.block_dv // (self.warps // self.warps_dk)) % 16:
@@ -292,41 +331,73 @@ class FusedConfig:
             out.append(f"{self.acc_floats()} accumulator floats per thread over {FUSED_MAX_ACC_FLOATS}")
         if self.smem_bytes() > SMEM_OPTIN_LIMIT:
             out.append(f"shared memory {self.smem_bytes()} B over {SMEM_OPTIN_LIMIT} B")
+        if self.state_warps in FUSED_STATE_WARPS_CHOICES and self.threads > FUSED_MAX_THREADS:
+            out.append(f"{self.threads} threads over {FUSED_MAX_THREADS} (registers would spill)")
         return out
 
     def constants(self) -> Dict[str, int]:
         return {"DTYPE": DTYPE_CODES[self.dtype], "HEAD_DIM": self.head_dim, "CHUNK": self.chunk,
-                "BLOCK_DV": self.block_dv, "STAGES": self.stages, "HAS_DECAY": int(self.has_decay)}
+                "BLOCK_DV": self.block_dv, "STAGES": self.stages, "STATE_WARPS": self.state_warps,
+                "HAS_DECAY": int(self.has_decay)}
 
     def grid(self, batch: int, num_heads: int) -> Tuple[int, int, int]:
-        return (self.head_dim // self.block_dv, batch * num_heads, 1)
+        return ((self.head_dim // self.block_dv) * self.segments, batch * num_heads, 1)
+
+    def with_segments(self, segments: int) -> "FusedConfig":
+        return FusedConfig(self.dtype, self.head_dim, self.chunk, self.block_dv, self.stages, self.has_decay,
+                           segments, self.state_warps)
+
+    def with_state_warps(self, state_warps: int) -> "FusedConfig":
+        return FusedConfig(self.dtype, self.head_dim, self.chunk, self.block_dv, self.stages, self.has_decay,
+                           self.segments, state_warps)
 
 
-def fused_variants(dtype: str, head_dim: int, chunk: int, has_decay: bool) -> List[FusedConfig]:
-    """The legal linear_fused configs of a problem, widest block_dv first, each at FUSED_STAGES
-    or, where that ring does not fit in shared memory, the deepest ring that does."""
+def fused_segments(cfg: FusedConfig, num_heads_total: int, seq_len: int, sm_count: int = DEFAULT_SM_COUNT) -> int:
+    """Segments for cfg's slice: fill the resident blocks (see FUSED_MAX_SEGMENTS)."""
+    base = (cfg.head_dim // cfg.block_dv) * num_heads_total
+    num_chunks = -(-seq_len // cfg.chunk)
+    room = (cfg.resident_blocks_per_sm() * sm_count) // base
+    return max(1, min(room, FUSED_MAX_SEGMENTS, num_chunks // FUSED_MIN_CHUNKS_PER_SEGMENT))
+
+
+def fused_variants(dtype: str, head_dim: int, chunk: int, has_decay: bool,
+                   state_warps: int = 0) -> List[FusedConfig]:
+    """The legal linear_fused configs of a problem with ``state_warps``, widest block_dv first,
+    each at FUSED_STAGES or, where that ring does not fit in shared memory, the deepest ring
+    that does (one segment)."""
     out = []
     stage_order = [FUSED_STAGES] + sorted((s for s in FUSED_STAGE_CHOICES if s < FUSED_STAGES), reverse=True)
     for dv in FUSED_BLOCK_DV_CHOICES:
         for stages in stage_order:
-            cfg = FusedConfig(dtype, head_dim, chunk, dv, stages, bool(has_decay))
+            cfg = FusedConfig(dtype, head_dim, chunk, dv, stages, bool(has_decay), 1, state_warps)
             if not cfg.problems():
                 out.append(cfg)
                 break
     return out
 
 
+def all_fused_variants(dtype: str, head_dim: int, chunk: int, has_decay: bool) -> List[FusedConfig]:
+    """fused_variants for every STATE_WARPS choice."""
+    return [cfg for sw in FUSED_STATE_WARPS_CHOICES for cfg in fused_variants(dtype, head_dim, chunk, has_decay, sw)]
+
+
 def choose_fused_config(dtype: str, head_dim: int, chunk: int, has_decay: bool, *,
-                        num_heads_total: int, sm_count: int = DEFAULT_SM_COUNT) -> Optional[FusedConfig]:
+                        num_heads_total: int, seq_len: int, sm_count: int = DEFAULT_SM_COUNT) -> Optional[FusedConfig]:
     """The linear_fused config for a problem, or None where the kernel does not exist
-    (float32, chunk 256): the widest legal block_dv whose grid fills FUSED_MIN_WAVES."""
-    variants = fused_variants(dtype, head_dim, chunk, has_decay) if dtype in FUSED_DTYPES else []
+    (float32, chunk 256): the widest legal block_dv whose grid, with the segments of
+    :func:`fused_segments`, fills FUSED_MIN_WAVES; else the narrowest."""
+    if dtype not in FUSED_DTYPES:
+        return None
+    variants = (fused_variants(dtype, head_dim, chunk, has_decay, FUSED_STATE_WARPS)
+                or fused_variants(dtype, head_dim, chunk, has_decay, 0))
     if not variants:
         return None
     for cfg in variants:
-        if (head_dim // cfg.block_dv) * num_heads_total >= FUSED_MIN_WAVES * sm_count:
+        cfg = cfg.with_segments(fused_segments(cfg, num_heads_total, seq_len, sm_count))
+        if cfg.grid(1, num_heads_total)[0] * num_heads_total >= FUSED_MIN_WAVES * sm_count:
             return cfg
-    return variants[-1]
+    last = variants[-1]
+    return last.with_segments(fused_segments(last, num_heads_total, seq_len, sm_count))
 
 
 def choose_config(dtype: str, head_dim: int, chunk: int, has_decay: bool, *,
@@ -379,7 +450,7 @@ def linear_specialisations() -> List[Tuple[str, Dict[str, int]]]:
                             h_cfg = LinearConfig(dtype, d, c, dv, cfg.block_q, cfg.stages, decay)
                             add(KERNEL_H, h_cfg.h_constants())
                     add(KERNEL_O, cfg.o_constants())
-                    for fcfg in (fused_variants(dtype, d, c, decay) if dtype in FUSED_DTYPES else []):
+                    for fcfg in (all_fused_variants(dtype, d, c, decay) if dtype in FUSED_DTYPES else []):
                         add(KERNEL_FUSED, fcfg.constants())
     return out
 
@@ -523,7 +594,7 @@ class LinearPlan:
         fused = None
         if algorithm != "two_pass":
             fused = fused_config if fused_config is not None else choose_fused_config(
-                prob.dtype, d, prob.chunk, has_decay, num_heads_total=b * h, sm_count=sm_count)
+                prob.dtype, d, prob.chunk, has_decay, num_heads_total=b * h, seq_len=n, sm_count=sm_count)
             if fused is None and algorithm == "fused":
                 raise ValueError(f"algorithm: no fused kernel for {prob.dtype} with chunk_size {prob.chunk} "
                                  f"(it takes {FUSED_DTYPES} and chunks {FUSED_CHUNKS})")
@@ -559,7 +630,8 @@ class LinearPlan:
             self.states = None
             self.kernel_f = self.be.kernel(KERNEL_FUSED, **fused.constants())
             self.launches = [(self.kernel_f, fused.grid(b, h), (fused.threads, 1, 1),
-                              [self.params, q, k, v, out, self.log2_decay], fused.smem_bytes())]
+                              [self.params, q, k, v, out, self.log2_decay, np.int32(fused.segments)],
+                              fused.smem_bytes())]
             self.names = ["fused"]
             return
         self.states = torch.empty((b, h, num_chunks, d, d), dtype=q.dtype, device=q.device)
