@@ -40,7 +40,12 @@ def _metal_status() -> tuple[bool, str]:
 
 
 METAL_OK, METAL_WHY = _metal_status()
-needs_metal = pytest.mark.skipif(not METAL_OK, reason=f"needs an Apple GPU family 9 Metal device: {METAL_WHY}")
+_skip_without_metal = pytest.mark.skipif(not METAL_OK, reason=f"needs an Apple GPU family 9 Metal device: {METAL_WHY}")
+
+
+def needs_metal(test):
+    """Marked ``metal`` (select with -m metal) and skipped with the reason without a Metal device."""
+    return pytest.mark.metal(_skip_without_metal(test))
 
 ODD_HEAD_DIMS = (8, 24, 72, 136, 200)
 ALL_HEAD_DIMS = tuple(range(metal_specs.FRAG, metal_specs.MAX_HEAD_DIM + 1, metal_specs.FRAG))
