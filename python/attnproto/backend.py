@@ -84,17 +84,33 @@ def native():
     return nat
 
 
-def _cpu_status() -> BackendStatus:
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform reports."""
+    try:
+        for line in _CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_status() -> BackendStatus:
+    """The numpy CPU backend: always available."""
     return BackendStatus(
         "cpu",
         True,
         "",
         {
             "backend": "cpu",
-            "name": platform.processor() or platform.machine(),
+            "name": cpu_model(),
             "arch": platform.machine(),
             "cores": os.cpu_count(),
             "numpy": np.__version__,
+            "driver": f"numpy {np.__version__}",
         },
     )
 
@@ -112,7 +128,7 @@ def list_backends() -> list[BackendStatus]:
                 out.append(BackendStatus(name, True, "", b.info()))
             else:
                 out.append(BackendStatus(name, False, b.unavailable_reason))
-    out.append(_cpu_status())
+    out.append(cpu_status())
     return out
 
 

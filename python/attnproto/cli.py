@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from . import backend as _backend
 from .findings import BACKENDS, FindingError
 from .records import RecordError, default_out_dir, git_commit, make_run_info, results_dir, write_experiment_results
 from .report import format_table, progress_bar
@@ -32,44 +31,18 @@ EXIT_INTERRUPTED = 130
 AUTO = "auto"
 PROG = "attnproto"
 DEFAULT_SEED = 0
-# Backends tried by --backend auto when attnproto.backend cannot say, best first.
-AUTO_ORDER = ("cuda", "metal", "cpu")
+# Backends tried by --backend auto when attnproto.backend.best_backend cannot say, best first.
+AUTO_ORDER = _backend.PREFERENCE
 # Title/claim columns are cut to this many characters in kb query tables.
 QUERY_CELL_WIDTH = 72
-_CPUINFO = Path("/proc/cpuinfo")
 
 
 class CLIError(Exception):
     """A usage error: reported as one line, exit status 2."""
 
 
-@dataclass
-class BackendStatus:
-    name: str
-    available: bool
-    reason: str
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in _CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith("model name") and ":" in line:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def cpu_status() -> BackendStatus:
-    import numpy as np  # noqa: PLC0415
-
-    return BackendStatus("cpu", True, "", {
-        "name": _cpu_model(),
-        "arch": platform.machine(),
-        "cores": os.cpu_count(),
-        "driver": f"numpy {np.__version__}",
-    })
+BackendStatus = _backend.BackendStatus
+cpu_status = _backend.cpu_status
 
 
 def _to_status(obj: Any) -> BackendStatus:
