@@ -80,9 +80,6 @@ static_assert(kNS % 2 == 0 && kNO % 2 == 0, "B fragments are loaded two 8-column
 constexpr int linear_chunk_o_smem_bytes = (kQElems + kHElems + STAGES * kStageElems) * elem_bytes<DTYPE>();
 static_assert(linear_chunk_o_smem_bytes <= 227 * 1024, "linear_chunk_o: shared memory over the 227 KB Hopper limit");
 
-namespace {
-struct alignas(16) vec16 { u32 x, y, z, w; };
-}
 
 extern "C" __global__ void __launch_bounds__(LIN_O_THREADS, 1)
 linear_chunk_o(const AttentionParams p, const elem_t* __restrict__ q, const elem_t* __restrict__ k,
@@ -239,27 +236,6 @@ linear_chunk_o(const AttentionParams p, const elem_t* __restrict__ q, const elem
 
     // Epilogue: scale, stage in the warp's own Q rows (only this warp reads
     // them), then 16-byte coalesced stores of the rows inside the sequence.
-    const float scale = p.scale;
-    __syncwarp();
-    elem_t* stage = qs + wrow * kLdQ;
-#pragma unroll
-    for (int j = 0; j < kNO; ++j) {
-        const int col = j * kMmaN + 2 * t4;
-        store_pair<DTYPE>(stage + g * kLdQ + col, acc[j][0] * scale, acc[j][1] * scale);
-        store_pair<DTYPE>(stage + (g + 8) * kLdQ + col, acc[j][2] * scale, acc[j][3] * scale);
-    }
-    __syncwarp();
-    constexpr int kVec = vec_elems<DTYPE>();
-    constexpr int kVecPerRow = kD / kVec;
     elem_t* og = o + (i64)b * p.o_stride[0] + (i64)hq * p.o_stride[1];
-#pragma unroll
-    for (int idx = lane; idx < kMmaM * kVecPerRow; idx += kWarpSize) {
-        const int r = idx / kVecPerRow;
-        const int cv = (idx % kVecPerRow) * kVec;
-        const int row = q0 + wrow + r;
-        if (row < n) {
-            *reinterpret_cast<vec16*>(og + (i64)row * p.o_stride[2] + cv) =
-                *reinterpret_cast<const vec16*>(stage + r * kLdQ + cv);
-        }
-    }
+    store_warp_rows<DTYPE, kD, kLdQ>(qs + wrow * kLdQ, acc, p.scale, og, p.o_stride[2], q0 + wrow, n);
 }

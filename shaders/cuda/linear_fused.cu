@@ -131,8 +131,6 @@ static_assert(kNO % 2 == 0 && kNS % 2 == 0, "B fragments are loaded two 8-column
 static_assert((kNS + kNO + kMH * kNH) * 4 <= kMaxAccRegs,
               "register budget: S, O and state accumulators exceed 160 floats per thread; use a smaller BLOCK_DV");
 
-struct alignas(16) vec16 { u32 x, y, z, w; };
-
 // Phase 1 for output warp `warp` and the chunk in (qs, ks, vs): O rows [16 warp, 16 warp + 16)
 // of the chunk starting at token t0, written to og (rows >= n skipped). hs = H_c (bf16 / f16
 // in shared memory), read when has_state.
@@ -227,27 +225,7 @@ __device__ __forceinline__ void output_phase(int warp, elem_t* qs, const elem_t*
         }
     }
     // Stage O in the warp's own Q rows (no other warp reads them) for 16-byte stores.
-    __syncwarp();
-    elem_t* stage = qs + wrow * kLdQK;
-#pragma unroll
-    for (int j = 0; j < kNO; ++j) {
-        const int col = j * kMmaN + 2 * t4;
-        store_pair<DTYPE>(stage + g * kLdQK + col, acc[j][0] * scale, acc[j][1] * scale);
-        store_pair<DTYPE>(stage + (g + 8) * kLdQK + col, acc[j][2] * scale, acc[j][3] * scale);
-    }
-    __syncwarp();
-    constexpr int kVec = vec_elems<DTYPE>();
-    constexpr int kVecPerRow = kDV / kVec;
-#pragma unroll
-    for (int idx = lane; idx < kMmaM * kVecPerRow; idx += kWarpSize) {
-        const int r = idx / kVecPerRow;
-        const int cv = (idx % kVecPerRow) * kVec;
-        const int row = t0 + wrow + r;
-        if (row < n) {
-            *reinterpret_cast<vec16*>(og + (i64)row * o_row_stride + cv) =
-                *reinterpret_cast<const vec16*>(stage + r * kLdQK + cv);
-        }
-    }
+    store_warp_rows<DTYPE, kDV, kLdQK>(qs + wrow * kLdQK, acc, scale, og, o_row_stride, t0 + wrow, n);
 }
 
 // Phase 2 for state warp `warp` (0 .. kWarps - 1): H <- gamma^C H + K^T diag(f) V on its tile

@@ -337,6 +337,43 @@ template <int DT> __device__ __forceinline__ void store_pair(typename Traits<DT>
     }
 }
 
+// One 16-byte vector (no toolkit vector types under NVRTC).
+struct alignas(16) vec16 { u32 x, y, z, w; };
+
+// Epilogue of a warp that owns 16 output rows: its FP32 accumulator tiles acc[j] (m16n8
+// C layout, 8 columns each, COLS in all) times `scale`, rounded to the element type,
+// staged in `stage` (16 rows of row stride LD elements that only this warp touches) and
+// written to rows [row0, row0 + 16) of the row-major global matrix `dst` (row stride
+// `row_stride` elements) with 16-byte stores; rows >= n are not written.
+template <int DT, int COLS, int LD>
+__device__ __forceinline__ void store_warp_rows(typename Traits<DT>::elem* stage, const float (&acc)[COLS / kMmaN][4],
+                                                float scale, typename Traits<DT>::elem* dst, i64 row_stride,
+                                                int row0, int n) {
+    typedef typename Traits<DT>::elem elem;
+    const int lane = (int)threadIdx.x % kWarpSize;
+    const int g = lane / 4, t4 = lane % 4;
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < COLS / kMmaN; ++j) {
+        const int col = j * kMmaN + 2 * t4;
+        store_pair<DT>(stage + g * LD + col, acc[j][0] * scale, acc[j][1] * scale);
+        store_pair<DT>(stage + (g + 8) * LD + col, acc[j][2] * scale, acc[j][3] * scale);
+    }
+    __syncwarp();
+    constexpr int kVec = vec_elems<DT>();
+    constexpr int kVecPerRow = COLS / kVec;
+#pragma unroll
+    for (int idx = lane; idx < kMmaM * kVecPerRow; idx += kWarpSize) {
+        const int r = idx / kVecPerRow;
+        const int cv = (idx % kVecPerRow) * kVec;
+        const int row = row0 + r;
+        if (row < n) {
+            *reinterpret_cast<vec16*>(dst + (i64)row * row_stride + cv) =
+                *reinterpret_cast<const vec16*>(stage + r * LD + cv);
+        }
+    }
+}
+
 }  // namespace lin
 
 #endif  // ATTNPROTO_LINEAR_CUH
