@@ -13,6 +13,7 @@ shaders/metal/metal_bindings.h (the test suite compares the two).
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass
 
 FLASH_KERNEL = "flash_attention"
@@ -46,6 +47,26 @@ PROTO7_GQA_GROUPS = (1, 2, 4, 8)
 
 # Head dimensions the standalone RoPE kernel is specialised for (the sweep's).
 ROPE_HEAD_DIMS = SWEEP_HEAD_DIM
+
+# Prototype 4 (specialisation cost). The archive matrix is the sweep's HEAD_DIM x BLOCK_R x
+# BLOCK_C x (CAUSAL x DTYPE), legal tiles only (84 specs, not the 72 of the CUDA matrix: 6 of
+# the 27 sweep tiles exceed 32 KB). Cold builds draw from every other legal combination of the
+# kernel's function constants over the sweep tiles: CAUSAL x ROPE x ALIBI x GQA_GROUP x DTYPE.
+PROTO4_COLD_COUNTS = (1, 10, 50, 100, 500)
+# N = 1 is this many specs, each built alone: a record needs at least two timing samples.
+PROTO4_SINGLE_BUILDS = 3
+# Built first and not timed as a variant: the process's first build also loads the library.
+PROTO4_WARMUP_BUILDS = 1
+# First-dispatch latency: this many never-built specs, each dispatched cold / archive / memory.
+PROTO4_LAUNCH_REPEATS = 3
+# First dispatches upload float16 host arrays (bfloat16 host arrays would need ml_dtypes).
+PROTO4_LAUNCH_DTYPE = "float16"
+# GQA_GROUP values of the cold candidates: 0 (group read from the params) and Prototype 7's.
+PROTO4_GQA_GROUPS = (0, *PROTO7_GQA_GROUPS)
+# Fixed shuffle of the candidates so that every prefix mixes tiles, dtypes and features.
+PROTO4_ORDER_SEED = 4
+# The quick archive matrix: Prototype 7's tile x the four CAUSAL x DTYPE variants.
+PROTO4_QUICK_TILE = (PROTO7_HEAD_DIM, PROTO7_BLOCK_R, PROTO7_BLOCK_C)
 
 
 @dataclass(frozen=True)
@@ -252,6 +273,64 @@ def proto7_specs() -> list[MetalSpec]:
     return specs
 
 
+def proto4_matrix_specs(quick: bool = False) -> list[MetalSpec]:
+    """Prototype 4's archive matrix: HEAD_DIM x BLOCK_R x BLOCK_C x (CAUSAL x DTYPE), legal only.
+
+    The same specs as :func:`proto1_specs`, ordered tile-major; ``quick`` keeps PROTO4_QUICK_TILE.
+    """
+    if not isinstance(quick, bool):
+        raise TypeError(f"quick: expected a bool, got {type(quick).__name__}")
+    specs = []
+    for d, r, c in itertools.product(SWEEP_HEAD_DIM, SWEEP_BLOCK_R, SWEEP_BLOCK_C):
+        if quick and (d, r, c) != PROTO4_QUICK_TILE:
+            continue
+        for causal in (False, True):
+            for dtype in DTYPE_CODES:
+                if flash_tile_legal(d, r, c, dtype):
+                    specs.append(flash_spec(d, r, c, dtype, causal=causal))
+    return specs
+
+
+def proto4_candidates() -> list[MetalSpec]:
+    """Every legal flash_attention spec over the sweep tiles x DTYPE x CAUSAL x ROPE x ALIBI x
+    PROTO4_GQA_GROUPS that is not in the archive matrix, in a fixed shuffled order."""
+    matrix = {s.canonical() for s in proto1_specs()}
+    out = [flash_spec(d, r, c, dtype, causal=causal, rope=rope, alibi=alibi, gqa_group=group)
+           for dtype in DTYPE_CODES for d, r, c in sweep_tiles(dtype)
+           for causal, rope, alibi in itertools.product((False, True), repeat=3)
+           for group in PROTO4_GQA_GROUPS]
+    out = [s for s in out if s.canonical() not in matrix]
+    random.Random(PROTO4_ORDER_SEED).shuffle(out)
+    return out
+
+
+def proto4_cold_specs() -> list[MetalSpec]:
+    """The cold-build sequence: PROTO4_WARMUP_BUILDS, then PROTO4_SINGLE_BUILDS, then the
+    max(PROTO4_COLD_COUNTS) specs whose prefixes are the N-variant sets; all distinct."""
+    need = PROTO4_WARMUP_BUILDS + PROTO4_SINGLE_BUILDS + max(PROTO4_COLD_COUNTS)
+    candidates = proto4_candidates()
+    if len(candidates) < need:
+        raise ValueError(f"PROTO4_COLD_COUNTS: {need} cold specs needed, only {len(candidates)} legal "
+                         "candidates exist")
+    return candidates[:need]
+
+
+def proto4_launch_specs() -> list[MetalSpec]:
+    """PROTO4_LAUNCH_REPEATS PROTO4_LAUNCH_DTYPE specs that no earlier Prototype 4 phase builds."""
+    cold = {s.canonical() for s in proto4_cold_specs()}
+    code = DTYPE_CODES[PROTO4_LAUNCH_DTYPE]
+    rest = [s for s in proto4_candidates() if s.canonical() not in cold and s.as_dict()["DTYPE"] == code]
+    if len(rest) < PROTO4_LAUNCH_REPEATS:
+        raise ValueError(f"PROTO4_LAUNCH_REPEATS: {PROTO4_LAUNCH_REPEATS} launch specs needed, only "
+                         f"{len(rest)} candidates left")
+    return rest[:PROTO4_LAUNCH_REPEATS]
+
+
+def proto4_specs() -> list[MetalSpec]:
+    """Prototype 4: the archive matrix, the cold-build sequence and the first-dispatch specs."""
+    return proto4_matrix_specs() + proto4_cold_specs() + proto4_launch_specs()
+
+
 def rope_spec(head_dim: int, dtype: str = "float16") -> MetalSpec:
     if dtype not in DTYPE_CODES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
@@ -271,7 +350,7 @@ def smoke_specs() -> list[MetalSpec]:
 def specs_in_use() -> list[MetalSpec]:
     """Every Metal specialisation attnproto uses, without duplicates, in a stable order."""
     seen: dict[str, MetalSpec] = {}
-    for spec in proto1_specs() + proto7_specs() + rope_specs() + smoke_specs():
+    for spec in proto1_specs() + proto7_specs() + proto4_specs() + rope_specs() + smoke_specs():
         seen.setdefault(spec.canonical(), spec)
     return list(seen.values())
 

@@ -1,5 +1,7 @@
-"""Prototype 4 — what specialisation costs on CUDA: NVRTC compile time per variant, the
-on-disk cubin archive, first-launch latency, and where the compile time goes.
+"""Prototype 4 — what specialisation costs: on CUDA NVRTC compile time per variant, the
+on-disk cubin archive, first-launch latency, and where the compile time goes; on Metal the
+same for pipeline builds of the Prototype 1 kernel (function constants) and the
+MTLBinaryArchive (``_run_metal``, at the end of this module).
 
 Every compile here goes straight to NVRTC (``cuda_compile``: no in-memory cache, no
 archive; NVRTC itself keeps none), so each one is a cold compile. Distinct constant sets
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import metal_specs
 from ..records import timing_from_samples
 from .registry import ExperimentContext, ExperimentError, ExperimentResult, experiment
 
@@ -520,8 +523,442 @@ def _summary_row(r: dict) -> dict[str, Any]:
             "metrics": ", ".join(f"{k}={met[k]:.4g}" for k in SUMMARY_METRICS[cfg["phase"]] if k in met)}
 
 
-@experiment(name="proto4", prototype=PROTOTYPE, backends=("cpu", "cuda"),
-            description="Specialisation cost: cold NVRTC compiles, cubin archive, first launch, compile phases")
+# ====================================================================== Metal (Issue 6)
+# The Prototype 1 Metal kernel, specialised by MTLFunctionConstantValues. The specs (archive
+# matrix, cold sequence, first-dispatch specs) come from attnproto.metal_specs, so the static
+# checks (tools/metal_check) compile every one of them.
+METAL_KERNEL = "flash_attention"
+METAL_VARIANT_COUNTS = metal_specs.PROTO4_COLD_COUNTS
+METAL_QUICK_VARIANT_COUNTS = (1, 10)
+# A spec already built once, built cold again this many times: shows whether a cache below
+# attnproto (the OS Metal shader cache) serves repeated builds.
+METAL_REBUILD_REPEATS = 3
+METAL_QUICK_REBUILD_REPEATS = 2
+# First dispatch: B=1, Hkv=1, Hq = the spec's GQA group, Nq = Nkv = this many tokens: the
+# dispatch itself is negligible next to a pipeline build.
+METAL_LAUNCH_TOKENS = 128
+# A first build less than this many times slower than a rebuild of the same spec is reported
+# as possibly served by the OS shader cache (a real compile is an order of magnitude slower).
+CACHE_SUSPECT_RATIO = 2.0
+# Where the Metal backend looks for a prebuilt library (kMetallibName in csrc/metal/metal_backend.mm),
+# and the variable that makes it compile the .metal sources instead (kFromSourceEnv).
+METALLIB_RELPATH = "metal/attnproto.metallib"
+METAL_FROM_SOURCE_ENV = "ATTNPROTO_METAL_FROM_SOURCE"
+# The 72-variant CUDA matrix (seed FR-5) that the Metal matrix stands in for.
+CUDA_MATRIX_VARIANTS = 72
+MIB = 2**20
+
+
+def _metal_host():
+    """(Metal GpuBackend, native module): a function so the harness test can substitute a fake."""
+    from .. import backend as backend_mod  # noqa: PLC0415
+
+    return backend_mod.get("metal"), backend_mod.native()
+
+
+def _library_source() -> str:
+    """How the backend gets its MTLLibrary: a prebuilt metallib or a compile of the sources."""
+    from ..backend import shader_dir  # noqa: PLC0415
+
+    if os.environ.get(METAL_FROM_SOURCE_ENV) == "1" or not (shader_dir() / METALLIB_RELPATH).is_file():
+        return "source"
+    return "metallib"
+
+
+def _obtain(be, spec, mode: str, expect: str, phase: str):
+    """(kernel, wall ms of the request) for a MetalSpec, checking the kernel's origin."""
+    t0 = time.perf_counter()
+    try:
+        kern = be.kernel(spec.name, mode=mode, **spec.as_dict())
+    except RuntimeError as exc:
+        if expect == "archive":
+            raise ExperimentError(f"{phase}: {spec} is not in the binary archive (archive_only load "
+                                  f"missed): {str(exc).splitlines()[0]}") from exc
+        raise ExperimentError(f"{phase}: building {spec} (mode {mode}) failed: {exc}") from exc
+    wall = (time.perf_counter() - t0) * 1e3
+    if kern.origin != expect:
+        raise ExperimentError(f"{phase}: {spec} (mode {mode}) came from '{kern.origin}', expected '{expect}'")
+    return kern, wall
+
+
+def metal_archive_load(be, specs: list[tuple[str, dict[str, int]]]) -> dict[str, Any]:
+    """Load every (name, constants) archive-only; run in a fresh process by the Metal path.
+
+    Returns per-spec load ms (the host's compile_ms: specialisation + pipeline from the
+    archive; the first also opens the archive), the library load of the first request
+    (k.load_ms: this process has no library yet) and the loop's wall time.
+    """
+    load, library = [], 0.0
+    t0 = time.perf_counter()
+    for name, constants in specs:
+        kern, _ = _obtain(be, metal_specs.MetalSpec.make(name, **constants), "archive_only", "archive",
+                          "archive load in a fresh process")
+        load.append(float(kern.compile_ms))
+        library = max(library, float(kern.load_ms))
+    return {"load_ms": load, "library_load_ms": library, "total_ms": (time.perf_counter() - t0) * 1e3}
+
+
+_METAL_LOADER = r"""
+import json, sys
+from attnproto.backend import get
+from attnproto.experiments.proto4 import metal_archive_load
+print(json.dumps(metal_archive_load(get("metal"), json.loads(sys.stdin.read()))))
+"""
+
+
+def _fresh_process_load_metal(specs: list[tuple[str, dict[str, int]]], cache_dir: str) -> dict[str, Any]:
+    """metal_archive_load in a new Python process whose archive is `cache_dir`."""
+    from ..backend import shader_dir  # noqa: PLC0415
+
+    env = {**os.environ, "ATTNPROTO_CACHE_DIR": cache_dir, "ATTNPROTO_SHADER_DIR": str(shader_dir())}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", _METAL_LOADER], input=json.dumps(specs), env=env,
+                         capture_output=True, text=True, timeout=LOAD_TIMEOUT_S, check=False)
+    wall = (time.perf_counter() - t0) * 1e3
+    if res.returncode != 0:
+        raise ExperimentError(f"archive-only load of {len(specs)} specs in a fresh process failed:\n"
+                              f"{res.stderr[-2000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["process_wall_ms"] = wall
+    return out
+
+
+def _spec_list(specs) -> list[tuple[str, dict[str, int]]]:
+    return [(s.name, s.as_dict()) for s in specs]
+
+
+def _metal_cold(ctx: ExperimentContext, be) -> list[dict]:
+    """Cold builds (mode "cold": attnproto's memory cache and archive bypassed)."""
+    counts = METAL_QUICK_VARIANT_COUNTS if ctx.quick else METAL_VARIANT_COUNTS
+    pool = metal_specs.proto4_cold_specs()
+    warm = metal_specs.PROTO4_WARMUP_BUILDS
+    singles = pool[warm:warm + metal_specs.PROTO4_SINGLE_BUILDS]
+    sequence = pool[warm + len(singles):warm + len(singles) + max(counts)]
+    if len(sequence) < max(counts):
+        raise ExperimentError(f"cold build: {max(counts)} variants requested, metal_specs.proto4_cold_specs() "
+                              f"holds {len(sequence)} after the warm-up and single builds")
+    phase = "cold build"
+    # The process's first build also loads the library (measured in the fresh-process load).
+    for spec in pool[:warm]:
+        _obtain(be, spec, "cold", "compiled", phase)
+    single_ms, single_wall = [], []
+    for spec in singles:
+        kern, wall = _obtain(be, spec, "cold", "compiled", phase)
+        single_ms.append(float(kern.compile_ms))
+        single_wall.append(wall)
+    seq_ms, seq_wall = [], []
+    for spec in ctx.progress(sequence, desc="proto4 metal cold builds"):
+        kern, wall = _obtain(be, spec, "cold", "compiled", phase)
+        seq_ms.append(float(kern.compile_ms))
+        seq_wall.append(wall)
+    candidates = len(metal_specs.proto4_candidates())
+    records = []
+    for n in counts:
+        per, walls = (single_ms, single_wall) if n == 1 else (seq_ms[:n], seq_wall[:n])
+        how = (f"{len(singles)} specs, each built alone" if n == 1
+               else f"the first {n} of one sequence of {len(sequence)} distinct specs")
+        metrics = {**_summary(per), "build_sum_ms": float(sum(per)), "wall_sum_ms": float(sum(walls)),
+                   "host_overhead_median_ms": float(np.median(np.subtract(walls, per))),
+                   "variants_count": float(n), "candidates_count": float(candidates)}
+        records.append(ctx.record({"phase": "metal_cold_build", "kernel": METAL_KERNEL, "variants": n,
+                                   "mode": "cold", "specs": how, "library": _library_source()},
+                                  metrics, timing_from_samples(per)))
+    repeats = METAL_QUICK_REBUILD_REPEATS if ctx.quick else METAL_REBUILD_REPEATS
+    again = [float(_obtain(be, singles[0], "cold", "compiled", phase)[0].compile_ms) for _ in range(repeats)]
+    records.append(ctx.record(
+        {"phase": "metal_rebuild", "kernel": METAL_KERNEL, "spec": singles[0].canonical(), "mode": "cold"},
+        {"first_build_ms": single_ms[0], "rebuild_median_ms": float(np.median(again)),
+         "first_over_rebuild_ratio": single_ms[0] / float(np.median(again))},
+        timing_from_samples(again)))
+    return records
+
+
+def _braced(values) -> str:
+    return "{" + ",".join(str(v) for v in values) + "}"
+
+
+def _metal_archive(ctx: ExperimentContext, be, nat, cold_median_ms: float) -> list[dict]:
+    """Build the matrix into a temporary binary archive, then load it archive-only in a fresh process."""
+    specs = metal_specs.proto4_matrix_specs(ctx.quick)
+    previous = nat.cache_dir()
+    with tempfile.TemporaryDirectory(prefix="attnproto-mtlarchive-") as tmp:
+        nat.set_cache_dir(tmp)
+        try:
+            build_ms = []
+            t0 = time.perf_counter()
+            for spec in ctx.progress(specs, desc="proto4 metal archive build"):
+                kern, _ = _obtain(be, spec, "default", "compiled", "archive build")
+                build_ms.append(float(kern.compile_ms))
+            build_wall = (time.perf_counter() - t0) * 1e3
+        finally:
+            nat.set_cache_dir(previous)
+        archive_bytes = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+        if archive_bytes == 0:
+            raise ExperimentError(f"archive build: nothing was written under {tmp}")
+        loaded = _fresh_process_load_metal(_spec_list(specs), tmp)
+    n = len(specs)
+    legal_of = len(metal_specs.SWEEP_HEAD_DIM) * len(metal_specs.SWEEP_BLOCK_R) * len(metal_specs.SWEEP_BLOCK_C)
+    matrix = ("quick: " + "x".join(map(str, metal_specs.PROTO4_QUICK_TILE)) + " x (CAUSAL x DTYPE)" if ctx.quick else
+              f"HEAD_DIM{_braced(metal_specs.SWEEP_HEAD_DIM)} x BLOCK_R{_braced(metal_specs.SWEEP_BLOCK_R)} x "
+              f"BLOCK_C{_braced(metal_specs.SWEEP_BLOCK_C)} x (CAUSAL x DTYPE), the {len(metal_specs.sweep_tiles())} of "
+              f"{legal_of} tiles within {metal_specs.THREADGROUP_MEMORY_LIMIT} bytes of threadgroup memory")
+    base = {"kernel": METAL_KERNEL, "variants": n, "matrix": matrix, "library": _library_source()}
+    quarter = max(1, n // 4)
+    build_median = float(np.median(build_ms))
+    build = ctx.record({**base, "phase": "metal_archive_build", "mode": "default"}, {
+        "build_wall_ms": build_wall, "build_sum_ms": float(sum(build_ms)), "build_median_ms": build_median,
+        "build_first_quarter_median_ms": float(np.median(build_ms[:quarter])),
+        "build_last_quarter_median_ms": float(np.median(build_ms[-quarter:])),
+        "store_overhead_median_ms": build_median - cold_median_ms,
+        "archive_bytes": float(archive_bytes), "variants_count": float(n)}, timing_from_samples(build_ms))
+    load_ms = loaded["load_ms"]
+    load_median = float(np.median(load_ms))
+    load = ctx.record({**base, "phase": "metal_archive_load", "mode": "archive_only", "process": "fresh"}, {
+        "load_median_ms": load_median, "load_first_ms": float(load_ms[0]), "load_total_ms": loaded["total_ms"],
+        "library_load_ms": loaded["library_load_ms"], "process_wall_ms": loaded["process_wall_ms"],
+        "cold_build_median_ms": cold_median_ms, "load_speedup_x": cold_median_ms / load_median,
+        "total_speedup_x": float(sum(build_ms)) / loaded["total_ms"], "variants_count": float(n)},
+        timing_from_samples(load_ms))
+    return [build, load]
+
+
+def _metal_dispatch_args(ctx: ExperimentContext, be, spec):
+    """(grid, block, threadgroup bytes, args, (O buffer, O shape)) of one small dispatch of `spec`."""
+    from ..ops import metal_flash  # noqa: PLC0415
+
+    c = spec.as_dict()
+    dtype = {code: name for name, code in metal_specs.DTYPE_CODES.items()}[c["DTYPE"]]
+    if dtype != metal_specs.PROTO4_LAUNCH_DTYPE:
+        raise ExperimentError(f"first dispatch: {spec} is {dtype}; the launch inputs are "
+                              f"{metal_specs.PROTO4_LAUNCH_DTYPE}")
+    group = c["GQA_GROUP"]
+    heads = max(group, 1)
+    n, d = METAL_LAUNCH_TOKENS, c["HEAD_DIM"]
+    q = ctx.rng.standard_normal((1, heads, n, d), dtype=np.float32).astype(np.float16)
+    k, v = (ctx.rng.standard_normal((1, 1, n, d), dtype=np.float32).astype(np.float16) for _ in range(2))
+    problem = metal_flash.check_metal_flash_inputs(
+        q, k, v, causal=bool(c["CAUSAL"]), rope=bool(c["ROPE"]), alibi=bool(c["ALIBI"]),
+        fixed_gqa_group=group > 0, block_r=c["BLOCK_R"], block_c=c["BLOCK_C"])
+    if metal_flash.flash_launch_spec(problem) != spec:
+        raise ExperimentError(f"first dispatch: the inputs specialise to {metal_flash.flash_launch_spec(problem)}, "
+                              f"not {spec}")
+    grid, block, shared = metal_specs.flash_dispatch(1, heads, n, c["BLOCK_R"], d, c["BLOCK_C"], dtype)
+    inputs = [be.from_numpy(metal_flash.encode_elements(x, name, dtype)) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+    o_shape = (1, heads, n, d)
+    outputs = []
+    for nbytes in (q.nbytes, np.dtype(metal_flash.LSE_DTYPE).itemsize * heads * n):
+        buf = be.alloc(nbytes)
+        be.fill(buf, metal_flash.POISON_BYTE)
+        outputs.append(buf)
+    args = [metal_flash.metal_flash_params(problem), *inputs, *outputs]
+    return grid, block, shared, args, (outputs[0], o_shape)
+
+
+def _metal_first_dispatch(ctx: ExperimentContext, be, nat) -> list[dict]:
+    """Kernel request + first dispatch + wait: cold (never built), from the archive, from memory."""
+    from ..ops import metal_flash  # noqa: PLC0415
+
+    specs = metal_specs.proto4_launch_specs()
+    total: dict[str, list[float]] = {"cold": [], "archive": [], "memory": []}
+    kernel_ms: dict[str, list[float]] = {o: [] for o in total}
+    previous = nat.cache_dir()
+    with tempfile.TemporaryDirectory(prefix="attnproto-mtldispatch-") as tmp:
+        nat.set_cache_dir(tmp)
+        try:
+            for spec in specs:
+                grid, block, shared, args, (o_buf, o_shape) = _metal_dispatch_args(ctx, be, spec)
+                steps = (("cold", "cold", "compiled"), ("store", "default", "compiled"),
+                         ("archive", "archive_only", "archive"), ("memory", "default", "memory"))
+                for origin, mode, expect in steps:
+                    if origin == "archive":
+                        be.clear_memory_cache()
+                    t0 = time.perf_counter()
+                    kern, _ = _obtain(be, spec, mode, expect, f"first dispatch ({origin})")
+                    be.launch(kern, grid, block, args, shared_bytes=shared)
+                    be.synchronize()
+                    ms = (time.perf_counter() - t0) * 1e3
+                    if origin in total:  # "store" only writes the archive the next step reads
+                        total[origin].append(ms)
+                        kernel_ms[origin].append(float(kern.compile_ms))
+                out = metal_flash.decode_elements(be.to_numpy(o_buf, np.uint16, o_shape), metal_specs.PROTO4_LAUNCH_DTYPE)
+                if np.isnan(np.asarray(out, dtype=np.float32)).any():
+                    raise ExperimentError(f"first dispatch: {spec} left output elements unwritten (NaN poison)")
+        finally:
+            nat.set_cache_dir(previous)
+    records = []
+    for origin, samples in total.items():
+        records.append(ctx.record(
+            {"phase": "metal_first_dispatch", "origin": origin, "kernel": METAL_KERNEL,
+             "specs": [s.canonical() for s in specs], "tokens": METAL_LAUNCH_TOKENS},
+            {"first_dispatch_median_ms": float(np.median(samples)), "kernel_median_ms": float(np.median(kernel_ms[origin])),
+             "dispatch_median_ms": float(np.median(np.subtract(samples, kernel_ms[origin])))},
+            timing_from_samples(samples)))
+    return records
+
+
+def _metal_findings(ctx: ExperimentContext, records: list[dict]) -> list:
+    findings = []
+    where = f"{ctx.backend} ({ctx.device_name})"
+    cold = _by_phase(records, "metal_cold_build")
+    rebuild = _by_phase(records, "metal_rebuild")[0]
+    build = _by_phase(records, "metal_archive_build")[0]
+    load = _by_phase(records, "metal_archive_load")[0]
+    launch = {r["config"]["origin"]: r for r in _by_phase(records, "metal_first_dispatch")}
+    largest = max(cold, key=lambda r: r["config"]["variants"])
+    single = next(r for r in cold if r["config"]["variants"] == 1)
+    med = largest["metrics"]["per_variant_median_ms"]
+    one = single["metrics"]["per_variant_median_ms"]
+    counts = [r["config"]["variants"] for r in cold]
+    requested = METAL_QUICK_VARIANT_COUNTS if ctx.quick else METAL_VARIANT_COUNTS
+    candidates = int(largest["metrics"]["candidates_count"])
+    ratio = rebuild["metrics"]["first_over_rebuild_ratio"]
+    cache_note = (f"a rebuild of an already-built spec took {rebuild['metrics']['rebuild_median_ms']:.1f} ms vs "
+                  f"{rebuild['metrics']['first_build_ms']:.1f} ms for its first build ({ratio:.1f}x)"
+                  + (f": under {CACHE_SUSPECT_RATIO:.0f}x, so these 'cold' builds may have been served by the OS "
+                     "Metal shader cache (e.g. from an earlier run on this Mac)" if ratio < CACHE_SUSPECT_RATIO
+                     else ": a repeat is served by a cache below attnproto, a first build is not"))
+    lib = largest["config"]["library"]
+    m_load, m_build = load["metrics"], build["metrics"]
+    n = int(m_build["variants_count"])
+
+    findings.append(ctx.finding(
+        prototype=PROTOTYPE, title=f"Cold pipeline-build cost per flash_attention variant on {ctx.backend}",
+        slug=f"cold-build-per-variant-{ctx.backend}",
+        claim=("Cold Metal builds of flash_attention (MTLFunctionConstantValues -> specialised MTLFunction -> "
+               "MTLComputePipelineState; attnproto's memory cache and binary archive bypassed; library from "
+               f"{lib}) on {where}: " + "; ".join(
+                   f"N={r['config']['variants']}: {r['metrics']['per_variant_median_ms']:.1f} ms per variant "
+                   f"(p10 {r['metrics']['per_variant_p10_ms']:.1f}, p90 {r['metrics']['per_variant_p90_ms']:.1f}, "
+                   f"max {r['metrics']['per_variant_max_ms']:.1f}), {r['metrics']['build_sum_ms'] / 1e3:.2f} s in all"
+                   for r in cold)
+               + f". The host builds one pipeline at a time, so N>1 is the first N builds of one sequence of "
+                 f"{max(counts)} distinct specs (N=1: {metal_specs.PROTO4_SINGLE_BUILDS} specs, each built alone), "
+                 f"drawn from the {candidates} legal CAUSAL x ROPE x ALIBI x GQA_GROUP x DTYPE x tile combinations "
+                 f"outside the archive matrix; all requested counts {list(requested)} were measured. "
+                 f"{cache_note[0].upper()}{cache_note[1:]}."),
+        evidence={"per_variant_median_ms": med, "per_variant_p90_ms": largest["metrics"]["per_variant_p90_ms"],
+                  "single_build_ms": one, "first_over_rebuild_ratio": ratio},
+        config={"kernel": METAL_KERNEL, "variant_counts": counts, "library": lib},
+        cv=largest["timing"]["cv"], records=cold + [rebuild]))
+
+    findings.append(ctx.finding(
+        prototype=PROTOTYPE, title=f"Binary archive of the {n}-variant matrix: build and fresh-process load on {ctx.backend}",
+        slug=f"archive-{n}-variants-{ctx.backend}",
+        claim=(f"The Metal matrix is {n} variants ({build['config']['matrix']}), not {CUDA_MATRIX_VARIANTS}. "
+               f"Building it into an MTLBinaryArchive took {m_build['build_wall_ms'] / 1e3:.2f} s (median "
+               f"{m_build['build_median_ms']:.1f} ms per variant including adding it to the archive and writing "
+               f"the archive file, {m_build['store_overhead_median_ms']:.1f} ms above a cold build; first quarter "
+               f"{m_build['build_first_quarter_median_ms']:.1f} ms, last quarter "
+               f"{m_build['build_last_quarter_median_ms']:.1f} ms; {m_build['archive_bytes'] / MIB:.1f} MiB). "
+               f"A fresh process loaded all {n} archive-only in {m_load['load_total_ms']:.1f} ms (median "
+               f"{m_load['load_median_ms']:.2f} ms each, the first, which opens the archive, "
+               f"{m_load['load_first_ms']:.1f} ms) after loading the library ({lib}) in "
+               f"{m_load['library_load_ms']:.1f} ms: {m_load['load_speedup_x']:.0f}x faster per variant than a cold "
+               f"build ({m_load['cold_build_median_ms']:.1f} ms), {m_load['total_speedup_x']:.0f}x over the set vs "
+               f"building the archive; the whole process including Python start and import took "
+               f"{m_load['process_wall_ms'] / 1e3:.2f} s."),
+        evidence={"build_wall_ms": m_build["build_wall_ms"], "load_median_ms": m_load["load_median_ms"],
+                  "load_speedup_x": m_load["load_speedup_x"], "total_speedup_x": m_load["total_speedup_x"],
+                  "library_load_ms": m_load["library_load_ms"]},
+        config={"kernel": METAL_KERNEL, "variants": n, "library": lib},
+        cv=max(build["timing"]["cv"], load["timing"]["cv"]), records=[build, load]))
+
+    lm = {o: launch[o]["metrics"] for o in launch}
+    findings.append(ctx.finding(
+        prototype=PROTOTYPE, title="First-dispatch latency of a flash_attention variant on Metal: cold, archive, memory",
+        slug=f"first-dispatch-latency-{ctx.backend}",
+        claim=(f"From the kernel request to the end of its first dispatch (B=1, N={METAL_LAUNCH_TOKENS}, "
+               f"median of {len(launch['cold']['config']['specs'])} never-built specs) on {where}: " + "; ".join(
+                   f"{o} {lm[o]['first_dispatch_median_ms']:.2f} ms ({lm[o]['kernel_median_ms']:.2f} ms obtaining "
+                   f"the pipeline, {lm[o]['dispatch_median_ms']:.2f} ms dispatch, wait and host overhead)"
+                   for o in ("cold", "archive", "memory"))
+               + ". 'archive' reloads from the binary archive this process wrote (memory cache cleared)."),
+        evidence={f"{o}_first_dispatch_ms": lm[o]["first_dispatch_median_ms"] for o in lm},
+        config={"kernel": METAL_KERNEL, "tokens": METAL_LAUNCH_TOKENS},
+        cv=max(r["timing"]["cv"] for r in launch.values()), records=list(launch.values())))
+
+    library_ms = m_load["library_load_ms"]
+    builds_ms, loads_ms = n * med, m_load["load_total_ms"]
+    build_share = 100.0 * builds_ms / (library_ms + builds_ms)
+    load_share = 100.0 * loads_ms / (library_ms + loads_ms)
+
+    def larger(a: str, a_ms: float, b: str, b_ms: float) -> str:
+        return a if a_ms >= b_ms else b
+
+    findings.append(ctx.finding(
+        prototype=PROTOTYPE, title=f"What a Metal specialisation spends its time on ({ctx.backend})",
+        slug=f"build-phases-{ctx.backend}",
+        claim=(f"Library load ({lib}) in a fresh process: {library_ms:.1f} ms, once. Per variant: cold "
+               f"specialisation + pipeline build {med:.1f} ms (median over {largest['config']['variants']}), writing "
+               f"it to the archive {m_build['store_overhead_median_ms']:.1f} ms more, loading it from the archive "
+               f"{m_load['load_median_ms']:.2f} ms. Starting a process that needs the {n}-variant matrix: without "
+               f"an archive, library {library_ms:.0f} ms + builds {builds_ms:.0f} ms (builds {build_share:.0f} %: "
+               f"{larger('builds dominate', builds_ms, 'library load dominates', library_ms)}); with the archive, "
+               f"library {library_ms:.0f} ms + loads {loads_ms:.0f} ms (loads {load_share:.0f} %: "
+               f"{larger('archive loads dominate', loads_ms, 'library load dominates', library_ms)}). Function specialisation "
+               "(newFunctionWithName:constantValues:) and pipeline creation (newComputePipelineStateWithDescriptor:) "
+               "cannot be split: the host times them together as the kernel's compile_ms."),
+        evidence={"library_load_ms": library_ms, "cold_build_median_ms": med, "build_share_pct": build_share,
+                  "load_share_pct": load_share,
+                  "store_overhead_median_ms": m_build["store_overhead_median_ms"],
+                  "load_median_ms": m_load["load_median_ms"]},
+        config={"kernel": METAL_KERNEL, "library": lib, "variants": n},
+        cv=max(largest["timing"]["cv"], build["timing"]["cv"], load["timing"]["cv"]),
+        records=[largest, build, load]))
+
+    if one < CONSTANTS_BUDGET_MS:
+        verdict = (f"specialise with function constants on demand: a cold build of one variant costs {one:.1f} ms "
+                   f"< {CONSTANTS_BUDGET_MS:.0f} ms; the binary archive still cuts a first call's "
+                   f"{one:.1f} ms to {m_load['load_median_ms']:.2f} ms")
+    else:
+        verdict = (f"ship the binary archive (build it at install or in CI) and load at start-up: a cold build of "
+                   f"one variant costs {one:.1f} ms >= {CONSTANTS_BUDGET_MS:.0f} ms ({med:.1f} ms each over "
+                   f"{largest['config']['variants']} variants), an archive load {m_load['load_median_ms']:.2f} ms "
+                   f"({m_load['load_speedup_x']:.0f}x less); building on demand stalls the first call of each variant")
+    findings.append(ctx.finding(
+        prototype=PROTOTYPE, title=f"AC-2.6 recommendation for variant specialisation on Metal ({ctx.backend})",
+        slug=f"recommendation-{ctx.backend}",
+        claim=(f"AC-2.6 rule (stitch if overhead < {STITCH_BUDGET_PCT:.0f} %, function constants if a build < "
+               f"{CONSTANTS_BUDGET_MS:.0f} ms/variant, else pre-compile): {verdict}. The {n}-variant archive builds "
+               f"in {m_build['build_wall_ms'] / 1e3:.2f} s and a fresh process loads it in "
+               f"{(library_ms + m_load['load_total_ms']) / 1e3:.2f} s including the library."
+               + (f" Caveat: {cache_note}." if ratio < CACHE_SUSPECT_RATIO else "")),
+        evidence={"single_build_ms": one, "budget_ms": CONSTANTS_BUDGET_MS, "load_median_ms": m_load["load_median_ms"],
+                  "build_wall_ms": m_build["build_wall_ms"]},
+        config={"kernel": METAL_KERNEL, "rule": "AC-2.6"},
+        cv=max(single["timing"]["cv"], load["timing"]["cv"]), records=[single, largest, build, load]))
+    return findings
+
+
+METAL_SUMMARY_METRICS = {
+    "metal_cold_build": ("per_variant_median_ms", "per_variant_p90_ms", "build_sum_ms"),
+    "metal_rebuild": ("first_build_ms", "rebuild_median_ms", "first_over_rebuild_ratio"),
+    "metal_archive_build": ("build_wall_ms", "build_median_ms", "store_overhead_median_ms", "archive_bytes"),
+    "metal_archive_load": ("load_median_ms", "load_total_ms", "library_load_ms", "load_speedup_x", "total_speedup_x"),
+    "metal_first_dispatch": ("first_dispatch_median_ms", "kernel_median_ms", "dispatch_median_ms"),
+}
+
+
+def _run_metal(ctx: ExperimentContext) -> ExperimentResult:
+    be, nat = _metal_host()
+    records = _metal_cold(ctx, be)
+    cold_median = max(_by_phase(records, "metal_cold_build"),
+                      key=lambda r: r["config"]["variants"])["metrics"]["per_variant_median_ms"]
+    records += _metal_archive(ctx, be, nat, cold_median)
+    records += _metal_first_dispatch(ctx, be, nat)
+    summary = []
+    for r in records:
+        cfg, met = r["config"], r["metrics"]
+        summary.append({"phase": cfg["phase"], "what": cfg.get("variants", cfg.get("origin", cfg.get("spec", ""))),
+                        "metrics": ", ".join(f"{k}={met[k]:.4g}" for k in METAL_SUMMARY_METRICS[cfg["phase"]])})
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return ExperimentResult(records=records, findings=_metal_findings(ctx, records), summary=summary)
+
+
+@experiment(name="proto4", prototype=PROTOTYPE, backends=("cpu", "cuda", "metal"),
+            description="Specialisation cost: cold NVRTC compiles / Metal pipeline builds, kernel archive, "
+                        "first launch, compile phases")
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: a cold NVRTC compile of the Prototype 1 kernel costs far more than the
     AC-2.6 budget of 50 ms per variant (ptxas and the front end both hundreds of ms), so
@@ -535,7 +972,24 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     72-variant archive (HEAD_DIM x BLOCK_R x BLOCK_C x CAUSAL x DTYPE; quick: 4) built into
     a temporary cache and loaded in a fresh process; on cuda the first-launch latency of a
     variant cold, from the archive and from memory.
+
+    Metal hypothesis (unmeasured: no Metal run exists yet): a cold build of one
+    flash_attention specialisation (function constants -> MTLFunction ->
+    MTLComputePipelineState) costs at least an order of magnitude more than loading the
+    same pipeline from an MTLBinaryArchive, so the archive decides the first-call latency
+    whichever side of the AC-2.6 50 ms budget a build falls; the library load is paid once
+    per process and is small next to building the whole matrix.
+
+    Metal sweep (specs from attnproto.metal_specs): cold builds of 1/10/50/100/500 distinct
+    legal specialisations (quick: 1/10; N=1 is three specs each built alone, larger N the
+    first N builds of one sequence) plus rebuilds of one spec (does the OS shader cache
+    serve them?); the archive matrix HEAD_DIM x BLOCK_R x BLOCK_C x (CAUSAL x DTYPE), its
+    84 legal variants (21 of the 27 tiles fit 32 KB) rather than 72 (quick: 4), built into a
+    temporary archive and loaded archive-only in a fresh process; the first dispatch of
+    three never-built specs cold, from the archive and from memory.
     """
+    if ctx.backend == "metal":
+        return _run_metal(ctx)
     if ctx.backend not in ("cpu", "cuda"):
         raise ExperimentError(f"proto4 has no {ctx.backend} path")
     gpu = ctx.backend == "cuda"
