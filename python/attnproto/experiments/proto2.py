@@ -22,7 +22,7 @@ import json
 import math
 import numpy as np
 
-from ..ops import stitch
+from ..ops import occupancy, stitch
 from ..records import timing_from_samples
 from .proto4 import compiler_or_reason
 from .registry import ExperimentContext, ExperimentError, ExperimentResult, experiment
@@ -40,23 +40,12 @@ BUILD_REPEATS = 2   # timing records need at least 2 samples
 # AC-2.4 / AC-2.6: stitching is acceptable when it costs less than this.
 STITCH_BUDGET_PCT = 1.0
 
-# ---- occupancy (sm_80 / sm_90 limits) for the serial-path call count ----
-MAX_WARPS_PER_SM = 64
-MAX_BLOCKS_PER_SM = 32
-REGISTERS_PER_SM = 65536
-REG_ALLOC_UNIT = 256            # registers are allocated per warp in units of 256
-SMEM_RESERVED_PER_BLOCK = 1024  # the driver reserves 1 KiB of shared memory per block
-
-
 def _resident_warps(info: dict, resources: dict, warps_per_block: int, dynamic_smem: int) -> int:
-    """Warps resident on the whole device: blocks per SM from registers, static + dynamic
-    shared memory (+ the driver's reserve) and the warp and block limits."""
-    regs = max(int(resources["registers"]), 1)
-    regs_per_warp = math.ceil(regs * 32 / REG_ALLOC_UNIT) * REG_ALLOC_UNIT
-    by_regs = REGISTERS_PER_SM // (regs_per_warp * warps_per_block)
-    smem = int(resources["static_shared_bytes"]) + int(dynamic_smem) + SMEM_RESERVED_PER_BLOCK
-    by_smem = int(info.get("shared_mem_per_sm") or 0) // smem
-    blocks = max(1, min(by_regs, by_smem, MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM // warps_per_block))
+    """Warps resident on the whole device: blocks per SM from the compiled kernel's registers,
+    static + dynamic shared memory and the SM's limits (attnproto.ops.occupancy)."""
+    smem = int(resources["static_shared_bytes"]) + int(dynamic_smem)
+    blocks = occupancy.resident_blocks_per_sm(warps_per_block * occupancy.WARP_SIZE, int(resources["registers"]),
+                                              smem, int(info.get("shared_mem_per_sm") or 0))
     return blocks * warps_per_block * int(info["multiprocessors"])
 
 

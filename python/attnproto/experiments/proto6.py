@@ -426,8 +426,7 @@ def _run_cuda(ctx: ExperimentContext) -> ExperimentResult:
                 alt_recs[(OURS_TWO_PASS, d, n, c, 0)] = _time_plan(ctx, be, two, OURS_TWO_PASS, (b, h, n, d, c),
                                                                    tol, copy_gbps, quick)
                 for fcfg in lin.all_fused_variants(SWEEP_DTYPE, d, c, False):
-                    fcfg = fcfg.with_segments(lin.fused_segments(fcfg, b * h, n, be.info.get("multiprocessors")
-                                                                 or lin.DEFAULT_SM_COUNT))
+                    fcfg = fcfg.with_segments(lin.fused_segments(fcfg, b * h, n, lin.device_sm_count(be)))
                     if fcfg == chosen:
                         continue
                     var = lin.LinearPlan(q, k, v, chunk_size=c, scale=scale, algorithm="fused", fused_config=fcfg)

@@ -57,6 +57,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import validate as _v
+from . import occupancy as _occ
 
 __all__ = [
     "KERNEL_H",
@@ -67,6 +68,9 @@ __all__ = [
     "FusedConfig",
     "choose_fused_config",
     "fused_variants",
+    "all_fused_variants",
+    "fused_segments",
+    "device_sm_count",
     "DTYPE_CODES",
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
@@ -152,12 +156,9 @@ FUSED_MAX_ACC_FLOATS = 160
 FUSED_MIN_WAVES = 0.75
 FUSED_MAX_SEGMENTS = 4
 FUSED_MIN_CHUNKS_PER_SEGMENT = 4
-# Per-SM limits for the resident-block count (Hopper): 64K registers (the kernel may use
-# up to 255 per thread under __launch_bounds__(threads, 1), allocated in units of 256
-# per warp-thread row), 228 KB shared memory with 1 KB reserved per block.
-REGS_PER_SM = 65536
-FUSED_ASSUMED_REGS = 256
-SMEM_RESERVED_PER_BLOCK = 1024
+# Registers per thread assumed for the resident-block count before compiling: the most
+# __launch_bounds__(threads, 1) lets the kernel use.
+FUSED_ASSUMED_REGS = 255
 
 # Shared-memory row padding in elements (linear.cuh kPad16, kPad32Row, kPad32Col).
 PAD_16 = 8
@@ -166,7 +167,7 @@ PAD_32_COL = 4
 
 # Hopper: 227 KB per block after opt-in, 228 KB per SM.
 SMEM_OPTIN_LIMIT = 227 * 1024
-SMEM_PER_SM = 228 * 1024
+SMEM_PER_SM = _occ.SMEM_PER_SM
 # Default SM count for configs chosen without a device (H100 SXM).
 DEFAULT_SM_COUNT = 132
 
@@ -276,9 +277,7 @@ class FusedConfig:
 
     def resident_blocks_per_sm(self) -> int:
         """Blocks an SM can hold, by shared memory and by the registers the kernel may use."""
-        by_smem = SMEM_PER_SM // (self.smem_bytes() + SMEM_RESERVED_PER_BLOCK)
-        by_regs = REGS_PER_SM // (self.threads * FUSED_ASSUMED_REGS)
-        return max(1, min(by_smem, by_regs))
+        return _occ.resident_blocks_per_sm(self.threads, FUSED_ASSUMED_REGS, self.smem_bytes())
 
     @property
     def warps(self) -> int:
@@ -379,6 +378,11 @@ def fused_variants(dtype: str, head_dim: int, chunk: int, has_decay: bool,
 def all_fused_variants(dtype: str, head_dim: int, chunk: int, has_decay: bool) -> List[FusedConfig]:
     """fused_variants for every STATE_WARPS choice."""
     return [cfg for sw in FUSED_STATE_WARPS_CHOICES for cfg in fused_variants(dtype, head_dim, chunk, has_decay, sw)]
+
+
+def device_sm_count(backend: Any) -> int:
+    """Streaming multiprocessors of a backend's device (DEFAULT_SM_COUNT if it does not say)."""
+    return int(backend.info.get("multiprocessors") or DEFAULT_SM_COUNT)
 
 
 def choose_fused_config(dtype: str, head_dim: int, chunk: int, has_decay: bool, *,
@@ -569,7 +573,8 @@ class LinearPlan:
 
     ``algorithm``: "auto" (the fused kernel where it exists, else two-pass), "fused"
     (ValueError where it does not exist) or "two_pass". ``fused_config`` overrides the
-    chooser's FusedConfig (sweeps); it must match the problem.
+    chooser's FusedConfig (sweeps); it must match the problem. Of ``fused_config`` and
+    ``config`` (the two-pass LinearConfig) only the one of the algorithm that runs is set.
     """
 
     def __init__(self, q: Any, k: Any, v: Any, *, chunk_size: int, scale: float = 1.0,
@@ -588,13 +593,13 @@ class LinearPlan:
         prob = check_inputs(q, k, v, chunk_size=chunk_size, scale=scale, decay=decay)
         self.problem = prob
         self.be = backend if backend is not None else _backend.get("cuda")
-        sm_count = int(self.be.info.get("multiprocessors", DEFAULT_SM_COUNT) or DEFAULT_SM_COUNT)
+        sms = device_sm_count(self.be)
         b, h, n, d = prob.batch, prob.num_heads, prob.seq_len, prob.head_dim
         has_decay = prob.gamma is not None
         fused = None
         if algorithm != "two_pass":
             fused = fused_config if fused_config is not None else choose_fused_config(
-                prob.dtype, d, prob.chunk, has_decay, num_heads_total=b * h, seq_len=n, sm_count=sm_count)
+                prob.dtype, d, prob.chunk, has_decay, num_heads_total=b * h, seq_len=n, sm_count=sms)
             if fused is None and algorithm == "fused":
                 raise ValueError(f"algorithm: no fused kernel for {prob.dtype} with chunk_size {prob.chunk} "
                                  f"(it takes {FUSED_DTYPES} and chunks {FUSED_CHUNKS})")
@@ -609,9 +614,6 @@ class LinearPlan:
                     raise ValueError(f"fused_config: illegal: {'; '.join(bad)}")
         self.algorithm = "fused" if fused is not None else "two_pass"
         self.fused_config = fused
-        self.config = choose_config(prob.dtype, d, prob.chunk, has_decay,
-                                    num_state_heads=b * h, sm_count=sm_count)
-        cfg = self.config
         num_chunks = -(-n // prob.chunk)
         if out is None:
             out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
@@ -628,12 +630,14 @@ class LinearPlan:
         self._keep = (q, k, v)
         if fused is not None:
             self.states = None
+            self.config = None
             self.kernel_f = self.be.kernel(KERNEL_FUSED, **fused.constants())
             self.launches = [(self.kernel_f, fused.grid(b, h), (fused.threads, 1, 1),
                               [self.params, q, k, v, out, self.log2_decay, np.int32(fused.segments)],
                               fused.smem_bytes())]
             self.names = ["fused"]
             return
+        self.config = cfg = choose_config(prob.dtype, d, prob.chunk, has_decay, num_state_heads=b * h, sm_count=sms)
         self.states = torch.empty((b, h, num_chunks, d, d), dtype=q.dtype, device=q.device)
         self.kernel_h = self.be.kernel(KERNEL_H, **cfg.h_constants())
         self.kernel_o = self.be.kernel(KERNEL_O, **cfg.o_constants())
