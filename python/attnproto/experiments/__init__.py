@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from . import registry
 from .registry import (
     Experiment,
     ExperimentContext,
@@ -28,17 +29,4 @@ EXPERIMENT_MODULES = ("smoke", "proto1", "proto2", "proto4", "proto6")
 for _module in EXPERIMENT_MODULES:
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = [
-    "EXPERIMENT_MODULES",
-    "Experiment",
-    "ExperimentContext",
-    "ExperimentError",
-    "ExperimentResult",
-    "UnknownExperimentError",
-    "all_experiments",
-    "experiment",
-    "get",
-    "names",
-    "run_experiment",
-    "supporting",
-]
+__all__ = ["EXPERIMENT_MODULES", *registry.__all__]
