@@ -189,11 +189,13 @@ __device__ __forceinline__ void output_phase(int warp, elem_t* qs, const elem_t*
         }
 #pragma unroll
         for (int j = 0; j < kNS; ++j) {
+            if (j * kMmaN < key_end) {   // tiles right of the diagonal block were never computed
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = r_lo + (e < 2 ? 0 : 8);
-                const int col = j * kMmaN + 2 * t4 + (e & 1);
-                sacc[j][e] *= exp2f(l2g * (float)(row - col));   // masked entries are zeroed below
+                for (int e = 0; e < 4; ++e) {
+                    const int row = r_lo + (e < 2 ? 0 : 8);
+                    const int col = j * kMmaN + 2 * t4 + (e & 1);
+                    sacc[j][e] *= exp2f(l2g * (float)(row - col));   // masked entries are zeroed below
+                }
             }
         }
     }
