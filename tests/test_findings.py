@@ -1,4 +1,4 @@
-"""attnproto.findings: ids, confidence, validation, idempotent JSONL."""
+"""attnproto.findings: ids, confidence, validation, JSONL (the answer / superseding: test_findings_lifecycle.py)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from attnproto import findings as fnd
-from attnproto.findings import Finding, FindingError, append_findings, confidence_from_cv, make_finding, read_findings
+from attnproto.findings import (
+    Finding,
+    FindingError,
+    append_findings,
+    confidence_from_cv,
+    make_finding,
+    read_findings,
+    write_findings,
+)
 
 FIXED_TS = "2025-01-02T03:04:05Z"
 
@@ -182,12 +190,27 @@ def test_append_twice_writes_one_line(tmp_path):
     path = tmp_path / "sub" / "findings.jsonl"
     f = _finding()
     assert append_findings(path, [f]) == 1
+    # a re-confirmation (same content, later run) writes nothing
+    assert append_findings(path, [_finding(timestamp="2030-01-01T00:00:00Z", commit="def456")]) == 0
+    assert len(path.read_text().splitlines()) == 1
+
+
+def test_append_refuses_a_contradicting_live_version(tmp_path):
+    path = tmp_path / "findings.jsonl"
+    f = _finding()
+    append_findings(path, [f])
+    before = path.read_bytes()
     rerun = _finding(evidence={"tflops": 999.0}, timestamp="2030-01-01T00:00:00Z")
-    assert append_findings(path, [rerun]) == 0
-    lines = path.read_text().splitlines()
-    assert len(lines) == 1
-    # first write wins
-    assert read_findings(path)[0].evidence["tflops"] == 312.5
+    with pytest.raises(FindingError, match=r"different live finding .*changed: evidence.*merge_findings"):
+        append_findings(path, [rerun])
+    with pytest.raises(FindingError, match="different live finding"):
+        append_findings(tmp_path / "new.jsonl", [f, rerun])       # within one batch too
+    assert path.read_bytes() == before
+    assert not (tmp_path / "new.jsonl").read_text()
+    # a superseded version (a history entry) may sit beside the live one
+    old = f.superseded_by(by_timestamp=rerun.timestamp, by_commit="def456", reason="re-run", at=FIXED_TS)
+    assert append_findings(path, [old, old]) == 1
+    assert [x.is_live for x in read_findings(path)] == [True, False]
 
 
 def test_append_skips_duplicates_within_a_batch_and_keeps_new_ids(tmp_path):
@@ -208,13 +231,27 @@ def test_append_repairs_missing_trailing_newline(tmp_path):
 def test_append_refuses_a_file_with_unreadable_lines(tmp_path):
     path = tmp_path / "findings.jsonl"
     path.write_text("not json\n")
-    with pytest.raises(FindingError, match=r":1: .*no readable 'id'"):
+    with pytest.raises(FindingError, match=r":1: not valid JSON.*refusing to append"):
         append_findings(path, [_finding()])
+    assert path.read_text() == "not json\n"
 
 
 def test_append_rejects_non_findings(tmp_path):
     with pytest.raises(TypeError, match="expected Finding"):
         append_findings(tmp_path / "f.jsonl", [_finding().to_dict()])
+
+
+def test_write_findings_replaces_the_file(tmp_path):
+    path = tmp_path / "d" / "findings.jsonl"
+    a, b = _finding(), _finding(device="NVIDIA H200")
+    assert write_findings(path, [a, b]) == 2
+    assert read_findings(path) == [a, b]
+    assert write_findings(path, [b]) == 1
+    assert read_findings(path) == [b]
+    assert [p.name for p in path.parent.iterdir()] == ["findings.jsonl"]      # no temp file left
+    with pytest.raises(TypeError, match="expected Finding"):
+        write_findings(path, [a.to_dict()])
+    assert read_findings(path) == [b]
 
 
 def test_read_findings_names_the_bad_line(tmp_path):
@@ -226,3 +263,5 @@ def test_read_findings_names_the_bad_line(tmp_path):
     path.write_text("{broken\n")
     with pytest.raises(FindingError, match=r":1: not valid JSON"):
         read_findings(path)
+    with pytest.raises(OSError):
+        read_findings(tmp_path / "missing.jsonl")

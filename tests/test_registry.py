@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -250,18 +251,56 @@ def test_default_out_dir(monkeypatch, tmp_path):
 
 def test_write_experiment_results_layout(empty_registry, tmp_path):
     result = registry.run_experiment(_register(_good), _ctx(tmp_path))
-    run_info = {"backend": "cpu", "command_line": "attnproto run exp"}
+    run_info = {"backend": "cpu", "command_line": "attnproto run exp", "date": "2025-01-02T03:04:05Z",
+                "commit": "abc"}
+    (fid,) = [f.id for f in result.findings]
     for attempt in range(2):
         paths = write_experiment_results(tmp_path / "out", experiment="exp", backend="cpu", device_name=CPU_NAME,
                                          records=result.records, findings=result.findings, run_info=run_info)
-        assert paths.findings_written == (1 if attempt == 0 else 0)
+        # the second write is the same run again: the finding is unchanged, nothing goes to history
+        assert (paths.merge.new, paths.merge.unchanged) == (((fid,), ()) if attempt == 0 else ((), (fid,)))
+        assert not paths.history.exists()
     assert paths.directory == tmp_path / "out" / "cpu-amd-epyc" / "exp"
+    assert sorted(p.name for p in paths.directory.parent.iterdir()) == ["exp"]    # no staging left behind
     assert read_records(paths.records) == result.records
     assert read_findings(paths.findings) == result.findings
     assert json.loads(paths.run.read_text())["experiment"] == "exp"
     with pytest.raises(RecordError, match="this run is exp/cuda"):
         write_experiment_results(tmp_path / "out", experiment="exp", backend="cuda", device_name="NVIDIA H100",
                                  records=result.records, findings=[], run_info=run_info)
+
+
+def test_finding_answer_is_not_part_of_the_id(tmp_path):
+    ctx = _ctx(tmp_path)
+    rec = ctx.record({"head_dim": 7}, {"median_ms": 1.0}, TIMING)
+
+    def best(tile):
+        return ctx.finding(prototype="flash", title=f"Best tile is {tile}", slug="best-tile", claim=f"{tile} wins",
+                           evidence={"median_ms": 1.0}, config={"head_dim": 7}, answer={"block_r": tile},
+                           cv=0.03, records=[rec])
+
+    assert best(64).id == best(128).id and best(64).answer == {"block_r": 64}
+    assert ctx.finding(prototype="flash", title="t", claim="c", evidence={"median_ms": 1.0}, config={},
+                       cv=0.03, records=[rec]).answer == {}
+
+
+def test_run_experiment_rejects_two_answers_to_one_question(empty_registry, tmp_path):
+    def two_answers(ctx):
+        rec = ctx.record({"head_dim": 7}, {"median_ms": 1.0}, TIMING)
+        fs = [ctx.finding(prototype="flash", title="Best tile", claim=f"tile {t} wins", evidence={"median_ms": 1.0},
+                          config={"head_dim": 7}, answer={"block_r": t}, cv=0.03, records=[rec]) for t in (64, 128)]
+        return registry.ExperimentResult(records=[rec], findings=fs)
+
+    with pytest.raises(registry.ExperimentError, match=r"two different findings with id .*claim, answer"):
+        registry.run_experiment(_register(two_answers), _ctx(tmp_path))
+
+
+def test_run_experiment_drops_identical_repeats(empty_registry, tmp_path):
+    def repeated(ctx):
+        result = _good(ctx)
+        return registry.ExperimentResult(records=result.records, findings=result.findings * 2)
+
+    assert len(registry.run_experiment(_register(repeated), _ctx(tmp_path)).findings) == 1
 
 
 # --------------------------------------------------------------------- smoke
@@ -310,6 +349,18 @@ def test_smoke_cpu_quick(tmp_path):
     assert all(r["metrics"].get("bound_ratio", r["metrics"].get("tolerance_ratio")) <= 1 for r in result.records)
     cited = {rid for f in result.findings for rid in f.records}
     assert cited == {r["id"] for r in result.records}
+    matmul, attention = result.findings
+    # config is the question (the shapes), the answer the measured verdict and worst shape
+    assert matmul.config == {"op": "matmul", "dtype": "float32", "shapes": [list(s) for s in smoke.MATMUL_SHAPES_QUICK]}
+    worst = max((r for r in result.records if r["config"]["op"] == "matmul"), key=lambda r: r["metrics"]["bound_ratio"])
+    assert matmul.answer == {"within_bound": True,
+                             "worst_shape": "x".join(str(worst["config"][k]) for k in ("m", "n", "k"))}
+    assert set(attention.answer) == {"within_tolerance", "worst_shape"}
+    for f in result.findings:
+        assert "[" not in f.claim and "(1, " not in f.claim          # no Python lists or tuples
+        decimals = re.findall(r"\d+\.\d+", f.claim)                   # three significant digits, not more
+        assert decimals and all(len(d.replace(".", "").lstrip("0")) <= 3 for d in decimals), f.claim
+    assert "64x64x64, 96x80x72, 129x65x33" in matmul.claim and " GFLOP/s " in matmul.claim
 
 
 class _FakeGpuSmoke(types.ModuleType):

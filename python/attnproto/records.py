@@ -3,13 +3,20 @@
 Layout (``out`` defaults to ``results/`` for GPU backends, see
 :func:`default_out_dir` for CPU runs)::
 
-    <out>/<device-slug>/<experiment>/records.jsonl   one record per swept config
-    <out>/<device-slug>/<experiment>/findings.jsonl  findings (idempotent by id)
-    <out>/<device-slug>/<experiment>/run.json        device, driver, commit, date, command line
+    <out>/<device-slug>/<experiment>/records.jsonl           one record per swept config
+    <out>/<device-slug>/<experiment>/findings.jsonl          the live findings of the latest run
+    <out>/<device-slug>/<experiment>/findings_history.jsonl  superseded and retired findings
+    <out>/<device-slug>/<experiment>/run.json                device, driver, commit, date, command line
 
-``records.jsonl`` and ``run.json`` describe the latest run and are replaced
-atomically by it; ``findings.jsonl`` is appended with
-:func:`attnproto.findings.append_findings` (first write of an id wins).
+plus whatever artefacts the experiment writes (``ctx.out_dir``).  The whole
+directory describes the latest *completed* run: a run writes into a staging
+directory beside it (``<experiment>.staging-<random>``) and
+:func:`staged_results_dir` swaps it in only when everything succeeded; a failed
+or interrupted run leaves the previous directory untouched.  Findings are merged
+with :func:`attnproto.findings.merge_findings`: a re-run supersedes the previous
+version of each finding (never first-write-wins), and findings the run did not
+produce again are retired to the history, so every live finding cites records in
+the ``records.jsonl`` beside it.
 
 The device slug of a GPU is the slug of its name (``"NVIDIA H100 80GB HBM3"`` ->
 ``"nvidia-h100-80gb-hbm3"``).  CPU runs always get a slug that starts with
@@ -18,16 +25,18 @@ never the host name), so CPU timings can never land in a GPU directory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import shlex
+import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,34 +45,57 @@ from .findings import (
     BACKENDS,
     Finding,
     FindingError,
-    append_findings,
+    FindingsMerge,
+    atomic_write_text,
     canonical_json,
+    merge_findings,
+    read_findings,
     slugify,
     utc_now_iso,
     validate_metrics,
+    write_findings,
 )
 
 __all__ = [
     "CPU_SLUG",
     "EXPERIMENT_NAME_RE",
+    "FINDINGS_FILE",
+    "HISTORY_FILE",
     "MIN_TIMING_SAMPLES",
+    "RECORDS_FILE",
+    "RUN_FILE",
     "RecordError",
     "ResultPaths",
+    "StagedResults",
     "check_findings_against_records",
     "default_out_dir",
     "device_slug",
     "git_commit",
     "git_dirty",
+    "leftover_result_dirs",
     "make_record",
     "make_run_info",
+    "read_previous_findings",
     "read_records",
     "record_id",
     "results_dir",
+    "staged_results_dir",
     "timing_from_samples",
     "timing_to_dict",
     "validate_record",
     "write_experiment_results",
+    "write_results",
 ]
+
+RECORDS_FILE = "records.jsonl"
+FINDINGS_FILE = "findings.jsonl"
+HISTORY_FILE = "findings_history.jsonl"
+RUN_FILE = "run.json"
+# Sibling directories of a results directory: a run's staging area, and the previous
+# results while they are being replaced (see staged_results_dir).
+STAGING_INFIX = ".staging-"
+OLD_INFIX = ".old-"
+_TOKEN_BYTES = 4
 
 CPU_SLUG = "cpu"
 # Fewer than two samples has no spread, hence no CV and no confidence.
@@ -351,25 +383,243 @@ def make_run_info(
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass(frozen=True)
 class ResultPaths:
+    """Where one experiment's results live once committed, and how its findings merged."""
+
     directory: Path
     records: Path
     findings: Path
+    history: Path
     run: Path
-    findings_written: int
+    merge: FindingsMerge
+
+
+def _validated_run(experiment: str, backend: str, records: Sequence[Mapping[str, Any]],
+                   findings: Sequence[Finding]) -> list[dict[str, Any]]:
+    checked = [validate_record(rec) for rec in records]
+    for rec in checked:
+        if rec["backend"] != backend or rec["experiment"] != experiment:
+            raise RecordError(
+                f"record {rec['id']!r} is {rec['experiment']}/{rec['backend']}, "
+                f"but this run is {experiment}/{backend}"
+            )
+    check_findings_against_records(findings, checked)
+    return checked
+
+
+def read_previous_findings(directory: str | os.PathLike[str]) -> tuple[list[Finding], list[Finding]]:
+    """The live findings and the history of an existing results directory ([] for absent files).
+
+    Strict: a bad line raises :class:`RecordError` naming file and line (the run
+    must not replace a file it cannot read: its content would be lost).
+    """
+    directory = Path(directory)
+    out: list[list[Finding]] = []
+    for name in (FINDINGS_FILE, HISTORY_FILE):
+        path = directory / name
+        if not path.exists():
+            out.append([])
+            continue
+        try:
+            out.append(read_findings(path))
+        except (FindingError, OSError) as exc:
+            raise RecordError(f"previous results cannot be merged: {exc}; fix or delete that line "
+                              f"(or move {directory} away) and run again") from None
+    return out[0], out[1]
+
+
+def write_results(
+    directory: str | os.PathLike[str],
+    *,
+    experiment: str,
+    backend: str,
+    records: Sequence[Mapping[str, Any]],
+    findings: Sequence[Finding],
+    run_info: Mapping[str, Any],
+    previous: str | os.PathLike[str] | None = None,
+) -> FindingsMerge:
+    """Validate one run and write records.jsonl, findings.jsonl, findings_history.jsonl
+    (when there is history) and run.json into ``directory`` (normally a staging directory).
+
+    ``previous`` is the results directory this run replaces: its findings are merged
+    (:func:`attnproto.findings.merge_findings`) by the run's date and commit.
+    """
+    checked = _validated_run(experiment, backend, records, findings)
+    old_live, old_history = read_previous_findings(previous) if previous is not None else ([], [])
+    try:
+        merge = merge_findings(old_live, findings, history=old_history, timestamp=run_info.get("date"),
+                               commit=str(run_info.get("commit") or "unknown"))
+    except FindingError as exc:
+        raise RecordError(str(exc)) from None
+    directory = Path(directory)
+    lines = "".join(json.dumps(rec, allow_nan=False, separators=(",", ":")) + "\n" for rec in checked)
+    atomic_write_text(directory / RECORDS_FILE, lines)
+    write_findings(directory / FINDINGS_FILE, merge.live)
+    history = directory / HISTORY_FILE
+    if merge.history:
+        write_findings(history, merge.history)
+    else:
+        history.unlink(missing_ok=True)
+    info = dict(run_info)
+    info["experiment"] = experiment
+    atomic_write_text(directory / RUN_FILE, json.dumps(info, indent=2, allow_nan=False, sort_keys=True) + "\n")
+    return merge
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: Path) -> Iterator[None]:
+    """Exclusive flock on a directory (POSIX; a no-op elsewhere): one merge-and-swap at a time."""
+    try:
+        import fcntl  # noqa: PLC0415  (POSIX only)
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)          # closing releases the lock
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass                  # not every platform can fsync a directory
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class StagedResults:
+    """The staging directory of one run; see :func:`staged_results_dir`."""
+
+    def __init__(self, final: Path, path: Path) -> None:
+        self.final = final
+        self.path = path
+        self.merge: FindingsMerge | None = None
+        self._lock: contextlib.ExitStack | None = None
+
+    def write_results(self, *, experiment: str, backend: str, records: Sequence[Mapping[str, Any]],
+                      findings: Sequence[Finding], run_info: Mapping[str, Any]) -> FindingsMerge:
+        """:func:`write_results` into the staging directory, merged with the current final one.
+
+        Takes the lock of the device directory and holds it until the swap, so a
+        concurrent run's results cannot be lost between the merge and the swap.
+        """
+        if self._lock is None:
+            self._lock = contextlib.ExitStack()
+            self._lock.enter_context(_dir_lock(self.final.parent))
+        self.merge = write_results(self.path, experiment=experiment, backend=backend, records=records,
+                                   findings=findings, run_info=run_info, previous=self.final)
+        return self.merge
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def commit(self) -> None:
+        """Swap the staging directory in for the final one (called by the context manager)."""
+        if self.merge is None:
+            raise RecordError(f"{self.path}: the run's results were never written; {self.final} left unchanged")
+        final, old = self.final, None
+        if final.exists() or final.is_symlink():
+            old = final.with_name(final.name + OLD_INFIX + self.path.name.rsplit(STAGING_INFIX, 1)[1])
+            os.rename(final, old)
+            # A crash here leaves no `final`: the previous results are complete in `old`
+            # (rename it back to recover them) and the new ones complete in `self.path`
+            # (rename that to `final` to keep them instead); `attnproto run` warns about
+            # such leftovers (leftover_result_dirs).
+        try:
+            os.rename(self.path, final)
+        except BaseException:
+            if old is not None:
+                os.rename(old, final)       # put the previous results back
+            raise
+        _fsync_dir(final.parent)
+        if old is not None:
+            _remove(old)                    # a crash here only leaves `old` behind, to delete
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """mkdir -p, returning the directories it created (outermost first)."""
+    missing = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        if d.parent == d:
+            break
+        d = d.parent
+    created = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+            created.append(d)
+        except FileExistsError:
+            pass
+    return created
+
+
+@contextlib.contextmanager
+def staged_results_dir(final: str | os.PathLike[str]) -> Iterator[StagedResults]:
+    """Stage a run's results beside ``final`` and swap them in only if the block succeeds.
+
+    Yields a :class:`StagedResults`: the experiment writes its artefacts into
+    ``.path`` (``<final>.staging-<random>``, next to ``final``), then the block
+    calls ``.write_results(...)``.  On normal exit the previous ``final`` is
+    renamed aside (``<final>.old-<random>``), the staging directory renamed to
+    ``final`` and the old one deleted.  On any exception (KeyboardInterrupt
+    included), or if ``.write_results`` was never called, the staging directory
+    is removed, directories created for it are removed again, ``final`` is left
+    byte for byte as it was, and the exception propagates.
+    """
+    final = Path(final)
+    created = _make_dirs(final.parent)
+    while True:
+        path = final.with_name(final.name + STAGING_INFIX + secrets.token_hex(_TOKEN_BYTES))
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            continue
+        except BaseException:
+            for d in reversed(created):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
+    stage = StagedResults(final, path)
+    try:
+        yield stage
+        stage.commit()
+    except BaseException:
+        _remove(path)
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()                   # only if still empty
+        raise
+    finally:
+        stage._release()
+
+
+def leftover_result_dirs(final: str | os.PathLike[str]) -> list[Path]:
+    """Staging / old directories beside ``final`` left by an interrupted (or a concurrent) run."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    return sorted(p for infix in (STAGING_INFIX, OLD_INFIX) for p in final.parent.glob(final.name + infix + "*"))
 
 
 def write_experiment_results(
@@ -382,26 +632,19 @@ def write_experiment_results(
     findings: Sequence[Finding],
     run_info: Mapping[str, Any],
 ) -> ResultPaths:
-    """Validate and write one experiment's records, findings and run.json."""
-    checked = [validate_record(rec) for rec in records]
-    for rec in checked:
-        if rec["backend"] != backend or rec["experiment"] != experiment:
-            raise RecordError(
-                f"record {rec['id']!r} is {rec['experiment']}/{rec['backend']}, "
-                f"but this run is {experiment}/{backend}"
-            )
-    check_findings_against_records(findings, checked)
+    """Write one experiment's results to ``<out>/<device>/<experiment>``, replacing the
+    previous ones as a whole (staged, merged, swapped in; see :func:`staged_results_dir`).
+
+    Artefacts of the previous run that are not among the four files are dropped with
+    it; a run whose experiment writes artefacts should use :func:`staged_results_dir`.
+    """
+    _validated_run(experiment, backend, records, findings)
     directory = results_dir(out, backend, device_name, experiment)
-    records_path = directory / "records.jsonl"
-    findings_path = directory / "findings.jsonl"
-    run_path = directory / "run.json"
-    lines = "".join(json.dumps(rec, allow_nan=False, separators=(",", ":")) + "\n" for rec in checked)
-    _atomic_write_text(records_path, lines)
-    written = append_findings(findings_path, findings)
-    info = dict(run_info)
-    info["experiment"] = experiment
-    _atomic_write_text(run_path, json.dumps(info, indent=2, allow_nan=False, sort_keys=True) + "\n")
-    return ResultPaths(directory, records_path, findings_path, run_path, written)
+    with staged_results_dir(directory) as stage:
+        merge = stage.write_results(experiment=experiment, backend=backend, records=records,
+                                    findings=findings, run_info=run_info)
+    return ResultPaths(directory, directory / RECORDS_FILE, directory / FINDINGS_FILE,
+                       directory / HISTORY_FILE, directory / RUN_FILE, merge)
 
 
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

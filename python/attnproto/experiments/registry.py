@@ -56,7 +56,10 @@ class ExperimentContext:
     backend: "cpu" | "cuda" | "metal".  device: the backend's device-info dict
     (``device_name`` is its display name).  quick: run the small sweep (CI).
     progress: bar factory, ``progress(iterable=None, total=None, desc="")``.
-    out_dir: the experiment's result directory (for extra artefacts).
+    out_dir: where the experiment writes extra artefacts (tile_table.json, summary.json):
+    a staging directory beside the final result directory, swapped in only when the
+    whole run completed (attnproto.records.staged_results_dir); never read the
+    previous run's artefacts from it.
     rng: seeded numpy Generator.  commit/driver: provenance for records.
     """
 
@@ -86,11 +89,17 @@ class ExperimentContext:
 
     def finding(self, *, prototype: str, title: str, claim: str, evidence: Mapping[str, float],
                 config: Mapping[str, Any], cv: float, records: Iterable[Mapping[str, Any]],
-                slug: str | None = None) -> Finding:
-        """A measured finding on this run's device/backend citing ``records`` (record dicts)."""
+                slug: str | None = None, answer: Mapping[str, Any] | None = None) -> Finding:
+        """A measured finding on this run's device/backend citing ``records`` (record dicts).
+
+        ``config``: the question's parameters only (head_dim, seq_len, causal, the
+        swept shapes), part of the id; ``answer``: the measured choice (the winning
+        kernel / tile, ...), not part of the id, so a re-run that picks another
+        winner supersedes this finding instead of adding a contradictory one.
+        """
         return make_finding(prototype=prototype, title=title, claim=claim, evidence=evidence, config=config,
                             device=self.device_name, backend=self.backend, commit=self.commit, cv=cv,
-                            records=[r["id"] for r in records], slug=slug)
+                            records=[r["id"] for r in records], slug=slug, answer=answer)
 
 
 @dataclass(frozen=True)
@@ -184,12 +193,24 @@ def run_experiment(exp: Experiment, ctx: ExperimentContext) -> ExperimentResult:
         if rec["backend"] != ctx.backend or rec["device"] != ctx.device_name or rec["experiment"] != exp.name:
             raise ExperimentError(f"record {rec['id']!r} is labelled {rec['experiment']}/{rec['backend']}/"
                                   f"{rec['device']!r}, but this run is {exp.name}/{ctx.backend}/{ctx.device_name!r}")
-    findings = list(result.findings)
-    for f in findings:
+    findings: list[Finding] = []
+    by_id: dict[str, Finding] = {}
+    for f in result.findings:
         if not isinstance(f, Finding):
             raise ExperimentError(f"experiment {exp.name!r} returned a {type(f).__name__} among its findings")
+        if not f.is_live:
+            raise ExperimentError(f"experiment {exp.name!r} returned the superseded finding {f.id!r}")
         if f.source == "measured" and (f.backend != ctx.backend or f.device != ctx.device_name):
             raise ExperimentError(f"measured finding {f.id!r} is labelled {f.backend}/{f.device!r}, "
                                   f"but this run is {ctx.backend}/{ctx.device_name!r}")
+        seen = by_id.get(f.id)
+        if seen is None:
+            by_id[f.id] = f
+            findings.append(f)
+        elif not seen.same_content(f):
+            raise ExperimentError(
+                f"experiment {exp.name!r} returned two different findings with id {f.id!r} (they differ in "
+                f"{', '.join(seen.changed_fields(f))}): an id names one question, so one run gives it one "
+                "answer; put the question's parameters in config= and the measured choice in answer=")
     check_findings_against_records(findings, records)
     return ExperimentResult(records=records, findings=findings, summary=list(result.summary))
