@@ -69,7 +69,7 @@ def _run_and_check(cuda, q, k, v, seed, *, causal, config=None, scale=None, out=
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device="cuda")
     out.fill_(float("nan"))
     lse.fill_(float("nan"))
-    o_ret, lse_ret = F.flash_forward(q, k, v, causal=causal, scale=scale, config=config, out=out,
+    o_ret, lse_ret = F.flash_forward(q, k, v, kernel="mma", causal=causal, scale=scale, config=config, out=out,
                                      lse=lse, backend=cuda)
     assert o_ret is out and lse_ret is lse
     used = config or C.choose_config(d, q.shape[2], causal, dtype)
@@ -191,14 +191,14 @@ def test_non_default_scale(cuda):
 def test_results_do_not_depend_on_the_run(cuda):
     """Two launches on the same inputs agree bit for bit (a race would move the error)."""
     q, k, v, _ = _inputs(B, H, H, 1000, 1000, 128, "bfloat16")
-    o1, l1 = F.flash_forward(q, k, v, causal=True, backend=cuda)
-    o2, l2 = F.flash_forward(q, k, v, causal=True, backend=cuda)
+    o1, l1 = F.flash_forward(q, k, v, kernel="mma", causal=True, backend=cuda)
+    o2, l2 = F.flash_forward(q, k, v, kernel="mma", causal=True, backend=cuda)
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
 
 def test_time_flash_forward(cuda):
     q, k, v, _ = _inputs(1, 4, 4, 1024, 1024, 128, "bfloat16")
-    stats = F.time_flash_forward(q, k, v, causal=False, backend=cuda, warmup=2, iters=5)
+    stats = F.time_flash_forward(q, k, v, kernel="mma", causal=False, backend=cuda, warmup=2, iters=5)
     assert 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
     assert len(stats.samples_ms) == 5
 
@@ -221,7 +221,7 @@ def test_illegal_config_refused_before_compiling(cuda):
     q, k, v, _ = _inputs(1, 1, 1, 64, 64, 256, "bfloat16")
     cfg = C.FlashConfig(256, 256, 128, 16, 2, False, "bfloat16")
     with pytest.raises(ValueError, match="config.*shared memory"):
-        F.flash_forward(q, k, v, config=cfg, backend=cuda)
+        F.flash_forward(q, k, v, kernel="mma", config=cfg, backend=cuda)
 
 
 @pytest.mark.parametrize("field, value", [("causal", True), ("dtype", "float16"), ("head_dim", 128)])
@@ -229,7 +229,7 @@ def test_config_must_match_the_inputs(cuda, field, value):
     q, k, v, _ = _inputs(1, 1, 1, 64, 64, 64, "bfloat16")
     cfg = C.choose_config(64, 64, False, "bfloat16").with_(**{field: value})
     with pytest.raises(ValueError, match=f"config: {field}"):
-        F.flash_forward(q, k, v, config=cfg, backend=cuda)
+        F.flash_forward(q, k, v, kernel="mma", config=cfg, backend=cuda)
 
 
 def _bad_input_cases():
@@ -306,7 +306,7 @@ def _bad_input_cases():
 def test_bad_inputs_rejected(cuda, case, exc, match):
     q, k, v = case()
     with pytest.raises(exc, match=match):
-        F.flash_forward(q, k, v, backend=cuda)
+        F.flash_forward(q, k, v, kernel="mma", backend=cuda)
 
 
 @pytest.mark.parametrize("what", ["out_shape", "out_dtype", "lse_dtype", "lse_shape", "scale"])
@@ -324,4 +324,4 @@ def test_bad_outputs_and_scale_rejected(cuda, what):
     else:
         kwargs["scale"], exc, match = -0.125, ValueError, "scale: must be positive"
     with pytest.raises(exc, match=match):
-        F.flash_forward(q, k, v, backend=cuda, **kwargs)
+        F.flash_forward(q, k, v, kernel="mma", backend=cuda, **kwargs)

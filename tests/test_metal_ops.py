@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 
 from attnproto import cpu, metal_specs, params, ref
-from attnproto.experiments import proto1, registry
+from attnproto.experiments import registry
+from attnproto.experiments.proto1 import common as proto1_common
+from attnproto.experiments.proto1 import metal as proto1
 from attnproto.ops import metal_flash
 
 
@@ -443,9 +445,9 @@ def small_metal_sweep(monkeypatch):
     monkeypatch.setattr(proto1, "METAL_QUICK_HEAD_DIMS", (64,))
     monkeypatch.setattr(proto1, "METAL_QUICK_SEQ_LENS", (32, 64))
     monkeypatch.setattr(proto1, "METAL_GATE_SHAPES", ((1, 2, 21, 21), (1, 2, 7, 21)))
-    monkeypatch.setattr(proto1, "QUICK_ITERS", 3)
+    monkeypatch.setattr(proto1_common, "QUICK_ITERS", 3)
     monkeypatch.setattr(proto1, "ANCHOR_QUICK_ITERS", 3)
-    monkeypatch.setattr(proto1, "WARMUP", 1)
+    monkeypatch.setattr(proto1_common, "WARMUP", 1)
     return fake
 
 
@@ -464,9 +466,11 @@ def test_harness_proto1_metal_sweep_with_one_anchor_missing(small_metal_sweep, t
     ours = [r for r in result.records if r["config"]["kernel"] == proto1.METAL_KERNEL]
     tiles = metal_specs.flash_tiles(64, proto1.METAL_DTYPE)
     assert len(ours) == len(tiles) * 2 * 2  # tiles x causal x N
+    auto = [r for r in result.records if r["config"]["kernel"] == "auto"]
+    assert len(auto) == 2 * 2 and all(r["config"]["family"] == "metal" for r in auto)
     assert {r["backend"] for r in result.records} == {"metal"}
     assert all(r["metrics"]["smem_bytes"] <= metal_specs.THREADGROUP_MEMORY_LIMIT for r in ours)
-    assert all(r["metrics"]["slice_max_abs_err"] < proto1.ATOL * 10 for r in ours)
+    assert all(r["metrics"]["vs_reference_max_abs_err"] < proto1_common.ATOL * 10 for r in ours)
     mlx = [r for r in result.records if r["config"]["kernel"] == "mlx_sdpa"]
     assert len(mlx) == 2 * 2
     assert not any(r["config"]["kernel"] == "mps_sdpa" for r in result.records)
@@ -479,7 +483,8 @@ def test_harness_proto1_metal_sweep_with_one_anchor_missing(small_metal_sweep, t
     anchor_finding = next(f for f in result.findings if f.slug == "metal-anchors-d64-noncausal-n64")
     assert "Not run: mps_sdpa" in anchor_finding.claim
     table = json.loads((tmp_path / "tile_table.json").read_text())
-    assert {tuple(e["tiles"]) for e in table} <= {("block_r", "block_c")}
+    assert table and {e["family"] for e in table} == {"metal"}
+    assert all(set(e["config"]) == {"block_r", "block_c"} for e in table)
 
 
 def test_harness_proto1_metal_rejects_a_wrong_kernel(small_metal_sweep, tmp_path, monkeypatch):
@@ -500,7 +505,7 @@ def test_harness_proto1_metal_rejects_a_wrong_kernel(small_metal_sweep, tmp_path
     assert bad_tile not in timed and timed
     rejected = json.loads((tmp_path / "summary.json").read_text())["rejected"]
     assert {(r["block_r"], r["block_c"]) for r in rejected} == {bad_tile}
-    assert any(f.slug == "metal-rejected-configs" for f in result.findings)
+    assert any(f.slug == "rejected-configs" for f in result.findings)
 
 
 def test_real_anchor_absence_is_reported_not_faked():

@@ -65,7 +65,7 @@ def _run(launch):
 def test_all_modes_bit_identical_to_mode0_and_production(cuda, dtype, head_dim, causal, shape):
     q, k, v = _inputs(shape, head_dim, dtype, seed=head_dim + shape[3])
     o0, lse0 = _run(stitch.prepare(q, k, v, 0, causal=causal, backend=cuda))
-    prod_o, prod_lse = _run(flash.prepare_forward(q, k, v, causal=causal, backend=cuda))
+    prod_o, prod_lse = _run(flash.prepare_forward(q, k, v, causal=causal, kernel="mma", backend=cuda))
     assert torch.equal(o0, prod_o) and torch.equal(lse0, prod_lse), "mode 0 differs from flash_fwd_mma"
     exact_o, exact_lse = _reference(q, k, v, causal)
     assert torch.allclose(o0.double(), exact_o, atol=ATOL, rtol=RTOL), float((o0.double() - exact_o).abs().max())
@@ -87,7 +87,7 @@ def test_explicit_config_and_launch_shape(cuda, mode):
     assert launch.grid == (4, 2, 1) and launch.block == (128, 1, 1) and launch.shared_bytes == tile.smem_bytes()
     assert (launch.module is not None) == (mode == stitch.LINKED_MODE)
     o, _ = _run(launch)
-    prod_o, _ = _run(flash.prepare_forward(q, k, v, config=tile, backend=cuda))
+    prod_o, _ = _run(flash.prepare_forward(q, k, v, kernel="mma", config=tile, backend=cuda))
     assert torch.equal(o, prod_o)
 
 

@@ -1,29 +1,36 @@
-"""Print one argument line per benchmark for bench/attnproto_bench_flash: the best
-configuration per head dim at the FA3 setting (16K tokens, hidden 2048, BF16), for
-the mma.sync kernel (the chooser's measured table) and the wgmma kernel (its
-defaults), causal and not. tools/device_run.sh's bench stage runs each line."""
+"""Print one argument line per benchmark for bench/attnproto_bench_flash: for every
+registered CUDA family (attnproto.ops.families.FAMILIES), the tiles it runs at the FA3
+setting (one 16K-token sequence, hidden 2048, BF16) per head dim, causal and not.
+tools/device_run.sh's bench stage runs each line."""
 from __future__ import annotations
 
 from attnproto.experiments.proto1 import HEAD_DIMS, HIDDEN, TOKENS
-from attnproto.ops import configs, flash_wgmma
+from attnproto.ops import chooser, families
+from attnproto.ops.problem import DeviceSpec, ProblemSpec
 
 SEQ = TOKENS  # one sequence of 16K tokens
+DTYPE = "bfloat16"
+#: Families whose launches need TMA descriptors (the bench binary builds them with --tma).
+TMA_FAMILIES = ("wgmma",)
 
 
-def lines() -> list[str]:
+def lines(arch: str = "sm_90") -> list[str]:
+    device = DeviceSpec.for_arch(arch)
     out = []
-    for d in HEAD_DIMS:
-        heads = HIDDEN // d
-        for causal in (False, True):
-            common = f"--batch 1 --heads {heads} --seq {SEQ}" + (" --causal" if causal else "")
-            cfg = configs.choose_config(d, SEQ, causal, "bfloat16")
-            consts = " ".join(f"--const {k}={v}" for k, v in cfg.constants().items() if k not in ("CAUSAL", "DTYPE"))
-            out.append(f"--kernel {configs.KERNEL_NAME} {consts} --threads {cfg.threads} --smem {cfg.smem_bytes()} {common}")
-            w = flash_wgmma.default_config(d, causal)
-            wc = flash_wgmma.constants(w, d, causal, "bfloat16")
-            consts = " ".join(f"--const {k}={v}" for k, v in wc.items() if k not in ("CAUSAL", "DTYPE"))
-            out.append(f"--kernel {flash_wgmma.KERNEL_NAME} {consts} --threads {w.threads} "
-                       f"--smem {flash_wgmma.shared_bytes(w, d)} --tma {common}")
+    for fam in families.for_backend("cuda"):
+        for d in HEAD_DIMS:
+            heads = HIDDEN // d
+            for causal in (False, True):
+                spec = ProblemSpec(1, heads, heads, SEQ, SEQ, d, DTYPE, causal)
+                if not fam.supports_spec(spec, device)[0]:
+                    continue
+                cfg, _ = chooser.family_choice(fam, spec, device)
+                consts = {k: v for k, v in fam.constants(cfg, spec).items() if k not in ("CAUSAL", "DTYPE")}
+                threads, smem = cfg.threads, fam.shared_bytes(cfg, spec)
+                common = f"--batch 1 --heads {heads} --seq {SEQ}" + (" --causal" if causal else "")
+                tma = " --tma" if fam.name in TMA_FAMILIES else ""
+                out.append(f"--kernel {fam.kernel_name} " + " ".join(f"--const {k}={v}" for k, v in consts.items())
+                           + f" --threads {threads} --smem {smem}{tma} {common}")
     return out
 
 

@@ -6,6 +6,7 @@
 # Stages (run in the order given):
 #   build       pip install . without build isolation (the device has no network);
 #               wheels in .whl/ (e.g. fla-core) are installed to /tmp/site first
+#   precompile  every kernel specialisation into the archive, 16 NVRTC compiles at once -> $OUT/precompile.log
 #   test        the whole pytest suite, GPU tests included            -> $OUT/pytest.log
 #   test-gpu    only the tests marked gpu ($PYTEST_ARGS: files/-k, default tests) -> $OUT/pytest-gpu.log
 #   sanitize    compute-sanitizer memcheck + racecheck on small shapes -> $OUT/sanitize.log
@@ -41,6 +42,11 @@ for stage in "$@"; do
       python3 -m pip install --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
       tail -1 "$OUT/build.log"
       (cd /tmp && python3 -m attnproto info) || status=1
+      ;;
+    precompile)
+      note precompile
+      (cd /tmp && python3 -m attnproto kernels precompile --jobs "$(nproc)") >"$OUT/precompile.log" 2>&1 || status=1
+      tail -1 "$OUT/precompile.log"
       ;;
     test)
       note test

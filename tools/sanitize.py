@@ -1,4 +1,6 @@
-"""compute-sanitizer memcheck and racecheck on small shapes of every kernel version.
+"""compute-sanitizer memcheck, racecheck, synccheck and initcheck on small shapes of every
+kernel version: every registered CUDA flash family (attnproto.ops.families.FAMILIES) at its
+test head dims, and the other ops' kernels.
 
     python3 tools/sanitize.py            # runs itself under each sanitizer tool, prints a table
     python3 tools/sanitize.py --child    # the workload (what the sanitizer watches)
@@ -12,7 +14,9 @@ import re
 import subprocess
 import sys
 
-TOOLS = ("memcheck", "racecheck")
+# $SANITIZE_TOOLS (comma-separated) narrows the list, e.g. to fit a short device lease.
+TOOLS = tuple(t for t in __import__("os").environ.get("SANITIZE_TOOLS", "memcheck,racecheck,synccheck,initcheck")
+              .split(",") if t)
 # Per-tool wall-clock limit (seconds): the sanitizer slows kernels down by 10-100x.
 TOOL_TIMEOUT_S = int(__import__("os").environ.get("SANITIZE_TIMEOUT_S", "900"))
 SMALL_N = 77        # not a multiple of any tile
@@ -23,21 +27,28 @@ def workload() -> None:
     import torch
 
     from attnproto import backend, gpu_smoke
-    from attnproto.ops import flash, linear, stitch
+    from attnproto.ops import families, flash, linear, stitch
     import numpy as np
 
     be = backend.get("cuda")
     gpu_smoke.run_matmul(be, 33, 17, 21, np.random.default_rng(), iters=1)
-    for kernel, dims in (("mma", (64, 128, 256)), ("wgmma", (64, 128, 256))):
-        for d in dims:
+    for fam in families.for_backend("cuda"):
+        for d in fam.test_head_dims:
             for causal in (False, True):
                 for nq, nkv in ((SMALL_N, SMALL_N), (SMALL_N, SMALL_NKV)):
-                    q = torch.randn(1, 2, nq, d, device="cuda", dtype=torch.bfloat16)
+                    # GQA (4 query heads on 2 KV heads), odd lengths, some causal rows with no key.
+                    q = torch.randn(1, 4, nq, d, device="cuda", dtype=torch.bfloat16)
                     k = torch.randn(1, 2, nkv, d, device="cuda", dtype=torch.bfloat16)
                     v = torch.randn_like(k)
-                    flash.flash_forward(q, k, v, causal=causal, kernel=kernel)
+                    launch = flash.prepare_forward(q, k, v, causal=causal, kernel=fam.name)
+                    launch.launch()
                     torch.cuda.synchronize()
-                    print(f"ran {kernel} D={d} causal={causal} Nq={nq} Nkv={nkv}", flush=True)
+                    print(f"ran {fam.name} {fam.config_label(launch.config)} D={d} causal={causal} "
+                          f"Nq={nq} Nkv={nkv}", flush=True)
+    q = torch.randn(1, 2, SMALL_N, 128, device="cuda", dtype=torch.bfloat16)
+    flash.flash_forward(q, q, q, causal=True)
+    torch.cuda.synchronize()
+    print("ran auto D=128 causal=True", flush=True)
     for dtype in (torch.bfloat16, torch.float32):
         for d in (64, 128):
             q, k, v = (torch.randn(1, 2, 100, d, device="cuda", dtype=dtype) for _ in range(3))

@@ -1,8 +1,15 @@
-"""``attnproto`` command line: info, list, run, kb add|query|stats.
+"""``attnproto`` command line: info, list, run, report, kernels, kb add|query|stats|list|show|rm.
 
-Exit status: 0 success; 1 an experiment or the store failed; 2 bad usage
-(unknown experiment or backend, unavailable backend, unreadable input).
-Errors are one line on stderr, never a traceback, unless the failure is a bug.
+Exit status: 0 success; 1 an experiment or the store failed, or ``kb add`` met
+bad lines (it still imports the good ones); 2 bad usage (unknown experiment or
+backend, unavailable backend, a missing input file or findings database, an
+unknown finding id).  Errors are one line on stderr, never a traceback, unless
+the failure is a bug.
+
+``run`` writes each experiment's results into a staging directory and swaps it
+in for the previous results only when the experiment completed
+(:func:`attnproto.records.staged_results_dir`); only ``run`` and ``kb add``
+create a findings database, the other ``kb`` commands never do.
 """
 from __future__ import annotations
 
@@ -17,10 +24,21 @@ from typing import Any
 
 from . import __version__
 from . import backend as _backend
-from .findings import BACKENDS, FindingError
-from .records import RecordError, default_out_dir, git_commit, make_run_info, results_dir, write_experiment_results
+from .findings import BACKENDS, Finding, FindingError, FindingsMerge, fmt_pct, read_findings_lenient
+from .records import (
+    HISTORY_FILE,
+    STAGING_INFIX,
+    RecordError,
+    default_out_dir,
+    git_commit,
+    leftover_result_dirs,
+    make_run_info,
+    read_previous_findings,
+    results_dir,
+    staged_results_dir,
+)
 from .report import format_table, progress_bar
-from .store import DEFAULT_QUERY_LIMIT, FindingStore, StoreError, default_db_path
+from .store import DEFAULT_QUERY_LIMIT, FindingStore, MissingDatabaseError, StoreError, default_db_path
 
 __all__ = ["BackendStatus", "CLIError", "backend_statuses", "build_parser", "main", "resolve_backend"]
 
@@ -33,6 +51,8 @@ PROG = "attnproto"
 DEFAULT_SEED = 0
 # Backends tried by --backend auto when attnproto.backend.best_backend cannot say, best first.
 AUTO_ORDER = _backend.PREFERENCE
+# The reason column of explain-kernel's family table is cut to this many characters.
+EXPLAIN_CELL_WIDTH = 110
 # Title/claim columns are cut to this many characters in kb query tables.
 QUERY_CELL_WIDTH = 72
 
@@ -214,20 +234,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     failures = []
     try:
         for exp in exps:
-            ctx = experiments.ExperimentContext(
-                experiment=exp.name, backend=backend, device=dict(status.info), device_name=name,
-                driver=driver, commit=commit, quick=args.quick,
-                progress=lambda iterable=None, total=None, desc="": progress_bar(iterable, total=total, desc=desc),
-                out_dir=results_dir(out_root, backend, name, exp.name),
-                rng=np.random.default_rng([args.seed, zlib.crc32(exp.name.encode("utf-8"))]),
-            )
+            final = results_dir(out_root, backend, name, exp.name)
+            for leftover in leftover_result_dirs(final):
+                what = ("new results of a run that never completed" if STAGING_INFIX in leftover.name
+                        else "previous results that were being replaced")
+                print(f"attnproto: warning: {leftover} is left over from an interrupted or concurrent run "
+                      f"({what}); check it and delete it", file=sys.stderr)
             try:
-                result = experiments.run_experiment(exp, ctx)
-                paths = write_experiment_results(out_root, experiment=exp.name, backend=backend,
-                                                 device_name=name, records=result.records,
-                                                 findings=result.findings, run_info=run_info)
-            except (experiments.ExperimentError, RecordError, FindingError) as exc:
-                print(f"attnproto: error: experiment {exp.name} failed: {exc}", file=sys.stderr)
+                # Check the previous findings before measuring: they are merged at the end,
+                # and a file that cannot be read must not be replaced (nor an hour's run lost).
+                read_previous_findings(final)
+                with staged_results_dir(final) as stage:
+                    ctx = experiments.ExperimentContext(
+                        experiment=exp.name, backend=backend, device=dict(status.info), device_name=name,
+                        driver=driver, commit=commit, quick=args.quick,
+                        progress=lambda iterable=None, total=None, desc="": progress_bar(iterable, total=total,
+                                                                                          desc=desc),
+                        out_dir=stage.path,
+                        rng=np.random.default_rng([args.seed, zlib.crc32(exp.name.encode("utf-8"))]),
+                    )
+                    result = experiments.run_experiment(exp, ctx)
+                    merge = stage.write_results(experiment=exp.name, backend=backend, records=result.records,
+                                                findings=result.findings, run_info=run_info)
+                # Only here, with everything written, did the staging directory replace `final`.
+            except (experiments.ExperimentError, RecordError, FindingError, OSError) as exc:
+                kept = f"{final} is unchanged" if final.exists() else "no results written"
+                print(f"attnproto: error: experiment {exp.name} failed: {exc} ({kept})", file=sys.stderr)
                 failures.append(exp.name)
                 continue
             print(f"\n== {exp.name} ({exp.prototype}) on {backend}: {len(result.records)} records")
@@ -238,12 +270,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 for table in _record_tables(result.records):
                     print(table)
                     print()
-            print(format_table([{"confidence": f.confidence, "title": f.title, "id": f.id} for f in result.findings],
-                               ["confidence", "title", "id"]))
-            print(f"results: {paths.directory} ({paths.findings_written} new findings in findings.jsonl)")
+            print(_findings_table(merge.live))
+            print(f"results: {final}")
+            print(f"findings: {_merge_summary(merge)}")
             if store is not None:
-                added, skipped = store.add(result.findings)
-                print(f"kb: {added} added, {skipped} already present ({store.path})")
+                res = store.add([*merge.live, *merge.retired_entries])
+                print(f"kb: {_add_summary(res)} ({store.path})")
     finally:
         if store is not None:
             store.close()
@@ -253,24 +285,81 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _findings_table(findings: Sequence[Finding]) -> str:
+    if not findings:
+        return "no findings"
+    return format_table([{"confidence": f.confidence, "title": f.title, "id": f.id} for f in findings],
+                        ["confidence", "title", "id"])
+
+
+def _merge_summary(merge: FindingsMerge) -> str:
+    text = (f"{len(merge.live)} live in findings.jsonl ({len(merge.new)} new, {len(merge.changed)} superseding "
+            f"an earlier version, {len(merge.unchanged)} unchanged)")
+    if merge.retired:
+        text += f"; {len(merge.retired)} retired (not produced again)"
+    if merge.history:
+        text += f"; {_plural(len(merge.history), 'earlier version')} in {HISTORY_FILE}"
+    return text
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _add_summary(res: Any) -> str:
+    return f"{res.added} added, {res.superseded} superseded, {res.unchanged} unchanged"
+
+
+def _existing_store(db: Path | None) -> FindingStore:
+    """The findings database for a read (or rm): never created; missing -> usage error."""
+    try:
+        return FindingStore(db, create=False)
+    except MissingDatabaseError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def cmd_kb_add(args: argparse.Namespace) -> int:
     for path in args.files:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise CLIError(f"no such findings file: {path}")
+    read = []
+    bad = 0
+    for path in args.files:
+        findings, errors = read_findings_lenient(path)
+        for err in errors:
+            print(f"attnproto: error: {err}", file=sys.stderr)
+        bad += len(errors)
+        read.append((path, findings, errors))
     with FindingStore(args.db) as store:
-        for path in args.files:
-            try:
-                added, skipped = store.add_file(path)
-            except FindingError as exc:
-                raise CLIError(str(exc)) from None
-            print(f"{path}: {added} added, {skipped} already present")
-        print(f"kb: {len(store)} findings in {store.path}")
-    return EXIT_OK
+        for path, findings, errors in read:
+            if any(err.line is None for err in errors):
+                print(f"{path}: not imported")
+                continue
+            text = f"{path}: {_add_summary(store.add(findings))}"
+            if errors:
+                text += f"; {_plural(len(errors), 'bad line')} skipped"
+            print(text)
+        print(f"kb: {_plural(len(store), 'live finding')}, {_plural(store.history_count(), 'superseded version')} "
+              f"in {store.path}")
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+_LIST_COLUMNS = ["confidence", "prototype", "backend", "device", "title", "id"]
+
+
+def _list_rows(findings: Sequence[Finding]) -> list[dict[str, Any]]:
+    return [{"confidence": f.confidence, "prototype": f.prototype, "backend": f.backend, "device": f.device,
+             "title": f.title, "id": f.id} for f in findings]
+
+
+def _pairs(mapping: Mapping[str, Any]) -> list[str]:
+    """``key = value`` per entry, values exact (strings bare, everything else as JSON)."""
+    return [f"{key} = {value if isinstance(value, str) else json.dumps(value)}" for key, value in mapping.items()]
 
 
 def cmd_kb_query(args: argparse.Namespace) -> int:
     text = " ".join(args.text)
-    with FindingStore(args.db) as store:
+    with _existing_store(args.db) as store:
         try:
             hits = store.query(text, limit=args.limit)
         except StoreError as exc:
@@ -282,34 +371,106 @@ def cmd_kb_query(args: argparse.Namespace) -> int:
     if not hits:
         print(f"no findings match {text!r}")
         return EXIT_OK
-    rows = [{"confidence": f.confidence, "prototype": f.prototype, "backend": f.backend, "device": f.device,
-             "title": f.title, "id": f.id} for f in hits]
-    print(format_table(rows, ["confidence", "prototype", "backend", "device", "title", "id"],
-                       max_width=QUERY_CELL_WIDTH))
+    print(format_table(_list_rows(hits), _LIST_COLUMNS, max_width=QUERY_CELL_WIDTH))
     if args.long:
         for f in hits:
             print(f"\n{f.id}\n  {f.claim}")
-            for key, value in f.evidence.items():
-                print(f"  {key} = {value}")
+            for line in _pairs(f.evidence):
+                print(f"  {line}")
+            if f.answer:
+                print(f"  answer: {'; '.join(_pairs(f.answer))}")
             if f.citation:
                 print(f"  citation: {f.citation}")
     return EXIT_OK
 
 
 def cmd_kb_stats(args: argparse.Namespace) -> int:
-    with FindingStore(args.db) as store:
+    with _existing_store(args.db) as store:
         stats = store.stats()
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
         return EXIT_OK
-    print(f"database: {stats['path']} (SQLite {stats['sqlite_version']})")
+    print(f"database: {stats['path']} (SQLite {stats['sqlite_version']}, schema {stats['schema_version']})")
     print(f"search:   {stats['search']}")
     print(f"findings: {stats['total']}")
+    print(f"history:  {stats['history']} superseded versions")
     for key in ("prototype", "device", "backend", "confidence", "source"):
         counts = stats[f"by_{key}"]
         if counts:
             print()
             print(format_table([{key: k, "count": v} for k, v in counts.items()], [key, "count"]))
+    return EXIT_OK
+
+
+def cmd_kb_list(args: argparse.Namespace) -> int:
+    with _existing_store(args.db) as store:
+        found = store.list(prototype=args.prototype)
+        path = store.path
+    if args.json:
+        for f in found:
+            print(f.to_json())
+        return EXIT_OK
+    if not found:
+        of = f" of prototype {args.prototype!r}" if args.prototype else ""
+        print(f"no findings{of} in {path}")
+        return EXIT_OK
+    print(format_table(_list_rows(found), _LIST_COLUMNS, max_width=QUERY_CELL_WIDTH))
+    print(_plural(len(found), "finding"))
+    return EXIT_OK
+
+
+def _finding_text(f: Finding, indent: str = "") -> list[str]:
+    lines = [f"id:         {f.id}",
+             f"title:      {f.title}",
+             f"claim:      {f.claim}",
+             f"prototype:  {f.prototype}",
+             f"device:     {f.device} ({f.backend})",
+             f"confidence: {f.confidence}" + (f" (cv {fmt_pct(f.cv)})" if f.cv is not None else ""),
+             f"source:     {f.source}"]
+    if f.citation:
+        lines.append(f"citation:   {f.citation}")
+    for label, mapping in (("config", f.config), ("answer", f.answer), ("evidence", f.evidence)):
+        lines.append(f"{label}:" + ("" if mapping else "     -"))
+        lines.extend(f"  {pair}" for pair in _pairs(mapping))
+    lines.append(f"records:    {', '.join(f.records) if f.records else '-'}")
+    lines.append(f"commit:     {f.commit}")
+    lines.append(f"timestamp:  {f.timestamp}")
+    if f.superseded is not None:
+        m = f.superseded
+        lines.append(f"superseded: {m['at']} by the version/run of {m['by_timestamp']} (commit {m['by_commit'][:12]})")
+        lines.append(f"  reason:   {m['reason']}")
+    return [indent + line for line in lines]
+
+
+def cmd_kb_show(args: argparse.Namespace) -> int:
+    with _existing_store(args.db) as store:
+        live = store.get(args.id)
+        history = store.history(args.id)
+        path = store.path
+    if live is None and not history:
+        raise CLIError(f"no finding with id {args.id!r} in {path}")
+    if args.json:
+        for f in ([live] if live is not None else []) + history:
+            print(f.to_json())
+        return EXIT_OK
+    if live is not None:
+        print("\n".join(_finding_text(live)))
+    else:
+        print(f"{args.id}: no live finding (every stored version is superseded)")
+    print(f"\nhistory: {_plural(len(history), 'superseded version')}")
+    for i, f in enumerate(history, start=1):
+        print(f"\n[{i}]")
+        print("\n".join(_finding_text(f, indent="  ")))
+    return EXIT_OK
+
+
+def cmd_kb_rm(args: argparse.Namespace) -> int:
+    with _existing_store(args.db) as store:
+        live, history = store.remove(args.id)
+        path = store.path
+    if not live and not history:
+        raise CLIError(f"no finding with id {args.id!r} in {path}")
+    print(f"removed {args.id}: {_plural(live, 'live finding')}, {_plural(history, 'superseded version')} ({path})")
     return EXIT_OK
 
 
@@ -338,13 +499,13 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 
 def report_text(directory: Path) -> str:
-    """The summary table of one committed result directory (results/<device>/<experiment>).
+    """The summary table of one result directory (results/<device>/<experiment>).
 
-    Built only from its records.jsonl, by the experiment's own ``summary_table``
-    when it has one; README tables are this text (tools/update_readme.py).
+    Built only from its records.jsonl: by the experiment's own ``summary_table``
+    when it has one and it yields rows for these records, otherwise (e.g. a CPU
+    run the summary does not cover) one table per config shape of the records;
+    never a table without rows.  README tables are this text (tools/update_readme.py).
     """
-    import importlib  # noqa: PLC0415
-
     from .records import read_records  # noqa: PLC0415
 
     directory = Path(directory)
@@ -355,17 +516,92 @@ def report_text(directory: Path) -> str:
     if not records:
         raise CLIError(f"{path}: empty")
     exp = records[0]["experiment"]
-    _experiments_module()
-    module = importlib.import_module(f"attnproto.experiments.{exp}")
     header = (f"{exp} on {records[0]['device']} ({records[0]['backend']}, driver {records[0]['driver']}), "
               f"commit {records[0]['commit'][:12]}, {records[0]['date'][:10]}; {len(records)} records")
-    if hasattr(module, "summary_table"):
-        return header + "\n" + format_table(module.summary_table(records))
-    return header + "\n" + "\n\n".join(_record_tables(records))
+    summary_table = getattr(_experiment_module(exp), "summary_table", None)
+    rows, note = [], ""
+    if summary_table is not None:
+        try:
+            rows = summary_table(records)
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as exc:
+            # A summary written for other records (another backend's): show the records instead, and say so.
+            note = f"\n({exp}.summary_table failed on these records: {type(exc).__name__}: {exc}; the records:)"
+    if rows:
+        return header + "\n" + format_table(rows)
+    return header + note + "\n" + "\n\n".join(_record_tables(records))
+
+
+def _experiment_module(name: str) -> Any:
+    """The module holding experiment ``name``'s ``summary_table``: ``attnproto.experiments.<name>``
+    (a module or a package) when it exists, else the module that registered it; None if neither."""
+    import importlib  # noqa: PLC0415
+
+    experiments = _experiments_module()
+    try:
+        exp = experiments.get(name)
+    except experiments.UnknownExperimentError:
+        return None
+    candidates = []
+    full = f"{experiments.__name__}.{name}"
+    try:
+        candidates.append(importlib.import_module(full))
+    except ModuleNotFoundError as exc:
+        if exc.name != full:
+            raise
+    candidates.append(sys.modules.get(exp.func.__module__))
+    return next((m for m in candidates if m is not None and hasattr(m, "summary_table")), candidates[-1])
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     print(report_text(Path(args.directory)))
+    return EXIT_OK
+
+
+def _explain_device(args: argparse.Namespace):
+    """The DeviceSpec to explain for: --arch (no device needed), else the --backend's device."""
+    from .ops.problem import DeviceSpec  # noqa: PLC0415
+
+    if args.arch is not None:
+        try:
+            return DeviceSpec.for_arch(args.arch)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+    status = resolve_backend(args.backend)
+    if status.name == "cpu":
+        return DeviceSpec.from_backend(None)
+    return DeviceSpec.from_backend(_backend.get(status.name))
+
+
+def cmd_explain_kernel(args: argparse.Namespace) -> int:
+    """What flash_forward(q, k, v) (kernel="auto") runs for a shape, and why; every family's verdict."""
+    from .ops import flash  # noqa: PLC0415
+    from .ops.problem import ProblemSpec  # noqa: PLC0415
+
+    device = _explain_device(args)
+    heads = args.heads
+    kv_heads = args.kv_heads if args.kv_heads is not None else heads
+    if heads % kv_heads:
+        raise CLIError(f"--kv-heads: {kv_heads} does not divide --heads {heads}")
+    spec = ProblemSpec(args.batch, heads, kv_heads, args.n, args.nkv if args.nkv is not None else args.n, args.d,
+                       args.dtype, bool(args.causal))
+    try:
+        verdict = flash.explain(spec, device)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"device": device.__dict__ | {"compute": list(device.compute)}, "problem": spec.__dict__,
+                          **verdict}, indent=2))
+        return EXIT_OK
+    mask = "causal" if spec.causal else "non-causal"
+    print(f"D={spec.head_dim}, Nq={spec.seq_q}, Nkv={spec.seq_kv}, {mask}, {spec.dtype}, B={spec.batch}, "
+          f"Hq={spec.num_heads}, Hkv={spec.num_kv_heads} on {device.name or device.arch} ({device.backend}, "
+          f"{device.arch})")
+    print(f"kernel='auto' runs: {verdict['family']} {verdict['config']}")
+    print(f"why: {verdict['reason']}")
+    rows = [{"family": r["family"], "supported": r["supported"], "tiles": r.get("config", "-"),
+             "why": r.get("reason") or r["why"]} for r in verdict["families"]]
+    print()
+    print(format_table(rows, ["family", "supported", "tiles", "why"], max_width=EXPLAIN_CELL_WIDTH))
     return EXIT_OK
 
 
@@ -417,14 +653,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=_positive_int, default=None, help="parallel compiles (default: CPU count)")
     p.set_defaults(func=cmd_kernels)
 
+    p = sub.add_parser("explain-kernel", help="which kernel family and tiles kernel='auto' runs for a shape, and why")
+    p.add_argument("--d", type=_positive_int, required=True, help="head dim")
+    p.add_argument("--n", type=_positive_int, required=True, help="query length Nq")
+    p.add_argument("--nkv", type=_positive_int, default=None, help="key/value length (default: --n)")
+    p.add_argument("--causal", action="store_true", help="bottom-right aligned causal mask")
+    p.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--heads", type=_positive_int, default=16, help="query heads Hq")
+    p.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads Hkv (default: --heads)")
+    p.add_argument("--backend", default=AUTO, choices=BACKENDS + (AUTO,),
+                   help="whose device to explain for (default: the best available)")
+    p.add_argument("--arch", default=None, help="explain for a CUDA arch without its device, e.g. sm_90, sm_80")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.set_defaults(func=cmd_explain_kernel)
+
     p = sub.add_parser("report", help="summary table of a result directory (results/<device>/<experiment>)")
     p.add_argument("directory", help="e.g. results/nvidia-h100-80gb-hbm3/proto1")
     p.set_defaults(func=cmd_report)
 
     kb = sub.add_parser("kb", help="findings database")
     kb_sub = kb.add_subparsers(dest="kb_command", required=True, metavar="KB_COMMAND")
-    p = kb_sub.add_parser("add", help="add findings JSONL file(s); ids already stored are skipped")
-    p.add_argument("files", nargs="+", help="findings .jsonl files")
+    p = kb_sub.add_parser("add", help="add findings JSONL file(s): a newer version of a stored id supersedes it; "
+                                      "bad lines are reported and skipped (exit 1)")
+    p.add_argument("files", nargs="+", help="findings .jsonl files (findings.jsonl; findings_history.jsonl "
+                                            "entries go to the history)")
     _add_db_option(p)
     p.set_defaults(func=cmd_kb_add)
     p = kb_sub.add_parser("query", help="full-text search, e.g. kb query tile size D=128")
@@ -438,6 +691,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the stats as JSON")
     _add_db_option(p)
     p.set_defaults(func=cmd_kb_stats)
+    p = kb_sub.add_parser("list", help="table of the live findings")
+    p.add_argument("--prototype", default=None, help="only this prototype's findings")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON lines")
+    _add_db_option(p)
+    p.set_defaults(func=cmd_kb_list)
+    p = kb_sub.add_parser("show", help="one finding in full (claim, config, answer, evidence, records) and its history")
+    p.add_argument("id", help="finding id, e.g. smoke/fp32-matmul-error-bound-cpu/0b5c44f4a125")
+    p.add_argument("--json", action="store_true", help="print the live finding, then its history, as JSON lines")
+    _add_db_option(p)
+    p.set_defaults(func=cmd_kb_show)
+    p = kb_sub.add_parser("rm", help="remove a live finding and its history")
+    p.add_argument("id", help="finding id")
+    _add_db_option(p)
+    p.set_defaults(func=cmd_kb_rm)
     return parser
 
 

@@ -1,5 +1,8 @@
-"""Every CUDA kernel specialisation the project uses, from each kernel family's
-own list, and two ways to compile them without a GPU (NVRTC only):
+"""Every CUDA kernel specialisation the project uses, and two ways to compile them
+without a GPU (NVRTC only). The flash-attention families come from the registry
+(:data:`attnproto.ops.families.FAMILIES`, each family's ``specialisations()``); the
+other ops (the smoke matmul, linear attention, Prototype 2's stitched kernel) list
+their own:
 
 * :func:`compile_all` — compile each one and report errors (CI fails on any);
 * :func:`precompile` — fill the on-disk archive, so a GPU machine loads instead
@@ -12,13 +15,10 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-#: (module, function) pairs returning list[(kernel name, constants)].
+#: (module, function) pairs returning list[(kernel name, constants)], besides the families.
 _PROVIDERS = (
     ("attnproto.gpu_smoke", "specialisations"),
-    ("attnproto.ops.configs", "all_specialisations"),
-    ("attnproto.ops.flash_wgmma", "wgmma_specialisations"),
     ("attnproto.ops.linear", "linear_specialisations"),
-    ("attnproto.experiments.proto1", "sweep_specialisations"),
     ("attnproto.ops.stitch", "stitch_specialisations"),
 )
 
@@ -28,10 +28,18 @@ DEFAULT_ARCH = "sm_90a"
 Spec = tuple[str, dict[str, int]]
 
 
+def family_specialisations() -> list[Spec]:
+    """Every specialisation of every registered flash family."""
+    from .ops import families  # noqa: PLC0415
+
+    return [spec for fam in families.FAMILIES for spec in fam.specialisations()]
+
+
 def all_specialisations() -> list[Spec]:
     seen, out = set(), []
-    for mod_name, fn in _PROVIDERS:
-        for name, consts in getattr(importlib.import_module(mod_name), fn)():
+    providers = [family_specialisations] + [getattr(importlib.import_module(m), fn) for m, fn in _PROVIDERS]
+    for provider in providers:
+        for name, consts in provider():
             key = (name, tuple(sorted(consts.items())))
             if key not in seen:
                 seen.add(key)

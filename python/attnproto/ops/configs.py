@@ -3,19 +3,17 @@
 :class:`FlashConfig` names one specialisation (the named constants of
 ``shaders/cuda/flash_fwd_mma.cu``, defined in ``include/fa_mma.cuh``); :meth:`FlashConfig.is_legal` mirrors the
 kernel's ``static_assert`` s so that an illegal combination is refused before it
-reaches NVRTC. :func:`choose_config` picks the tiles for a problem from
-:data:`TABLE`, whose entries each carry the reason they were chosen;
-:func:`sweep_space` lists what the proto1 sweep measures, and
-:func:`all_specialisations` every specialisation the project launches (CI
-compiles each).
+reaches NVRTC. :data:`DEFAULT_TABLE` holds its starting tiles, each with its reason (the
+measured choice is :mod:`attnproto.ops.chooser`'s, and :func:`choose_config`
+asks it); :func:`sweep_space` lists what the proto1 sweep measures, and
+:func:`all_specialisations` the default tiles (CI compiles each; the family
+adds the sweep and the measured table).
 
 Nothing here needs a GPU or torch.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
@@ -26,11 +24,11 @@ __all__ = [
     "SMEM_OPTIN_LIMIT_BY_ARCH",
     "FlashConfig",
     "TableEntry",
-    "TABLE",
+    "DEFAULT_TABLE",
     "dtype_code",
     "sweep_space",
     "choose_config",
-    "table_reason",
+    "default_entry",
     "all_specialisations",
 ]
 
@@ -261,9 +259,9 @@ class TableEntry:
 # Query lengths up to this get the short-sequence tiles: ceil(1024/64) = 16 query tiles
 # per (batch, head) instead of 8 keeps 132 SMs busier at small B*H.
 SHORT_SEQ = 1024
-_DEFAULT = "default until the proto1 sweep runs: "
+_DEFAULT = "default tiles: "
 
-# Used only when no measured table ships with the package (see TABLE_FILE).
+# The family's starting tiles: used where the measured table has no entry (another arch).
 DEFAULT_TABLE: Tuple[TableEntry, ...] = (
     TableEntry(64, SHORT_SEQ, None, 64, 64, 4, 2,
                _DEFAULT + "short sequences: 64-row CTAs double the CTAs per head; 16 rows/warp "
@@ -286,58 +284,35 @@ DEFAULT_TABLE: Tuple[TableEntry, ...] = (
                           "S_j and K_j+1 during P V_j"),
 )
 
-#: The measured chooser table: written by ``attnproto run proto1`` as
-#: results/<device>/proto1/tile_table.json (fastest legal tiles per head dim, mask and
-#: length band, each with the measurement that chose it) and copied here.
-TABLE_FILE = Path(__file__).with_name("tile_table.json")
+def default_entry(head_dim: int, seq_len: int, causal: bool, dtype: Any,
+                  smem_limit: int = SMEM_LIMIT_SM90) -> Tuple[TableEntry, FlashConfig]:
+    """The first :data:`DEFAULT_TABLE` entry for the problem whose tiles fit ``smem_limit``.
 
-
-def load_table(path: Path = TABLE_FILE) -> Tuple[TableEntry, ...]:
-    """Table entries from a proto1 tile_table.json; DEFAULT_TABLE when the file is absent."""
-    if not path.is_file():
-        return DEFAULT_TABLE
-    entries = []
-    for row in json.loads(path.read_text()):
-        t = row["tiles"]
-        entries.append(TableEntry(int(row["head_dim"]), row["max_seq_len"], bool(row["causal"]),
-                                  int(t["block_r"]), int(t["block_c"]), int(t["warps"]), int(t["stages"]),
-                                  str(row["reason"])))
-    # First match wins: within one (head dim, mask) shorter bands come first, the open band last.
-    entries.sort(key=lambda e: (e.head_dim, e.causal, e.max_seq_len is None, e.max_seq_len or 0))
-    return tuple(entries)
-
-
-# First match wins.
-TABLE: Tuple[TableEntry, ...] = load_table()
-
-
-def _entry(head_dim: int, seq_len: int, causal: bool, dtype: Any, smem_limit: int) -> Tuple[TableEntry, FlashConfig]:
-    """First TABLE entry matching the problem whose tiles are legal under ``smem_limit``;
-    DEFAULT_TABLE is the fallback for devices the measured table does not fit (e.g. sm_80)."""
+    A head dim without entries borrows those of the next larger tabulated one (its tiles
+    hold at least as much). These are the family's starting tiles: what runs when no
+    measured table entry applies (a device the Prototype 1 sweep has not run on)."""
+    head_dim = _check_head_dim(head_dim)
     table_dim = next((d for d in SUPPORTED_HEAD_DIMS if d >= head_dim), SUPPORTED_HEAD_DIMS[-1])
     tried = []
-    for table in (TABLE, DEFAULT_TABLE):
-        for e in table:
-            if not e.matches(table_dim, seq_len, causal):
-                continue
-            cfg = FlashConfig(head_dim, e.block_r, e.block_c, e.warps, e.stages, causal, dtype)
-            ok, why = cfg.is_legal(smem_limit)
-            if ok:
-                return e, cfg
-            tried.append(f"{cfg.label()}: {why}")
-            break  # first match per table only
-    raise LookupError(f"no legal table entry for head_dim {head_dim}, seq_len {seq_len}, causal {causal} "
+    for e in DEFAULT_TABLE:
+        if not e.matches(table_dim, seq_len, causal):
+            continue
+        cfg = FlashConfig(head_dim, e.block_r, e.block_c, e.warps, e.stages, causal, dtype)
+        ok, why = cfg.is_legal(smem_limit)
+        if ok:
+            return e, cfg
+        tried.append(f"{cfg.label()}: {why}")
+    raise LookupError(f"no legal default tiles for head_dim {head_dim}, seq_len {seq_len}, causal {causal} "
                       f"within {smem_limit} bytes of shared memory: " + "; ".join(tried))
 
 
 def choose_config(head_dim: int, seq_len: int, causal: bool, dtype: Any,
                   smem_limit: int = SMEM_LIMIT_SM90) -> FlashConfig:
-    """Tiles for a problem from :data:`TABLE` (measured by proto1).
+    """The mma.sync tiles ``kernel="mma"`` runs for a problem (query length ``seq_len``).
 
-    ``seq_len`` is the query length Nq. A head dim without entries borrows the
-    entries of the next larger tabulated one (its tiles hold at least as much).
-    ``smem_limit`` is the device's per-block opt-in shared memory: a measured entry
-    that does not fit falls back to :data:`DEFAULT_TABLE`. ValueError for an
+    The measured table (:mod:`attnproto.ops.chooser`, from the Prototype 1 sweep) for a
+    device with ``smem_limit`` bytes of shared memory (sm_90's by default; sm_80's and
+    sm_86's pick their arch's entries), else :data:`DEFAULT_TABLE`. ValueError for an
     unsupported head dim.
     """
     head_dim = _check_head_dim(head_dim)
@@ -346,33 +321,28 @@ def choose_config(head_dim: int, seq_len: int, causal: bool, dtype: Any,
         raise ValueError(f"seq_len: must be >= 0, got {seq_len}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    dtype_code(dtype)
-    return _entry(head_dim, seq_len, causal, dtype, smem_limit)[1]
+    dtype = _dtype_name(dtype_code(dtype))
+    from . import chooser  # noqa: PLC0415  (the chooser imports the families, which import this module)
 
-
-def table_reason(config: FlashConfig, seq_len: int, smem_limit: int = SMEM_LIMIT_SM90) -> str:
-    """The table reason behind ``choose_config`` for this config's problem."""
-    return _entry(config.head_dim, seq_len, config.causal, config.dtype, smem_limit)[0].reason
+    return chooser.mma_choice(head_dim, seq_len, causal, dtype, smem_limit)[0]
 
 
 def all_specialisations() -> List[Tuple[str, Dict[str, int]]]:
-    """(kernel name, constants) of every specialisation the project launches.
-
-    The chooser's configurations for each tabulated head dim, both masks, both
-    dtypes, every sequence-length band of the tables, for Hopper's and Ampere's
-    shared-memory limits. Unique, each legal on sm_90 (CI compiles the sm_80 ones
-    for sm_80 too).
-    """
+    """(kernel name, constants) of the default tiles: every :data:`DEFAULT_TABLE` choice for
+    each tabulated head dim, both masks, both dtypes and every length band, under Hopper's
+    and Ampere's shared-memory limits. Unique, each legal on sm_90 (CI compiles the ones
+    that fit sm_80 for sm_80 too). The family adds its sweep and the measured table's tiles
+    (:meth:`attnproto.ops.families.mma.MmaFamily.specialisations`)."""
     seen = set()
     out: List[Tuple[str, Dict[str, int]]] = []
-    lengths = sorted({e.max_seq_len for t in (TABLE, DEFAULT_TABLE) for e in t if e.max_seq_len is not None})
+    lengths = sorted({e.max_seq_len for e in DEFAULT_TABLE if e.max_seq_len is not None})
     probe_lengths = [0] + lengths + [lengths[-1] + 1 if lengths else 1]
     for head_dim in SUPPORTED_HEAD_DIMS:
         for causal in (False, True):
             for dtype in DTYPE_CODES:
                 for seq_len in probe_lengths:
                     for limit in (SMEM_LIMIT_SM90, SMEM_LIMIT_SM80):
-                        consts = choose_config(head_dim, seq_len, causal, dtype, limit).constants()
+                        consts = default_entry(head_dim, seq_len, causal, dtype, limit)[1].constants()
                         key = tuple(sorted(consts.items()))
                         if key not in seen:
                             seen.add(key)

@@ -6,14 +6,13 @@ fill out of bounds), the AttentionParams block, and launches one CTA of
 ``64 * consumer_wg`` query rows per (row block, batch, head) with
 ``(consumer_wg + 1) * 128`` threads.
 
-Public API::
+This module is the kernel's host code (configs, legality, TMA maps, the launch);
+the family object that the front door uses is :mod:`attnproto.ops.families.wgmma`.
 
-    flash_forward_wgmma(q, k, v, *, causal=False, scale=None, config=None,
-                        out=None, lse=None, backend=None) -> (o, lse)
-    prepare_forward_wgmma(...same...) -> PreparedLaunch   (for timing without Python in the loop)
-    WgmmaConfig(block_r, block_c, stages, consumer_wg); default_config(head_dim, causal)
+    flash_forward_wgmma(q, k, v, ...) / prepare_forward_wgmma(...)  = flash_forward(..., kernel="wgmma")
+    WgmmaConfig(block_c, stages, consumer_wg); default_config(head_dim, causal) (FA3's tiles)
+    sweep_space(head_dim) -> every legal tile the Prototype 1 sweep measures
     shared_bytes(config, head_dim) -> int
-    specialisations() / wgmma_specialisations() -> [(kernel name, constants)]
 
 Inputs are torch CUDA tensors (float16 or bfloat16) Q [B, Hq, Nq, D],
 K/V [B, Hkv, Nkv, D] with the head_dim axis contiguous; ``o``/``lse`` may be
@@ -27,9 +26,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .. import params as _params
-from .. import validate as _v
-from . import flash as _flash
 
 KERNEL_NAME = "flash_fwd_wgmma"
 
@@ -99,7 +95,8 @@ def shared_bytes(config: WgmmaConfig, head_dim: int) -> int:
 
 
 def default_config(head_dim: int, causal: bool) -> WgmmaConfig:
-    """Starting tiles (FlashAttention-3's table for H100; not yet tuned on this project's runs).
+    """Starting tiles, FlashAttention-3's published H100 choice: the family's tiles where the
+    measured table has no entry (the Prototype 1 sweep chooses among :func:`sweep_space`).
 
     D = 64 / 128: 128 x 128 tiles, two consumer warpgroups; D = 64 keeps three
     stages since each tile is short work. D = 256: 128 x 80, the widest key tile
@@ -108,7 +105,7 @@ def default_config(head_dim: int, causal: bool) -> WgmmaConfig:
     """
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim: must be one of {HEAD_DIMS}, got {head_dim}")
-    del causal  # same tiles both ways until measured otherwise
+    del causal  # FA3 uses the same tiles both ways
     if head_dim == 64:
         return WgmmaConfig(block_c=128, stages=3, consumer_wg=2)
     if head_dim == 128:
@@ -116,7 +113,8 @@ def default_config(head_dim: int, causal: bool) -> WgmmaConfig:
     return WgmmaConfig(block_c=80, stages=2, consumer_wg=2)
 
 
-def _as_config(config: Any, head_dim: int, causal: bool) -> WgmmaConfig:
+def as_config(config: Any, head_dim: int, causal: bool) -> WgmmaConfig:
+    """A caller's config (WgmmaConfig, a dict of its fields, or None = the defaults), checked."""
     if config is None:
         cfg = default_config(head_dim, causal)
     elif isinstance(config, WgmmaConfig):
@@ -145,29 +143,36 @@ def constants(config: WgmmaConfig, head_dim: int, causal: bool, dtype: str) -> d
     }
 
 
-#: Extra tiles compiled by CI besides the defaults: the FA3 non-causal D = 128
-#: tile (128 x 176) and one-consumer variants, for benchmarking against the defaults.
-EXTRA_CONFIGS = (
-    (128, WgmmaConfig(block_c=176, stages=2, consumer_wg=2)),
-    (128, WgmmaConfig(block_c=128, stages=2, consumer_wg=1)),
-    (64, WgmmaConfig(block_c=128, stages=2, consumer_wg=1)),
-    (256, WgmmaConfig(block_c=64, stages=2, consumer_wg=2)),
-)
+# ---- the Prototype 1 sweep of this kernel ----
+#: Every BLOCK_C the kernel has a wgmma_ss specialisation for (hopper.cuh).
+SWEEP_BLOCK_C = tuple(range(BLOCK_C_RANGE[0], BLOCK_C_RANGE[1] + 1, MMA_K))
+#: Ring depths worth measuring: 2 (FA3's default) to 4 (deeper rings only cost shared memory
+#: once the loads of one tile hide under the two GEMMs of the previous one).
+SWEEP_STAGES = (2, 3, 4)
+SWEEP_CONSUMER_WG = (1, 2)
 
 
-def specialisations() -> list[tuple[str, dict[str, int]]]:
-    """Every specialisation the project uses (CI compiles each with NVRTC)."""
+def is_legal(config: WgmmaConfig, head_dim: int) -> tuple[bool, str]:
+    """(True, "") or (False, the kernel's static_assert that fails)."""
+    try:
+        _check_config(config, head_dim)
+    except (TypeError, ValueError) as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def sweep_space(head_dim: int) -> list[WgmmaConfig]:
+    """Every legal BLOCK_C x STAGES x CONSUMER_WG tile at ``head_dim`` (shared memory within 227 KiB)."""
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim: must be one of {HEAD_DIMS}, got {head_dim}")
     out = []
-    for causal in (False, True):
-        for dtype in DTYPE_CODES:
-            for d in HEAD_DIMS:
-                out.append((KERNEL_NAME, constants(default_config(d, causal), d, causal, dtype)))
-            for d, cfg in EXTRA_CONFIGS:
-                out.append((KERNEL_NAME, constants(cfg, d, causal, dtype)))
+    for wg in SWEEP_CONSUMER_WG:
+        for c in SWEEP_BLOCK_C:
+            for st in SWEEP_STAGES:
+                cfg = WgmmaConfig(block_c=c, stages=st, consumer_wg=wg)
+                if is_legal(cfg, head_dim)[0]:
+                    out.append(cfg)
     return out
-
-
-wgmma_specialisations = specialisations
 
 
 def _tma_strides(shape: tuple[int, ...], strides: tuple[int, ...], name: str) -> list[int]:
@@ -194,96 +199,37 @@ def _tma_strides(shape: tuple[int, ...], strides: tuple[int, ...], name: str) ->
     return out
 
 
-def _check_address(x: Any, name: str) -> None:
-    if x.data_ptr() % TMA_ALIGN_BYTES:
-        raise ValueError(f"{name}: data pointer is not 16-byte aligned (TMA requirement)")
+def prepare(problem: Any, cfg: WgmmaConfig, backend: Any) -> Any:
+    """The launch of a checked CUDA problem (attnproto.ops.problem): TMA maps, params, kernel."""
+    from .problem import PreparedLaunch, flash_params  # noqa: PLC0415
 
-
-def _check_output(x: Any, name: str, shape: tuple[int, ...], dtype: str, device: Any,
-                  contiguous_last: bool) -> _v.TensorInfo:
-    info = _v.check_tensor(x, name, ndim=len(shape), allowed_dtypes=(dtype,), contiguous_last_dim=contiguous_last,
-                           device="cuda")
-    if info.shape != shape:
-        raise ValueError(f"{name}: shape {info.shape} does not match the expected {shape}")
-    if x.device != device:
-        raise ValueError(f"{name}: on {x.device}, the inputs are on {device}")
-    return info
-
-
-def flash_forward_wgmma(q: Any, k: Any, v: Any, *, causal: bool = False, scale: Optional[float] = None,
-                        config: Any = None, out: Any = None, lse: Any = None, backend: Any = None):
-    """Flash attention forward on Hopper through wgmma + TMA; returns (O, LSE).
-
-    O is like ``q``; LSE is float32 [B, Hq, Nq] (natural log; -inf for a query
-    row that sees no key, whose O row is 0). ``scale`` defaults to 1/sqrt(D) and
-    must be positive (the kernel takes the running max on unscaled scores).
-    """
-    return prepare_forward_wgmma(q, k, v, causal=causal, scale=scale, config=config, out=out, lse=lse,
-                                 backend=backend).launch()
-
-
-def prepare_forward_wgmma(q: Any, k: Any, v: Any, *, causal: bool = False, scale: Optional[float] = None,
-                          config: Any = None, out: Any = None, lse: Any = None, backend: Any = None) -> _flash.PreparedLaunch:
-    """Validate, allocate outputs, encode the TMA maps and compile; returns the launch to replay."""
-    import torch  # noqa: PLC0415  (GPU-only path)
-
-    from .. import backend as _backend  # noqa: PLC0415
-
-    shape = _v.check_attention_inputs(q, k, v, causal=causal, allowed_dtypes=tuple(DTYPE_CODES),
-                                      head_dims=HEAD_DIMS, device="cuda")
-    scale = _v.check_scale(scale, shape.head_dim)
-    if scale <= 0.0:
-        raise ValueError(f"scale: must be positive, got {scale}")
-    cfg = _as_config(config, shape.head_dim, causal)
-    for x, name in ((q, "q"), (k, "k"), (v, "v")):
-        _check_address(x, name)
-    for x, name in ((k, "k"), (v, "v")):
-        if x.device != q.device:
-            raise ValueError(f"{name}: on {x.device}, q is on {q.device}")
-
-    b, hq, hkv, nq, nkv, d = (shape.batch, shape.num_heads, shape.num_kv_heads, shape.seq_q, shape.seq_kv,
-                              shape.head_dim)
-    o_shape, lse_shape = (b, hq, nq, d), (b, hq, nq)
-    if out is None:
-        out = torch.empty(o_shape, dtype=q.dtype, device=q.device)
-    o_info = _check_output(out, "out", o_shape, shape.dtype, q.device, contiguous_last=True)
-    if any(s % 2 for s in o_info.strides[:3]) or out.data_ptr() % 4:
-        raise ValueError("out: strides and address must be even in elements (the kernel stores 2 elements at once)")
-    if lse is None:
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    lse_info = _check_output(lse, "lse", lse_shape, "float32", q.device, contiguous_last=True)
-
-    m_blocks = math.ceil(nq / cfg.block_r)
-    grid_x = m_blocks * b * hq
+    s = problem.shape
+    b, hq, hkv, nq, nkv, d = s.batch, s.num_heads, s.num_kv_heads, s.seq_q, s.seq_kv, s.head_dim
+    grid_x = math.ceil(nq / cfg.block_r) * b * hq
     if grid_x > MAX_GRID_X:
         raise ValueError(f"q: {grid_x} CTAs exceed the grid limit {MAX_GRID_X}")
-
-    be = _backend.get("cuda") if backend is None else backend
-    tdt = TMA_DTYPES[shape.dtype]
+    tdt = TMA_DTYPES[s.dtype]
     maps = []
-    for x, name, rows, heads, seq in ((q, "q", cfg.block_r, hq, nq), (k, "k", cfg.block_c, hkv, nkv),
-                                      (v, "v", cfg.block_c, hkv, nkv)):
-        info = _v.tensor_info(x, name)
+    for name, rows, heads, seq in (("q", cfg.block_r, hq, nq), ("k", cfg.block_c, hkv, nkv), ("v", cfg.block_c, hkv, nkv)):
+        x, info = getattr(problem, name), problem.infos[name]
         strides = _tma_strides(info.shape, info.strides, name)
-        maps.append(be.tensor_map(x, tdt, [d, seq, heads, b], strides, [SWIZZLE_COLS, rows, 1, 1],
-                                  SWIZZLE_BYTES, False))
-
-    qs, ks, vs = (_v.tensor_info(x, n).strides for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    prm = _params.make_params(
-        batch=b, num_heads=hq, num_kv_heads=hkv, seq_q=nq, seq_kv=nkv, head_dim=d, scale=scale,
-        q_stride=qs[:3], k_stride=ks[:3], v_stride=vs[:3], o_stride=o_info.strides[:3],
-        lse_stride=lse_info.strides[:2])
-    kern = be.kernel(KERNEL_NAME, **constants(cfg, d, causal, shape.dtype))
-    problem = _flash.FlashProblem(q, k, v, out, lse, shape, bool(causal), scale, tuple(qs[:3]), tuple(ks[:3]),
-                                  tuple(vs[:3]), tuple(o_info.strides[:3]), tuple(lse_info.strides[:2]))
-    return _flash.PreparedLaunch(be, kern, (grid_x, 1, 1), (cfg.threads, 1, 1), [prm, *maps, out, lse],
-                                 shared_bytes(cfg, d), problem, cfg)
+        maps.append(backend.tensor_map(x, tdt, [d, seq, heads, b], strides, [SWIZZLE_COLS, rows, 1, 1],
+                                       SWIZZLE_BYTES, False))
+    kern = backend.kernel(KERNEL_NAME, **constants(cfg, d, problem.causal, s.dtype))
+    return PreparedLaunch(backend, kern, (grid_x, 1, 1), (cfg.threads, 1, 1),
+                          [flash_params(problem), *maps, problem.out, problem.lse], shared_bytes(cfg, d), problem,
+                          cfg, family="wgmma")
 
 
-def _prepare_registered(problem: Any, config: Any, backend: Any) -> Any:
-    """flash.KERNELS entry: ``flash_forward(..., kernel="wgmma")`` (inputs re-checked for TMA)."""
-    return prepare_forward_wgmma(problem.q, problem.k, problem.v, causal=problem.causal, scale=problem.scale,
-                                 config=config, out=problem.out, lse=problem.lse, backend=backend)
+def flash_forward_wgmma(q: Any, k: Any, v: Any, **kwargs: Any):
+    """``flash_forward(q, k, v, kernel="wgmma", **kwargs)``; returns (O, LSE)."""
+    from .flash import flash_forward  # noqa: PLC0415
+
+    return flash_forward(q, k, v, kernel="wgmma", **kwargs)
 
 
-_flash.register_kernel("wgmma", _prepare_registered)
+def prepare_forward_wgmma(q: Any, k: Any, v: Any, **kwargs: Any):
+    """``prepare_forward(q, k, v, kernel="wgmma", **kwargs)``: the launch to replay."""
+    from .flash import prepare_forward  # noqa: PLC0415
+
+    return prepare_forward(q, k, v, kernel="wgmma", **kwargs)

@@ -304,4 +304,5 @@ def prepare(q: Any, k: Any, v: Any, mode: int, *, config: Optional[_cfg.FlashCon
     args = [_flash.flash_params(problem), problem.q, problem.k, problem.v, problem.out, problem.lse,
             np.int32(TABLE_ROW)]
     return StitchLaunch(backend, kern, cfg.grid(s.batch, s.num_heads, s.seq_q), (cfg.threads, 1, 1), args,
-                        cfg.smem_bytes(), problem, cfg, module)
+                        cfg.smem_bytes(), problem, cfg, family="mma", reason=f"Prototype 2 mode {mode}",
+                        module=module)

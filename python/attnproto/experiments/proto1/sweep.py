@@ -1,0 +1,165 @@
+"""The Prototype 1 sweep, one loop for every backend: every registered family of the
+backend x its sweep space, gated in FP64, timed against the backend's anchors on the
+same inputs; then the default call (``kernel="auto"``) timed at every point with the
+table this sweep just measured.
+
+A backend plugs in through a :class:`Bench`: its sizes, inputs, anchors, reference and
+full-size check (cuda.py, metal.py, cpu.py).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ... import lab
+from ...ops import chooser, families
+from ...ops import flash as front
+from ...ops.problem import DeviceSpec, ProblemSpec, check_flash_inputs
+from ..registry import ExperimentContext
+from . import common as C
+
+
+@dataclass
+class Bench:
+    """What one backend contributes to the sweep.
+
+    ``inputs(batch, heads, seq, head_dim)`` -> (q, k, v) on the device; ``anchors(q, k, v,
+    causal, head_dim, seq)`` -> {name: time() -> TimingStats, or a reason string};
+    ``reference(q, k, v, causal)`` -> the output full-size results are compared with (None:
+    no comparison); ``full_check(o, reference)`` -> (ok, max abs diff, why);
+    ``extra_metrics(launch)`` -> additional record metrics; ``release()`` after each point.
+    """
+
+    backend: str
+    device: DeviceSpec
+    backend_obj: Any
+    dtype: str
+    head_dims: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    iters: int
+    problem: Callable[[int, int], tuple[int, int]]
+    inputs: Callable[..., tuple[Any, Any, Any]]
+    anchors: Callable[..., dict[str, Any]]
+    reference: Callable[..., Any]
+    full_check: Callable[[Any, Any], tuple[bool, float, str]]
+    gate_shapes: tuple[tuple[int, ...], ...] = lab.GATE_SHAPES
+    elem_bytes: int = C.ELEM_BYTES
+    extra_metrics: Callable[[Any], dict[str, float]] = lambda launch: {}
+    release: Callable[[], None] = lambda: None
+    notes: dict[str, Any] = field(default_factory=lambda: {"anchors_unavailable": {}})
+
+
+def candidates(device: DeviceSpec, dtype: str, head_dim: int, causal: bool) -> list[tuple[Any, Any]]:
+    """(family, config) of every registered family of the device's backend that supports the
+    head dim, times its sweep space."""
+    spec = ProblemSpec(1, 1, 1, 1, 1, head_dim, dtype, causal)
+    return [(fam, cfg) for fam in families.for_backend(device.backend) if fam.supports_spec(spec, device)[0]
+            for cfg in fam.sweep_space(head_dim, causal, dtype, device)]
+
+
+def sweep_specialisations() -> list[tuple[str, dict[str, int]]]:
+    """Every CUDA kernel specialisation the full sweep launches on sm_90 (the families list them too)."""
+    device = DeviceSpec.for_arch("sm_90")
+    return [(fam.kernel_name, fam.constants(cfg, ProblemSpec(1, 1, 1, 1, 1, d, C.DTYPE, causal)))
+            for d in C.HEAD_DIMS for causal in (False, True) for fam, cfg in candidates(device, C.DTYPE, d, causal)]
+
+
+def _base(head_dim: int, seq: int, batch: int, heads: int, causal: bool, dtype: str) -> dict[str, Any]:
+    return {"head_dim": head_dim, "seq_len": seq, "batch": batch, "num_heads": heads, "causal": causal,
+            "dtype": dtype}
+
+
+def _our_config(fam: Any, cfg: Any) -> dict[str, Any]:
+    return {"kernel": fam.kernel_name, "family": fam.name, **fam.config_dict(cfg)}
+
+
+def _time_point(ctx: ExperimentContext, bench: Bench, launch: Any, reference: Any, base: dict,
+                config: dict, flops: float, nbytes: float, records: list, rejected: list,
+                extra: dict[str, float]) -> None:
+    o, _ = launch.launch()
+    ok, diff, why = bench.full_check(o, reference)
+    if not ok:
+        rejected.append({**config, **base, "why": why})
+        return
+    stats = launch.time(warmup=C.WARMUP, iters=bench.iters, flush_l2=C.FLUSH_L2)
+    m = C.metrics(flops, nbytes, stats.median_ms)
+    m.update(extra)
+    if math.isfinite(diff):
+        m["vs_reference_max_abs_err"] = diff
+    m.update(bench.extra_metrics(launch))
+    records.append(ctx.record({**base, **config}, m, stats))
+
+
+def run_sweep(ctx: ExperimentContext, bench: Bench) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """The sweep, then the auto pass; returns (records, rejected, notes)."""
+    records: list[dict] = []
+    rejected: list[dict] = []
+    jobs = [(d, c) for d in bench.head_dims for c in (False, True)]
+    for head_dim, causal in ctx.progress(jobs, desc=f"proto1[{bench.backend}]"):
+        good = []
+        for fam, cfg in candidates(bench.device, bench.dtype, head_dim, causal):
+            gate = lab.fp64_gate(
+                lambda q, k, v, fam=fam, cfg=cfg: fam.run_host(q, k, v, causal=causal, dtype=bench.dtype,
+                                                              config=cfg, backend=bench.backend_obj),
+                head_dim=head_dim, causal=causal, dtype=bench.dtype, rng=ctx.rng, shapes=bench.gate_shapes,
+                atol=C.ATOL, rtol=C.RTOL)
+            if gate:
+                good.append((fam, cfg, gate.max_abs_err))
+            else:
+                rejected.append({**_our_config(fam, cfg), "head_dim": head_dim, "causal": causal, "why": gate.why})
+        for seq in bench.seq_lens:
+            batch, heads = bench.problem(head_dim, seq)
+            base = _base(head_dim, seq, batch, heads, causal, bench.dtype)
+            flops = float(lab.attention_flops(batch, heads, seq, seq, head_dim, causal))
+            nbytes = C.min_bytes(batch, heads, seq, head_dim, bench.elem_bytes)
+            q, k, v = bench.inputs(batch, heads, seq, head_dim)
+            for name, time_fn in bench.anchors(q, k, v, causal, head_dim, seq).items():
+                if isinstance(time_fn, str):
+                    bench.notes["anchors_unavailable"][f"{name} D={head_dim} N={seq} causal={causal}"] = time_fn
+                    continue
+                stats = time_fn()
+                m = C.metrics(flops, nbytes, stats.median_ms)
+                records.append(ctx.record({**base, "kernel": name}, m, stats))
+            reference = bench.reference(q, k, v, causal)
+            for fam, cfg, gate_err in good:
+                problem = check_flash_inputs(q, k, v, causal=causal)
+                launch = fam.prepare(problem, cfg, bench.backend_obj)
+                _time_point(ctx, bench, launch, reference, base, _our_config(fam, cfg), flops, nbytes, records,
+                            rejected, {"gate_max_abs_err": gate_err})
+            del q, k, v, reference
+            bench.release()
+    _auto_pass(ctx, bench, records, rejected)
+    bench.notes["rejected"] = rejected
+    return records, rejected, bench.notes
+
+
+def _auto_pass(ctx: ExperimentContext, bench: Bench, records: list, rejected: list) -> None:
+    """Time ``prepare_forward(q, k, v)`` (kernel="auto") at every point, choosing from this sweep's table."""
+    table = chooser.build_entries(records, bench.device.arch, ctx.device_name)
+    bench.notes["auto_table_entries"] = len(table)
+    with chooser.use_entries(table):
+        points = [(d, c, n) for d in bench.head_dims for c in (False, True) for n in bench.seq_lens]
+        for head_dim, causal, seq in ctx.progress(points, desc=f"proto1[{bench.backend}] auto"):
+            batch, heads = bench.problem(head_dim, seq)
+            base = _base(head_dim, seq, batch, heads, causal, bench.dtype)
+            flops = float(lab.attention_flops(batch, heads, seq, seq, head_dim, causal))
+            nbytes = C.min_bytes(batch, heads, seq, head_dim, bench.elem_bytes)
+            q, k, v = bench.inputs(batch, heads, seq, head_dim)
+            reference = bench.reference(q, k, v, causal)
+            launch = front.prepare_forward(q, k, v, causal=causal, backend=bench.backend_obj or bench.backend)
+            config = {"kernel": C.AUTO, "family": launch.family, "chose": families.get(launch.family).config_label(
+                launch.config), "reason": launch.reason}
+            _time_point(ctx, bench, launch, reference, base, config, flops, nbytes, records, rejected, {})
+            del q, k, v, reference
+            bench.release()
+
+
+def no_reference(q: Any, k: Any, v: Any, causal: bool) -> None:
+    """For a backend without a reference at full size (the CPU: each tile is FP64-gated)."""
+    return None
+
+
+def no_full_check(o: Any, reference: Any) -> tuple[bool, float, str]:
+    return True, math.nan, ""

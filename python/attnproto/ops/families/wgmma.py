@@ -1,0 +1,93 @@
+"""Family "wgmma": the FA3-style Hopper kernel shaders/cuda/flash_fwd_wgmma.cu (sm_90a:
+TMA loads into an mbarrier ring, a producer warpgroup, consumer warpgroups issuing wgmma).
+
+Host code (configs, legality, TMA maps) lives in :mod:`attnproto.ops.flash_wgmma`.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from .. import flash_wgmma as _fw
+from ..problem import CUDA, DeviceSpec, FlashProblem, ProblemSpec, Rules
+from .base import Family, Spec, unique
+from .cuda_host import run_cuda_host
+
+# wgmma, setmaxnreg and the tensor-map copies need sm_90a (Hopper).
+MIN_COMPUTE = (9, 0)
+# The kernel stores two output elements at once: 4-byte address and strides of O.
+OUT_ALIGN_BYTES = 2 * _fw.ELEMENT_BYTES
+
+
+class WgmmaFamily(Family):
+    name = "wgmma"
+    backend = "cuda"
+    label = "wgmma + TMA, producer/consumer warpgroups (FA3-style), sm_90a"
+    kernel_name = _fw.KERNEL_NAME
+    rules = Rules(location=CUDA, dtypes=tuple(_fw.DTYPE_CODES), head_dims=_fw.HEAD_DIMS,
+                  base_align_bytes=_fw.TMA_ALIGN_BYTES, stride_align_bytes=_fw.TMA_ALIGN_BYTES,
+                  out_align_bytes=OUT_ALIGN_BYTES, out_stride_align_bytes=OUT_ALIGN_BYTES,
+                  positive_strides=True, min_compute=MIN_COMPUTE, arch_prefix="sm_")
+    #: Head dims the contract tests and the sanitizer exercise (an odd one where the family takes it).
+    test_head_dims = _fw.HEAD_DIMS
+    config_keys = ("block_r", "block_c", "consumer_wg", "stages")
+
+    def extra_support(self, spec: ProblemSpec, device: DeviceSpec) -> Tuple[bool, str]:
+        if device.compute[0] != MIN_COMPUTE[0]:
+            # sm_90a code runs only on compute capability 9.0 (the "a" features are not forward-compatible).
+            return False, f"wgmma needs an sm_90 device (sm_90a code), not {device.arch}"
+        rows = _fw.ROWS_PER_CONSUMER
+        if -(-spec.seq_q // rows) * spec.batch * spec.num_heads > _fw.MAX_GRID_X:
+            return False, f"q: the grid of {spec.batch} x {spec.num_heads} x ceil(Nq/{rows}) CTAs exceeds {_fw.MAX_GRID_X}"
+        return True, ""
+
+    def sweep_space(self, head_dim: int, causal: bool, dtype: str, device: DeviceSpec) -> List[Any]:
+        return _fw.sweep_space(head_dim)
+
+    def default_config(self, spec: ProblemSpec, device: DeviceSpec) -> Tuple[Any, str]:
+        cfg = _fw.default_config(spec.head_dim, spec.causal)
+        return cfg, (f"default tiles: FlashAttention-3's published H100 "
+                     f"choice for D={spec.head_dim}")
+
+    def config_for(self, spec: ProblemSpec, values: Dict[str, Any], device: DeviceSpec) -> Any:
+        cfg = _fw.WgmmaConfig(block_c=int(values["block_c"]), stages=int(values["stages"]),
+                              consumer_wg=int(values["consumer_wg"]))
+        _fw._check_config(cfg, spec.head_dim)
+        return cfg
+
+    def coerce_config(self, config: Any, spec: ProblemSpec, device: DeviceSpec) -> Any:
+        return _fw.as_config(config, spec.head_dim, spec.causal)
+
+    def config_label(self, config: Any) -> str:
+        return f"wgmma {config.block_r}x{config.block_c} wg{config.consumer_wg} s{config.stages}"
+
+    def constants(self, config: Any, spec: ProblemSpec) -> Dict[str, int]:
+        return _fw.constants(config, spec.head_dim, spec.causal, spec.dtype)
+
+    def shared_bytes(self, config: Any, spec: ProblemSpec) -> int:
+        return _fw.shared_bytes(config, spec.head_dim)
+
+    def specialisations(self) -> List[Spec]:
+        """FA3's defaults for both dtypes and masks, the bf16 sweep, and the measured table's tiles."""
+        from .. import chooser  # noqa: PLC0415
+
+        out: List[Spec] = []
+        for causal in (False, True):
+            for d in _fw.HEAD_DIMS:
+                for dtype in _fw.DTYPE_CODES:
+                    out.append((self.kernel_name, _fw.constants(_fw.default_config(d, causal), d, causal, dtype)))
+                out += [(self.kernel_name, _fw.constants(c, d, causal, chooser.SWEEP_DTYPE))
+                        for c in _fw.sweep_space(d)]
+        out += chooser.table_specialisations(self)
+        return unique(out)
+
+    def prepare(self, problem: FlashProblem, config: Any, backend: Any) -> Any:
+        return _fw.prepare(problem, config, backend)
+
+    def run_host(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool, dtype: str,
+                 config: Any, backend: Any) -> Tuple[np.ndarray, np.ndarray]:
+        return run_cuda_host(self, q, k, v, causal=causal, dtype=dtype, config=config, backend=backend)
+
+
+FAMILY = WgmmaFamily()
