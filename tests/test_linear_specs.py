@@ -360,7 +360,7 @@ def test_gflops():
 
 # ------------------------------------------------------------------ proto6 helpers and CPU sweep
 def test_crossover_interpolation():
-    from attnproto.experiments import proto6
+    from attnproto.experiments.proto6 import common as proto6
 
     ns = [1024, 2048, 4096, 8192]
     n_star, how = proto6._crossover(ns, [2.0, 2.0, 2.0, 2.0], [1.0, 2.0 * 2 ** -1, 8.0, 32.0])
@@ -372,7 +372,7 @@ def test_crossover_interpolation():
 
 
 def test_tolerance_ratio_fails_nan():
-    from attnproto.experiments import proto6
+    from attnproto.experiments.proto6 import common as proto6
 
     exact = np.ones((2, 2))
     assert proto6._tolerance_ratio(np.full((2, 2), np.nan), exact, "float32") == math.inf

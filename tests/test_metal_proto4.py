@@ -26,7 +26,9 @@ from test_metal_ops import TOLERANCE, FakeMetalBackend, needs_metal
 
 from attnproto import metal_specs, ref
 from attnproto.experiments import proto4, registry
+from attnproto.experiments.proto4 import metal as proto4_metal
 from attnproto.experiments.registry import ExperimentError
+from attnproto.findings import fmt_list
 from attnproto.ops import metal_flash
 
 DTYPES = tuple(metal_specs.DTYPE_CODES)
@@ -112,7 +114,7 @@ def test_dispatch_inputs_reproduce_the_reference(tmp_path, head_dim, variant):
     spec = metal_specs.flash_spec(head_dim, *TILE, metal_specs.PROTO4_LAUNCH_DTYPE, **VARIANTS[variant])
     fake = FakeMetalBackend()
     ctx = _ctx(tmp_path)
-    grid, block, shared, args, (o_buf, o_shape) = proto4._metal_dispatch_args(ctx, fake, spec)  # noqa: SLF001
+    grid, block, shared, args, (o_buf, o_shape) = proto4_metal._metal_dispatch_args(ctx, fake, spec)  # noqa: SLF001
     kern = fake.kernel(spec.name, **spec.as_dict())
     fake.launch(kern, grid, block, args, shared_bytes=shared)
     c = spec.as_dict()
@@ -133,7 +135,7 @@ def test_dispatch_inputs_reject_another_dtype(tmp_path, head_dim):
     other = next(d for d in DTYPES if d != metal_specs.PROTO4_LAUNCH_DTYPE)
     spec = metal_specs.flash_spec(head_dim, *TILE, other)
     with pytest.raises(ExperimentError, match=f"{other}"):
-        proto4._metal_dispatch_args(_ctx(tmp_path), FakeMetalBackend(), spec)  # noqa: SLF001
+        proto4_metal._metal_dispatch_args(_ctx(tmp_path), FakeMetalBackend(), spec)  # noqa: SLF001
 
 
 # ============================================================== HARNESS: proto4 --backend metal
@@ -234,8 +236,8 @@ def _fake_fresh_process(specs, cache_dir):
 @pytest.fixture
 def fake_metal(monkeypatch, tmp_path):
     fake = ArchiveFakeMetal(FakeNative(str(tmp_path / "user-cache")))
-    monkeypatch.setattr(proto4, "_metal_host", lambda: (fake, fake.nat))
-    monkeypatch.setattr(proto4, "_fresh_process_load_metal", _fake_fresh_process)
+    monkeypatch.setattr(proto4_metal, "_metal_host", lambda: (fake, fake.nat))
+    monkeypatch.setattr(proto4_metal, "_fresh_process_load_metal", _fake_fresh_process)
     return fake
 
 
@@ -314,7 +316,7 @@ def test_harness_metal_path_records_and_findings(fake_metal, tmp_path, quick):
             "build-phases-metal", "recommendation-metal"} == slugs
     by_slug = {f.slug: f for f in result.findings}
     assert f"not {proto4.CUDA_MATRIX_VARIANTS}" in by_slug[f"archive-{len(matrix)}-variants-metal"].claim
-    assert f"all requested counts {list(counts)} were measured" in by_slug["cold-build-per-variant-metal"].claim
+    assert f"all requested counts {fmt_list(counts)} were measured" in by_slug["cold-build-per-variant-metal"].claim
     assert "cannot be split" in by_slug["build-phases-metal"].claim
     # fake builds cost >= 60 ms > the 50 ms budget: pre-build the archive
     assert "ship the binary archive" in by_slug["recommendation-metal"].claim
@@ -329,8 +331,8 @@ def test_harness_recommends_function_constants_when_builds_are_cheap(monkeypatch
     """HARNESS: the verdict follows the measured single-build time, not a fixed text."""
     cheap = proto4.CONSTANTS_BUDGET_MS / 2 - FAKE_BUILD_PER_HEAD_DIM_MS * max(metal_specs.SWEEP_HEAD_DIM)
     fake = ArchiveFakeMetal(FakeNative(str(tmp_path / "user-cache")), build_base_ms=cheap)
-    monkeypatch.setattr(proto4, "_metal_host", lambda: (fake, fake.nat))
-    monkeypatch.setattr(proto4, "_fresh_process_load_metal", _fake_fresh_process)
+    monkeypatch.setattr(proto4_metal, "_metal_host", lambda: (fake, fake.nat))
+    monkeypatch.setattr(proto4_metal, "_fresh_process_load_metal", _fake_fresh_process)
     result, _ = _run(tmp_path, quick=True)
     rec = next(f for f in result.findings if f.slug == "recommendation-metal")
     assert "specialise with function constants on demand" in rec.claim
@@ -346,7 +348,7 @@ def test_harness_archive_miss_is_a_clear_error(fake_metal, monkeypatch, tmp_path
         path.write_text(json.dumps([c for c in json.loads(path.read_text()) if c != dropped]))
         return _fake_fresh_process(specs, cache_dir)
 
-    monkeypatch.setattr(proto4, "_fresh_process_load_metal", fresh_process_with_a_lost_entry)
+    monkeypatch.setattr(proto4_metal, "_fresh_process_load_metal", fresh_process_with_a_lost_entry)
     with pytest.raises(ExperimentError, match=r"not in the binary archive \(archive_only load missed\)") as err:
         _run(tmp_path, quick=True)
     assert dropped in str(err.value)
@@ -371,7 +373,7 @@ def test_fresh_process_failure_is_reported(tmp_path):
     surface as an ExperimentError carrying the child's error text."""
     spec = metal_specs.proto4_matrix_specs(quick=True)[0]
     with pytest.raises(ExperimentError, match="fresh process failed") as err:
-        proto4._fresh_process_load_metal([(spec.name, spec.as_dict())], str(tmp_path))  # noqa: SLF001
+        proto4_metal._fresh_process_load_metal([(spec.name, spec.as_dict())], str(tmp_path))  # noqa: SLF001
     assert "Traceback (most recent call last)" in str(err.value)  # the child's own error follows
 
 

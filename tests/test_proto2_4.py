@@ -10,6 +10,8 @@ import pytest
 
 from attnproto import kernels
 from attnproto.experiments import proto2, proto4
+from attnproto.experiments.proto4 import nvrtc as proto4_nvrtc
+from attnproto.experiments.proto4 import variants as proto4_variants
 from attnproto.experiments.registry import ExperimentContext, get, run_experiment
 from attnproto.ops import configs, stitch
 
@@ -247,12 +249,12 @@ def test_ptxas_report_rejects_logs_without_report():
 
 # ---------------------------------------------------------------- proto4 variant sets
 def test_salted_variants_distinct_and_legal():
-    n = 2 * len(proto4._base_configs()) + 3  # noqa: SLF001 - wraps around twice
+    n = 2 * len(proto4_variants._base_configs()) + 3  # noqa: SLF001 - wraps around twice
     variants = proto4.salted_variants(n)
     keys = {tuple(sorted(v.items())) for v in variants}
     assert len(keys) == n
     assert {v[proto4.SALT] for v in variants} == {0, 1, 2}
-    for v in variants[: len(proto4._base_configs())]:  # noqa: SLF001
+    for v in variants[: len(proto4_variants._base_configs())]:  # noqa: SLF001
         cfg = configs.FlashConfig(v["HEAD_DIM"], v["BLOCK_R"], v["BLOCK_C"], v["WARPS"], v["STAGES"],
                                   bool(v["CAUSAL"]), v["DTYPE"])
         assert cfg.is_legal()[0]
@@ -308,10 +310,10 @@ def test_proto2_runs_on_cpu(nvjitlink, tmp_path):
 
 def test_proto4_runs_on_cpu(nvjitlink, tmp_path, monkeypatch):
     # The cheapest head dim and tiles keep this under a few seconds on 2 cores.
-    monkeypatch.setattr(proto4, "QUICK_PHASE_HEAD_DIMS", (64,))
-    monkeypatch.setattr(proto4, "QUICK_MATRIX", ((64, 64, 64),))
-    monkeypatch.setattr(proto4, "QUICK_VARIANT_COUNTS", (1, 3))
-    monkeypatch.setattr(proto4, "SINGLE_REPEATS", 2)
+    monkeypatch.setattr(proto4_nvrtc, "QUICK_PHASE_HEAD_DIMS", (64,))
+    monkeypatch.setattr(proto4_variants, "QUICK_MATRIX", ((64, 64, 64),))
+    monkeypatch.setattr(proto4_nvrtc, "QUICK_VARIANT_COUNTS", (1, 3))
+    monkeypatch.setattr(proto4_nvrtc, "SINGLE_REPEATS", 2)
     result = run_experiment(get("proto4"), _ctx("proto4", tmp_path))
     phases = [r["config"]["phase"] for r in result.records]
     assert phases.count("cold_compile") == 2
