@@ -305,6 +305,50 @@ def test_other_entry_points_reject_bad_inputs(rng):
         cpu.linear_chunk_h(q, q, chunk_size=2, initial_state=np.zeros((1, 2, 64, 8)))
 
 
+def test_linear_oversized_chunk_is_clamped_to_the_sequence(rng):
+    """chunk_size = 10**5 on N = 50 once tried to build 10**5 x 10**5 float32 matrices
+    (74 GiB); clamped to N it is one chunk, the same result as chunk_size = N."""
+    import time
+    import tracemalloc
+
+    q, k, v = _qkv(rng, "float32", 1, 2, 2, 50, 50, 16)
+    gamma = np.array([0.9, 1.0])
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        o, state = cpu.linear_attention(q, k, v, chunk_size=10**5, scale=0.25, decay=gamma,
+                                        output_final_state=True)
+        states = cpu.linear_chunk_h(k, v, chunk_size=10**5, decay=gamma)
+        o_split = cpu.linear_chunk_o(q, k, v, states, chunk_size=10**5, scale=0.25, decay=gamma)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 5.0
+    assert peak < 16 * 2**20, f"peak allocation {peak / 2**20:.1f} MiB"
+    assert states.shape == (1, 2, 1, 16, 16)
+    o_n, state_n = cpu.linear_attention(q, k, v, chunk_size=50, scale=0.25, decay=gamma,
+                                        output_final_state=True)
+    np.testing.assert_array_equal(o, o_n)
+    np.testing.assert_array_equal(state, state_n)
+    np.testing.assert_array_equal(o_split, o_n)
+    o_ref, s_ref = ref.linear_attention_recurrent(q, k, v, scale=0.25, decay=gamma,
+                                                  output_final_state=True)
+    ref.assert_allclose(o, o_ref, atol=LINEAR_RTOL * np.abs(o_ref).max(), rtol=LINEAR_RTOL)
+    ref.assert_allclose(state, s_ref, atol=LINEAR_RTOL * np.abs(s_ref).max(), rtol=LINEAR_RTOL)
+
+
+def test_linear_absurd_chunk_size_is_rejected(rng):
+    q, k, v = _qkv(rng, "float32", 1, 2, 2, 8, 8, 16)
+    for call in (lambda c: cpu.linear_attention(q, k, v, chunk_size=c),
+                 lambda c: cpu.linear_chunk_h(k, v, chunk_size=c),
+                 lambda c: cpu.linear_chunk_o(q, k, v, np.zeros((1, 2, 1, 16, 16), np.float32),
+                                              chunk_size=c)):
+        with pytest.raises(ValueError, match=r"chunk_size: 2147483648 is above the maximum"):
+            call(2**31)
+        with pytest.raises(TypeError, match="chunk_size: expected an int"):
+            call(16.0)
+
+
 # ------------------------------------------------------------ dtypes, torch
 def test_bfloat16_without_ml_dtypes_is_a_clear_type_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)       # import now raises ImportError

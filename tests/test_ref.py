@@ -75,6 +75,23 @@ def test_softmax_and_logsumexp_of_a_fully_masked_row():
     assert lse[1] == pytest.approx(math.log(3.0), rel=1e-15)
 
 
+def test_softmax_and_logsumexp_never_zero_a_non_finite_row():
+    x = np.array([[np.nan, 0.0, 1.0],
+                  [np.inf, 0.0, 1.0],
+                  [-np.inf, -np.inf, -np.inf],
+                  [np.inf, np.inf, 0.0],
+                  [-np.inf, 0.0, 0.0]])
+    p = ref.softmax(x)
+    assert np.isnan(p[0]).all()                               # a NaN poisons the row
+    assert np.isnan(p[1]).all()                               # exp(inf - inf) = NaN, sum NaN
+    assert np.array_equal(p[2], np.zeros(3))                  # fully masked: all 0
+    assert np.isnan(p[3]).all()
+    np.testing.assert_allclose(p[4], [0.0, 0.5, 0.5], rtol=1e-15)
+    lse = ref.logsumexp(x)
+    assert np.isnan(lse[0]) and lse[1] == np.inf and lse[2] == -np.inf and lse[3] == np.inf
+    assert lse[4] == pytest.approx(math.log(2.0), rel=1e-15)
+
+
 def test_logsumexp_is_stable_for_large_values():
     big = 1000.0   # exp(1000) overflows float64: a naive log(sum(exp)) gives inf
     assert ref.logsumexp(np.array([big, big])) == pytest.approx(big + math.log(2.0), rel=1e-15)
@@ -162,6 +179,74 @@ def test_attention_accepts_low_precision_and_lists(rng):
                                                    v16.astype(np.float64)))
     np.testing.assert_array_equal(ref.attention(q.tolist(), k.tolist(), v.tolist()),
                                   ref.attention(q, k, v))
+
+
+NON_FLOAT = [np.array([[[[1]]]], dtype=np.int32), np.array([[[[1]]]], dtype=np.int64),
+             np.array([[[[True]]]]), np.array([[[[1 + 2j]]]]), np.array([[[[1.0]]]], dtype=object)]
+
+
+@pytest.mark.parametrize("bad", NON_FLOAT, ids=lambda a: str(a.dtype))
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_attention_rejects_non_float_dtypes(bad, which):
+    args = dict(q=np.ones((1, 1, 1, 1)), k=np.ones((1, 1, 1, 1)), v=np.ones((1, 1, 1, 1)))
+    args[which] = bad
+    with pytest.raises(TypeError, match=f"^{which}: "):
+        ref.attention(**args)
+    with pytest.raises(TypeError, match=f"^{which}: "):
+        ref.partition_parts(args["q"], args["k"], args["v"], 1)
+
+
+@pytest.mark.parametrize("bad", NON_FLOAT, ids=lambda a: str(a.dtype))
+def test_other_references_reject_non_float_dtypes(bad):
+    ones = np.ones((1, 1, 1, 1))
+    table, lens = np.zeros((1, 1), np.int32), np.ones(1, np.int32)
+    calls = [
+        ("k_cache", lambda: ref.paged_attention(ones, bad, ones, table, lens)),
+        ("q", lambda: ref.paged_attention(bad, ones, ones, table, lens)),
+        ("lse_parts", lambda: ref.reduce_partitions(np.ones((1, 1, 1)), bad[0, 0])),
+        ("o_parts", lambda: ref.reduce_partitions(bad[0], np.ones((1, 1)))),
+        ("x", lambda: ref.softmax(bad)),
+        ("x", lambda: ref.logsumexp(bad)),
+        ("x", lambda: ref.rope(np.broadcast_to(bad, (1, 1, 1, 2)).copy())),
+        ("q", lambda: ref.linear_attention_recurrent(bad, ones, ones)),
+        ("v", lambda: ref.linear_attention_chunked(ones, ones, bad, 1)),
+        ("k", lambda: ref.linear_chunk_h(bad, ones, 1)),
+    ]
+    for name, call in calls:
+        with pytest.raises(TypeError, match=f"^{name}: "):
+            call()
+
+
+def test_integer_arrays_are_taken_only_as_positions_and_in_allclose():
+    pos = ref.rope(np.ones((1, 3, 2)), positions=np.array([0, 1, 2]))
+    np.testing.assert_array_equal(pos, ref.rope(np.ones((1, 3, 2)), positions=np.arange(3.0)))
+    with pytest.raises(TypeError, match="positions"):
+        ref.rope(np.ones((1, 3, 2)), positions=np.array([True, False, True]))
+    assert ref.allclose(np.array([1, 2]), np.array([1.0, 2.0]), atol=0.0, rtol=0.0)
+
+
+@pytest.mark.parametrize("call, name, exc", [
+    (lambda: ref.causal_mask(-1, 3), "seq_q", ValueError),
+    (lambda: ref.causal_mask(2, -3), "seq_kv", ValueError),
+    (lambda: ref.causal_mask(2.0, 3), "seq_q", TypeError),
+    (lambda: ref.alibi_bias(2, 3, -1), "seq_kv", ValueError),
+    (lambda: ref.alibi_bias(-2, 3, 1), "num_heads", ValueError),
+    (lambda: ref.alibi_slopes(0), "num_heads", ValueError),
+    (lambda: ref.rope_frequencies(-2), "head_dim", ValueError),
+    (lambda: ref.partition_parts(np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)),
+                                 np.ones((1, 1, 2, 2)), -4), "partition_size", ValueError),
+    (lambda: ref.paged_gather(np.ones((2, 1, 4, 2)), np.zeros((1, 1), np.int32),
+                              np.ones(1, np.int32), -4), "block_size", ValueError),
+    (lambda: ref.linear_attention_chunked(np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)),
+                                          np.ones((1, 1, 2, 2)), -3), "chunk_size", ValueError),
+])
+def test_references_reject_negative_and_non_integer_sizes(call, name, exc):
+    with pytest.raises(exc, match=f"^{name}: "):
+        call()
+
+
+def test_empty_causal_mask_is_fine():
+    assert ref.causal_mask(0, 3).shape == (0, 3) and ref.causal_mask(2, 0).shape == (2, 0)
 
 
 # ---------------------------------------------------------------- RoPE/ALiBi
@@ -404,6 +489,17 @@ def test_linear_rejects_bad_inputs(rng):
         ref.linear_chunk_o(q, k, v, np.zeros((1, 2, 3, 4, 4)), 4)
     with pytest.raises(ValueError, match="k: shape"):
         ref.linear_attention_recurrent(q, k[:, :, :5], v)
+
+
+def test_linear_chunk_size_above_n_is_one_chunk_and_huge_ones_are_rejected(rng):
+    q, k, v = _qkv(rng, 1, 2, 2, 9, 9, 3, dv=4)
+    one_chunk = ref.linear_attention_chunked(q, k, v, 9)
+    np.testing.assert_array_equal(ref.linear_attention_chunked(q, k, v, 10**5), one_chunk)
+    assert ref.linear_chunk_h(k, v, 10**5).shape == (1, 2, 1, 3, 4)
+    np.testing.assert_allclose(one_chunk, ref.linear_attention_recurrent(q, k, v), rtol=1e-12,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="chunk_size: .* above the maximum"):
+        ref.linear_attention_chunked(q, k, v, 2**31)
 
 
 # ---------------------------------------------------------------- allclose

@@ -204,6 +204,30 @@ def test_positive_int():
         v.check_partition_size(-4)
 
 
+def test_nonnegative_int():
+    assert v.check_nonnegative_int(0, "seq_q") == 0
+    assert v.check_nonnegative_int(np.int32(7), "seq_q") == 7
+    with pytest.raises(ValueError, match="seq_kv: must be >= 0, got -1"):
+        v.check_nonnegative_int(-1, "seq_kv")
+    with pytest.raises(TypeError, match="seq_q: expected an int, got float"):
+        v.check_nonnegative_int(1.0, "seq_q")
+    with pytest.raises(TypeError, match="seq_q: expected an int, got bool"):
+        v.check_nonnegative_int(False, "seq_q")
+
+
+def test_chunk_size_limit():
+    assert v.check_chunk_size(v.MAX_CHUNK_SIZE) == 2**31 - 1
+    assert v.check_chunk_size(np.int64(10**5)) == 10**5
+    with pytest.raises(ValueError, match="chunk_size: 2147483648 is above the maximum 2147483647"):
+        v.check_chunk_size(2**31)
+    with pytest.raises(ValueError, match="chunk_size: must be positive"):
+        v.check_chunk_size(0)
+    q = np.zeros((1, 2, 4, 8), np.float16)
+    with pytest.raises(ValueError, match="chunk_size: .* above the maximum"):
+        v.check_linear_attention_inputs(q, q, q, chunk_size=10**12)
+    v.check_linear_attention_inputs(q, q, q, chunk_size=10**5)     # above N is fine here
+
+
 # ------------------------------------------------------------------ paged KV
 def _paged(num_blocks=8, block_size=4, batch=2, max_blocks=3, d=64):
     q = np.zeros((batch, 4, 1, d), np.float16)

@@ -14,6 +14,14 @@ a GPU and so its numerical behaviour can be studied on the host.
 * Layouts and conventions are the project's (shaders/common/attn_params.h):
   Q [B, Hq, Nq, D], K/V [B, Hkv, Nkv, D], LSE [B, Hq, Nq] natural log,
   bottom-right causal alignment, rows that see no key give O = 0, LSE = -inf.
+* NaN / inf follow the one policy written in :mod:`attnproto.ref` (module doc): the
+  running max propagates NaN (numpy's maximum does), keys masked out for a row never
+  reach it (not even through 0 * NaN in P @ V), and "this row saw no key" is decided
+  from the mask geometry, not from l = 0, so a NaN row stays NaN. Unlike the GPU
+  kernels, whose P V runs on whole tensor-core tiles, this follows the policy exactly.
+* Linear attention: a ``chunk_size`` above the sequence length N is clamped to N (one
+  chunk; the result and the state shapes are those of chunk_size = N); above
+  :data:`attnproto.validate.MAX_CHUNK_SIZE` it is rejected.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import numpy as np
 
 from . import validate as _v
 from .ref import DEFAULT_ALIBI_MAX_BIAS, DEFAULT_ROPE_THETA
+from .ref import _visible_matmul
 
 __all__ = [
     "CPU_DTYPES",
@@ -163,6 +172,13 @@ def _flash_core(q: Array, load_kv: KVLoader, seq_k: int, *, key_offset: int, seq
     Rows of a visited tile that see nothing of it keep their state bit for bit
     (rescale factor exactly 1, zero contributions), so this matches the
     tile-by-tile kernel.
+
+    NaN / inf (policy in :mod:`attnproto.ref`): np.maximum and max propagate NaN, so a
+    NaN score makes the running max NaN for good; P @ V leaves out the (row, key) pairs
+    the causal mask hides, also where V is not finite (:func:`attnproto.ref._visible_matmul`;
+    with finite V it is the plain product). A row "has a key" when the mask lets it see
+    the first key of the range (geometry, not l > 0): such a row with l = 0 (all its
+    visible scores were -inf) gives O = NaN, LSE = NaN; l = NaN stays NaN.
     """
     batch, hkv, group, seq_q, head_dim = q.shape
     m = np.full((batch, hkv, group, seq_q), -np.inf, dtype=_F32)
@@ -180,24 +196,31 @@ def _flash_core(q: Array, load_kv: KVLoader, seq_k: int, *, key_offset: int, seq
                 break                                             # later key tiles: further right
             r0 = max(first_row, 0) // block_r * block_r
         k_tile, v_tile = load_kv(j0, j1)
-        s = (q[:, :, :, r0:] @ np.swapaxes(k_tile, -1, -2)) * scale32     # [B, Hkv, G, R, C]
+        with np.errstate(invalid="ignore", over="ignore"):               # inf * 0, inf - inf
+            s = (q[:, :, :, r0:] @ np.swapaxes(k_tile, -1, -2)) * scale32  # [B, Hkv, G, R, C]
         if slopes is not None:
             dist = np.abs(q_pos[r0:, None] - k_pos[None, :]).astype(_F32)
             s = s - slopes[None, :, :, None, None] * dist
+        visible = None
         if causal:
-            s = np.where(k_pos[None, :] <= q_pos[r0:, None], s, _F32(-np.inf))
+            visible = k_pos[None, :] <= q_pos[r0:, None]
+            s = np.where(visible, s, _F32(-np.inf))
         m_old = m[..., r0:]
-        m_new = np.maximum(m_old, s.max(axis=-1))
+        m_new = np.maximum(m_old, s.max(axis=-1))            # NaN-propagating
         m_use = np.where(m_new == -np.inf, _F32(0), m_new)    # a row that saw nothing yet
-        p = np.exp(s - m_use[..., None])
-        alpha = np.exp(m_old - m_use)
-        l[..., r0:] = alpha * l[..., r0:] + p.sum(axis=-1, dtype=_F32)
-        acc[..., r0:, :] = alpha[..., None] * acc[..., r0:, :] + _round_p(p, p_dtype) @ v_tile
+        with np.errstate(invalid="ignore", over="ignore"):
+            p = np.exp(s - m_use[..., None])
+            alpha = np.exp(m_old - m_use)
+            l[..., r0:] = alpha * l[..., r0:] + p.sum(axis=-1, dtype=_F32)
+            acc[..., r0:, :] = (alpha[..., None] * acc[..., r0:, :]
+                                + _visible_matmul(_round_p(p, p_dtype), v_tile, visible))
         m[..., r0:] = m_new
-    seen = l > 0
+    # Row i sees a key of [key_offset, key_offset + seq_k) iff it sees the first one.
+    has_key = (q_pos >= key_offset) if causal else np.ones(seq_q, dtype=bool)
+    has_key = has_key & (seq_k > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        o = np.where(seen[..., None], acc / np.where(seen, l, _F32(1))[..., None], _F32(0))
-        lse = np.where(seen, m + np.log(np.where(seen, l, _F32(1))), _F32(-np.inf))
+        o = np.where(has_key[:, None], acc / l[..., None], _F32(0))   # key, l = 0: 0/0 = NaN
+        lse = np.where(has_key, np.where(l > 0, m + np.log(l), _F32(np.nan)), _F32(-np.inf))
     return o.astype(_F32), lse.astype(_F32)
 
 
@@ -298,6 +321,8 @@ def reduce_partitions(o_parts: Any, lse_parts: Any) -> Tuple[Array, Array]:
 
     o_parts [..., P, D], lse_parts [..., P] (float32 or float64); returns
     (O [..., D], LSE [...]) float32, (0, -inf) where every partition is -inf.
+    A partition with lse_p = -inf saw no key and is left out (its o_p is not read);
+    otherwise NaN / inf follow the plain math, as :func:`attnproto.ref.reduce_partitions`.
     """
     oi = _v.check_tensor(o_parts, "o_parts", allowed_dtypes=("float32", "float64"),
                          contiguous_last_dim=False)
@@ -307,13 +332,15 @@ def reduce_partitions(o_parts: Any, lse_parts: Any) -> Tuple[Array, Array]:
         raise ValueError(f"lse_parts: shape {li.shape} does not match o_parts {oi.shape} "
                          f"([..., P] vs [..., P, D])")
     o32, lse32 = _load(o_parts, "o_parts"), _load(lse_parts, "lse_parts")
-    m = lse32.max(axis=-1)
-    m_use = np.where(m == -np.inf, _F32(0), m)
-    w = np.exp(lse32 - m_use[..., None])
-    total = w.sum(axis=-1, dtype=_F32)
-    seen = total > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        o = (w[..., None] * o32).sum(axis=-2, dtype=_F32) / np.where(seen, total, _F32(1))[..., None]
+    part_seen = lse32 != -np.inf                          # partitions that saw a key
+    seen = part_seen.any(axis=-1)
+    m = lse32.max(axis=-1)                                # NaN-propagating
+    m_use = np.where(seen, m, _F32(0))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        w = np.exp(lse32 - m_use[..., None])
+        total = w.sum(axis=-1, dtype=_F32)
+        terms = np.where(part_seen[..., None], w[..., None] * o32, _F32(0))
+        o = terms.sum(axis=-2, dtype=_F32) / np.where(seen, total, _F32(1))[..., None]
         lse = np.where(seen, m_use + np.log(np.where(seen, total, _F32(1))), _F32(-np.inf))
     return np.where(seen[..., None], o, _F32(0)).astype(_F32), lse.astype(_F32)
 
@@ -401,12 +428,19 @@ def _chunked(x: Array, chunk_size: int) -> Array:
 
 
 def _linear_setup(q, k, v, chunk_size, decay, names=("q", "k", "v")):
+    """(shape, log decay, effective chunk size): chunk_size checked, then clamped to N.
+
+    A chunk longer than the sequence holds the whole sequence either way (one chunk,
+    zero-padded), so the clamp changes no result and no output shape, only how much
+    padding is allocated: chunk_size = 10**5 on N = 50 would otherwise build 10**5 x 10**5
+    intra-chunk matrices.
+    """
+    if chunk_size is None:
+        raise TypeError("chunk_size: required (tokens per chunk)")
     shape, gamma = _v.check_linear_attention_inputs(q, k, v, allowed_dtypes=CPU_DTYPES,
                                                     chunk_size=chunk_size, decay=decay,
                                                     device="cpu", names=names)
-    if chunk_size is None:
-        raise TypeError("chunk_size: required (tokens per chunk)")
-    return shape, _log_decay(gamma, shape.num_heads)
+    return shape, _log_decay(gamma, shape.num_heads), min(int(chunk_size), shape.seq_len)
 
 
 def linear_chunk_h(k: Any, v: Any, *, chunk_size: int, decay: Any = None,
@@ -417,7 +451,7 @@ def linear_chunk_h(k: Any, v: Any, *, chunk_size: int, decay: Any = None,
     matmul (parallel over chunks); the inter-chunk prefix
     H[c+1] = gamma^L_c H[c] + dS_c is a sequential scan, as in the kernel.
     """
-    shape, log_g = _linear_setup(k, k, v, chunk_size, decay, names=("k", "k", "v"))
+    shape, log_g, chunk_size = _linear_setup(k, k, v, chunk_size, decay, names=("k", "k", "v"))
     _check_flags(output_final_state=output_final_state)
     _v.check_state(initial_state, shape)
     kc = _chunked(_load(k, "k"), chunk_size)
@@ -445,7 +479,7 @@ def linear_chunk_o(q: Any, k: Any, v: Any, states: Any, *, chunk_size: int,
     D[i, j] = gamma^(i-j) for j <= i, else 0; all chunks in parallel.
     Returns O [B, H, N, Dv].
     """
-    shape, log_g = _linear_setup(q, k, v, chunk_size, decay)
+    shape, log_g, chunk_size = _linear_setup(q, k, v, chunk_size, decay)
     scale = _check_real(scale, "scale")
     num_chunks = -(-shape.seq_len // chunk_size)
     expected = (shape.batch, shape.num_heads, num_chunks, shape.key_dim, shape.value_dim)
@@ -471,10 +505,11 @@ def linear_attention(q: Any, k: Any, v: Any, *, chunk_size: int, scale: float = 
     """Chunked causal linear attention (chunk_h then chunk_o) in float32.
 
     q, k [B, H, N, Dk]; v [B, H, N, Dv]; decay None or gamma_h in (0, 1] per
-    head; N need not be a multiple of ``chunk_size``. Returns O [B, H, N, Dv]
+    head; N need not be a multiple of ``chunk_size``, and a ``chunk_size`` above N
+    is clamped to N (one chunk). Returns O [B, H, N, Dv]
     (and the final state [B, H, Dk, Dv] with ``output_final_state``).
     """
-    _linear_setup(q, k, v, chunk_size, decay)
+    _, _, chunk_size = _linear_setup(q, k, v, chunk_size, decay)
     _check_flags(output_final_state=output_final_state)
     states, final = linear_chunk_h(k, v, chunk_size=chunk_size, decay=decay,
                                    initial_state=initial_state, output_final_state=True)

@@ -15,6 +15,59 @@ Project conventions (see shaders/common/attn_params.h):
   O = 0 and LSE = -inf.
 * RoPE "rotate half": pairs (i, i + D/2), frequency theta^(-2i/D).
 * ALiBi slope of head h (0-based) 2^(-max_bias (h+1) / Hq), bias -slope |pos_q - pos_k|.
+* Inputs must have a floating-point dtype: int, bool, complex and object arrays are
+  rejected with a TypeError naming the argument (integer arrays are taken only where
+  they are indices or positions: block tables, seq_lens, RoPE positions).
+
+NaN / inf policy (the one every backend follows: these references, :mod:`attnproto.cpu`,
+the CUDA kernels shaders/cuda/flash_fwd_mma.cu, flash_fwd_wgmma.cu, flash_fwd_mma_stitch.cu
+and the Metal kernel shaders/metal/flash_attention.metal). It is IEEE arithmetic of the
+plain formula with a NaN-propagating row max; for query row i with visible keys V(i)
+(all keys, or under the causal mask j <= i + Nkv - Nq):
+
+1. s_ij = scale q_i . k_j (+ ALiBi bias) for j in V(i). Keys outside V(i) are not part
+   of row i at all: their scores are -inf before anything else is computed and their
+   values are never multiplied in, so NaN / inf in q, k or v at an invisible key never
+   touches the row.
+2. m_i = max over j in V(i) of s_ij; a NaN score makes m_i NaN (it is not skipped).
+3. p_ij = exp(s_ij - m_i), l_i = sum_j p_ij, O_i = (sum_{j in V(i)} p_ij v_j) / l_i,
+   LSE_i = m_i + log(l_i).
+4. A row with no visible key (causal, Nq > Nkv, its first rows) has O_i = 0 and
+   LSE_i = -inf, whatever q_i holds: the one deliberate exception to the formula.
+
+Consequences: NaN in q_i, or in k_j of a key visible to row i, makes all of O_i and LSE_i
+NaN (every query head of the GQA group that sees the key). NaN in v_jd of a visible key
+makes O_i[d] NaN (that column only; LSE_i and the other columns stay finite), even where
+p_ij underflowed to 0 (0 * NaN = NaN, as in torch's math SDPA); +inf in v_jd gives
+O_i[d] = +inf where p_ij > 0 and NaN where p_ij = 0. +-inf in q or k gives +-inf or NaN
+scores (inf * 0, inf - inf in the dot product): a +inf or NaN score, or a row whose every
+visible score is -inf (m_i = -inf, so p = exp(-inf + inf) = NaN), makes O_i and LSE_i NaN;
+a -inf score beside finite ones is just a weight of 0. The kernels and the CPU backend
+keep a running max over key tiles whose "nothing seen yet" state is m = -inf (offset 0),
+and decide "no visible key" from the mask geometry, never from l = 0 or m = -inf: a row
+with keys and l = 0 is the all -inf case above (NaN), and l = NaN stays NaN.
+
+torch's math SDPA (2.x, CPU) agrees on every pattern without a mask and, under a mask,
+for bad values at keys the row sees; it differs where the mask matters, because it masks
+additively and multiplies masked p = 0 into V: a NaN k or v at a masked-out key reaches
+every row of the head (NaN + -inf = NaN; 0 * NaN = NaN), a NaN query in a row without
+keys gives NaN, and a row whose every score is -inf gives 0 (its safe softmax; fully
+masked rows are 0 there too). tests/test_nan_policy.py pins these down.
+
+Known deviations, each tested and documented where it arises:
+
+* Two-phase attention (:func:`partitioned_attention`, ``cpu.partitioned_forward``)
+  applies the formula per partition, then the reduction's plain math: a partition whose
+  visible scores are all -inf (an inf in q or k) is NaN there although the whole row's
+  formula would give that key a weight of 0.
+* GPU kernels: the P V product runs on whole MMA tiles (16 rows x 16 keys on the tensor
+  cores, 8 x 8 on Apple GPUs), so a NaN / inf in v_jd at a key that is masked out for
+  row i but lies in a key tile the row's warp (CUDA mma.sync), CTA (wgmma) or simdgroup
+  (Metal) processes does reach O_i[d] through 0 * NaN; keys in tiles the row never
+  visits do not. Rows with no visible key are still written as exact zeros.
+* Metal: the kernel implements the policy for IEEE arithmetic, but the host builds it
+  with fast math, under which the compiler may assume no NaN / inf; it is statically
+  checked only, never run on Apple hardware here.
 """
 from __future__ import annotations
 
@@ -61,11 +114,22 @@ ArrayLike = Any
 
 
 # ------------------------------------------------------------------------ helpers
-def to_float64(x: ArrayLike, name: str = "x") -> np.ndarray:
-    """``x`` as a float64 numpy array (exact for every float dtype up to float64)."""
+def to_float64(x: ArrayLike, name: str = "x", *, integers: bool = False) -> np.ndarray:
+    """``x`` as a float64 numpy array (exact for every float dtype up to float64).
+
+    Floating-point dtypes only (float16, bfloat16, float32, float64); with ``integers``
+    also int / uint arrays (positions). Anything else (bool, complex, object, strings)
+    is a TypeError naming ``name``.
+    """
+    return _to_float64(x, name, "fiu" if integers else "f")
+
+
+def _to_float64(x: ArrayLike, name: str, kinds: str) -> np.ndarray:
     arr = _v.to_host_numpy(x, name)
-    if arr.dtype.kind not in "fiub" and _v.dtype_name(arr.dtype) != "bfloat16":
-        raise TypeError(f"{name}: dtype {_v.dtype_name(arr.dtype)} is not a real number type")
+    if arr.dtype.kind not in kinds and _v.dtype_name(arr.dtype) != "bfloat16":
+        expected = "a floating-point dtype" if kinds == "f" else "a real number dtype"
+        raise TypeError(f"{name}: dtype {_v.dtype_name(arr.dtype)} not supported; expected "
+                        f"{expected} ({', '.join(_v.FLOAT_DTYPES)})")
     return arr.astype(np.float64)
 
 
@@ -94,23 +158,34 @@ def _check_max_bias(max_bias: Any) -> float:
 
 
 def logsumexp(x: ArrayLike, axis: int = -1, keepdims: bool = False) -> np.ndarray:
-    """Stable log(sum(exp(x))) in float64; a slice of only -inf gives -inf, NaN propagates."""
+    """Stable log(sum(exp(x))) in float64.
+
+    A slice of only -inf gives -inf (an empty sum); a NaN anywhere in the slice gives NaN;
+    otherwise a +inf gives +inf (the limit, as torch.logsumexp). Attention's LSE is not
+    this function: it is m + log(l) of the module's NaN / inf policy.
+    """
     x = to_float64(x, "x")
-    m = np.max(x, axis=axis, keepdims=True)
+    m = np.max(x, axis=axis, keepdims=True)              # NaN-propagating
     m_safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         out = np.log(np.sum(np.exp(x - m_safe), axis=axis, keepdims=True)) + m_safe
     return out if keepdims else np.squeeze(out, axis=axis)
 
 
 def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
-    """Softmax in float64; every row sums to 1, except a row of only -inf, which is all 0."""
+    """Softmax exp(x - m) / sum exp(x - m) in float64, m the (NaN-propagating) max.
+
+    Every row sums to 1, except: a row of only -inf (fully masked) is all 0; a row with a
+    NaN or a +inf is all NaN (exp(inf - inf) is NaN, and so is the sum), as torch.softmax.
+    Never a silent zero for a non-finite input.
+    """
     x = to_float64(x, "x")
-    lse = logsumexp(x, axis=axis, keepdims=True)
-    finite = np.isfinite(lse)
-    with np.errstate(invalid="ignore"):
-        p = np.exp(x - np.where(finite, lse, 0.0))
-    return np.where(finite, p, 0.0)
+    m = np.max(x, axis=axis, keepdims=True)
+    empty = m == -np.inf                                 # only -inf: nothing to normalise
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        p = np.exp(x - np.where(empty, 0.0, m))
+        p = p / np.sum(p, axis=axis, keepdims=True)
+    return np.where(empty, 0.0, p)
 
 
 def rope_frequencies(head_dim: int, theta: float = DEFAULT_ROPE_THETA) -> np.ndarray:
@@ -137,8 +212,8 @@ def _apply_rope(x: np.ndarray, theta: float, positions: Optional[ArrayLike]) -> 
         raise ValueError(f"x: expected [..., N, D], got shape {x.shape}")
     seq, head_dim = x.shape[-2], x.shape[-1]
     freqs = rope_frequencies(head_dim, theta)
-    pos = np.arange(seq, dtype=np.float64) if positions is None else to_float64(positions,
-                                                                                "positions")
+    pos = (np.arange(seq, dtype=np.float64) if positions is None
+           else to_float64(positions, "positions", integers=True))
     if pos.ndim == 0 or pos.shape[-1] != seq:
         raise ValueError(f"positions: last dimension must be N={seq}, got shape {pos.shape}")
     angle = pos[..., None] * freqs
@@ -159,34 +234,92 @@ def _query_positions(seq_q: int, seq_kv: int) -> np.ndarray:
     return np.arange(seq_q, dtype=np.int64) + (seq_kv - seq_q)
 
 
+def _check_lengths(seq_q: Any, seq_kv: Any) -> Tuple[int, int]:
+    return _v.check_nonnegative_int(seq_q, "seq_q"), _v.check_nonnegative_int(seq_kv, "seq_kv")
+
+
 def causal_mask(seq_q: int, seq_kv: int) -> np.ndarray:
     """Bool [Nq, Nkv], True where query i may see key j (bottom-right aligned)."""
+    seq_q, seq_kv = _check_lengths(seq_q, seq_kv)
     return np.arange(seq_kv)[None, :] <= _query_positions(seq_q, seq_kv)[:, None]
 
 
 def alibi_bias(num_heads: int, seq_q: int, seq_kv: int,
                max_bias: float = DEFAULT_ALIBI_MAX_BIAS) -> np.ndarray:
     """-slope_h |pos_q - pos_k|, float64 [num_heads, Nq, Nkv]."""
+    seq_q, seq_kv = _check_lengths(seq_q, seq_kv)
     dist = np.abs(_query_positions(seq_q, seq_kv)[:, None] - np.arange(seq_kv)[None, :])
     return -alibi_slopes(num_heads, max_bias)[:, None, None] * dist[None].astype(np.float64)
 
 
 def _scores(q: np.ndarray, k: np.ndarray, scale: float, causal: bool, alibi: bool,
-            alibi_max_bias: float) -> np.ndarray:
-    """Masked, biased scores [B, Hq, Nq, Nkv] with K already expanded to Hq heads."""
+            alibi_max_bias: float) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Masked, biased scores [B, Hq, Nq, Nkv] (K already expanded to Hq heads) and the
+    visibility mask [Nq, Nkv] (None: every key visible). Masked scores are -inf whatever
+    q and k hold there (policy step 1)."""
     seq_q, seq_kv = q.shape[2], k.shape[2]
-    s = scale * (q @ np.swapaxes(k, -1, -2))
-    if alibi:
-        s = s + alibi_bias(q.shape[1], seq_q, seq_kv, alibi_max_bias)[None]
-    if causal:
-        s = np.where(causal_mask(seq_q, seq_kv), s, -np.inf)
-    return s
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = scale * (q @ np.swapaxes(k, -1, -2))
+        if alibi:
+            s = s + alibi_bias(q.shape[1], seq_q, seq_kv, alibi_max_bias)[None]
+    visible = causal_mask(seq_q, seq_kv) if causal else None
+    if visible is not None:
+        s = np.where(visible, s, -np.inf)
+    return s, visible
 
 
-def _attend(s: np.ndarray, v: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """softmax(s) @ v and logsumexp(s); rows without a visible key give (0, -inf)."""
-    lse = logsumexp(s, axis=-1)
-    return softmax(s, axis=-1) @ v, lse
+def _visible_matmul(p: np.ndarray, v: np.ndarray, visible: Optional[np.ndarray]) -> np.ndarray:
+    """sum over visible j of p_ij v_jd, in IEEE arithmetic, for p [..., R, C], v [..., C, D].
+
+    ``visible`` is None (every pair) or a bool array broadcasting against p. A term of an
+    invisible pair is left out entirely, even where v_jd is not finite (a plain matmul
+    would add 0 * NaN = NaN); every other term follows IEEE: a NaN p_ij (only in rows
+    that are NaN under the policy) makes the row NaN, 0 * inf and NaN * x are NaN,
+    +inf + -inf is NaN. Non-finite values are classified by counting instead of being
+    multiplied, so the result does not depend on how a BLAS treats them; with finite
+    inputs this is exactly ``p @ v``. Shared by the CPU backend (float32) and these
+    references (float64).
+    """
+    p_nan = np.isnan(p)
+    v_finite = np.isfinite(v)
+    any_p_nan, all_v_finite = bool(p_nan.any()), bool(v_finite.all())
+    if not any_p_nan and all_v_finite:
+        return p @ v
+    dt = np.result_type(p.dtype, v.dtype)
+    vis = (np.ones(p.shape, dtype=bool) if visible is None
+           else np.broadcast_to(visible, p.shape))
+    out = np.where(p_nan, 0, p).astype(dt, copy=False) @ np.where(v_finite, v, 0).astype(dt)
+    row_nan = np.any(p_nan & vis, axis=-1, keepdims=True)          # [..., R, 1]
+    if not all_v_finite:
+        def pairs(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:   # how many (j) terms
+            return rows.astype(dt) @ cols.astype(dt)
+        live = vis & (p > 0)              # p_ij * inf = +-inf (0 < p <= 1)
+        dead = vis & (p == 0)             # 0 * inf = NaN
+        pos, neg = v == np.inf, v == -np.inf
+        n_nan = pairs(vis, np.isnan(v)) + pairs(dead, pos | neg)
+        n_pos, n_neg = pairs(live, pos), pairs(live, neg)
+        extra = np.where((n_nan > 0) | ((n_pos > 0) & (n_neg > 0)), np.nan,
+                         np.where(n_pos > 0, np.inf, np.where(n_neg > 0, -np.inf, 0.0)))
+        out = out + extra.astype(dt)
+    return np.where(row_nan, np.array(np.nan, dtype=dt), out)
+
+
+def _attend(s: np.ndarray, v: np.ndarray,
+            visible: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """O and LSE of masked scores s [..., Nq, Nkv] by the module's NaN / inf policy.
+
+    ``visible`` [Nq, Nkv] (None: all keys) also decides which rows have no key at all:
+    those give (0, -inf), whatever s and v hold.
+    """
+    has_key = (np.ones(s.shape[-2], dtype=bool) if visible is None
+               else np.any(visible, axis=-1))[:, None]                   # [Nq, 1]
+    m = np.max(s, axis=-1, keepdims=True)                               # NaN-propagating
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        p = np.exp(s - np.where(has_key, m, 0.0))
+        l = np.sum(p, axis=-1, keepdims=True)
+        o = _visible_matmul(p / np.where(has_key, l, 1.0), v, visible)
+        lse = m + np.log(l)
+    return np.where(has_key, o, 0.0), np.where(has_key, lse, -np.inf)[..., 0]
 
 
 def _expand_kv(x: np.ndarray, group: int) -> np.ndarray:
@@ -221,8 +354,8 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, scale: Optional[float
         offset = shape.seq_kv - shape.seq_q
         q = _apply_rope(q, rope_theta, np.arange(shape.seq_q) + offset)
         k = _apply_rope(k, rope_theta, None)
-    s = _scores(q, _expand_kv(k, shape.group), scale, causal, alibi, alibi_max_bias)
-    o, lse = _attend(s, _expand_kv(v, shape.group))
+    s, visible = _scores(q, _expand_kv(k, shape.group), scale, causal, alibi, alibi_max_bias)
+    o, lse = _attend(s, _expand_kv(v, shape.group), visible)
     return (o, lse) if return_lse else o
 
 
@@ -313,11 +446,12 @@ def partition_parts(q: ArrayLike, k: ArrayLike, v: ArrayLike, partition_size: in
     size = _v.check_partition_size(partition_size)
     if alibi:
         alibi_max_bias = _check_max_bias(alibi_max_bias)
-    s = _scores(q, _expand_kv(k, shape.group), scale, causal, alibi, alibi_max_bias)
+    s, visible = _scores(q, _expand_kv(k, shape.group), scale, causal, alibi, alibi_max_bias)
     v = _expand_kv(v, shape.group)
     o_parts, lse_parts = [], []
     for start in range(0, shape.seq_kv, size):
-        o_p, lse_p = _attend(s[..., start:start + size], v[:, :, start:start + size])
+        o_p, lse_p = _attend(s[..., start:start + size], v[:, :, start:start + size],
+                             None if visible is None else visible[:, start:start + size])
         o_parts.append(o_p)
         lse_parts.append(lse_p)
     return np.stack(o_parts, axis=-2), np.stack(lse_parts, axis=-1)
@@ -326,15 +460,26 @@ def partition_parts(q: ArrayLike, k: ArrayLike, v: ArrayLike, partition_size: in
 def reduce_partitions(o_parts: ArrayLike, lse_parts: ArrayLike) -> Tuple[np.ndarray, np.ndarray]:
     """Phase 2: O = sum_p exp(lse_p - LSE) o_p with LSE = logsumexp_p(lse_p).
 
-    o_parts [..., num_partitions, D], lse_parts [..., num_partitions]; rows
-    whose every partition is -inf give (0, -inf).
+    o_parts [..., num_partitions, D], lse_parts [..., num_partitions]. A partition with
+    lse_p = -inf saw no key: it is left out (its o_p is not read). Rows whose every
+    partition is -inf give (0, -inf). The rest is the NaN / inf policy's plain math
+    (module doc) with the lse_p as scores: a NaN lse_p makes the row NaN, a NaN in o_p
+    makes that column NaN, even at weight 0.
     """
     o_parts, lse_parts = to_float64(o_parts, "o_parts"), to_float64(lse_parts, "lse_parts")
     if o_parts.ndim < 2 or o_parts.shape[:-1] != lse_parts.shape:
         raise ValueError(f"lse_parts: shape {lse_parts.shape} does not match o_parts "
                          f"{o_parts.shape} ([..., P] vs [..., P, D])")
-    weights = softmax(lse_parts, axis=-1)
-    return np.sum(weights[..., None] * o_parts, axis=-2), logsumexp(lse_parts, axis=-1)
+    seen = lse_parts != -np.inf                                         # [..., P]
+    any_seen = np.any(seen, axis=-1)
+    m = np.max(lse_parts, axis=-1)                                      # NaN-propagating
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        w = np.exp(lse_parts - np.where(any_seen, m, 0.0)[..., None])
+        total = np.sum(w, axis=-1)
+        o = np.sum(np.where(seen[..., None], w[..., None] * o_parts, 0.0), axis=-2)
+        o = o / np.where(any_seen, total, 1.0)[..., None]
+        lse = m + np.log(total)
+    return np.where(any_seen[..., None], o, 0.0), np.where(any_seen, lse, -np.inf)
 
 
 def partitioned_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, partition_size: int, *,
@@ -526,7 +671,7 @@ def allclose(actual: ArrayLike, expected: ArrayLike, *, atol: float, rtol: float
     beyond its tolerance (or, when all pass, the one with the largest error).
     """
     atol, rtol = _check_tolerance(atol, "atol"), _check_tolerance(rtol, "rtol")
-    a, e = to_float64(actual, "actual"), to_float64(expected, "expected")
+    a, e = _to_float64(actual, "actual", "fiub"), _to_float64(expected, "expected", "fiub")
     if a.shape != e.shape:
         return AllcloseResult(False, atol, rtol, a.shape, e.shape, 0, 0, None, None, None, None,
                               None, math.nan, math.nan)

@@ -37,6 +37,9 @@ __all__ = [
     "check_tensor",
     "check_bool",
     "check_positive_int",
+    "check_nonnegative_int",
+    "MAX_CHUNK_SIZE",
+    "check_chunk_size",
     "check_scale",
     "check_attention_inputs",
     "check_block_table",
@@ -57,6 +60,11 @@ INDEX_DTYPES: Tuple[str, ...] = ("int8", "int16", "int32", "int64", "uint8", "ui
 
 # Rank of every attention tensor: [batch, heads, tokens, head_dim].
 ATTENTION_RANK = 4
+# Largest linear-attention chunk_size accepted anywhere: the largest token count the 32-bit
+# fields of AttentionParams (seq_kv, chunk_size) and the kernels' int token indices hold.
+# Larger values are not sequence lengths (a chunk_size above N itself is fine: the CPU
+# backend clamps it to N, the references treat it as one chunk).
+MAX_CHUNK_SIZE = 2**31 - 1
 # DLPack device type codes (dlpack.h, DLDeviceType) that the host can read directly.
 _DLPACK_HOST_DEVICES = {1: "cpu", 3: "cuda_host"}
 _DLPACK_DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 8: "metal", 13: "cuda_managed"}
@@ -184,6 +192,24 @@ def check_positive_int(value: Any, name: str) -> int:
     if value <= 0:
         raise ValueError(f"{name}: must be positive, got {value}")
     return int(value)
+
+
+def check_nonnegative_int(value: Any, name: str) -> int:
+    """An int >= 0 (a size that may be zero, e.g. a sequence length)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: must be >= 0, got {value}")
+    return int(value)
+
+
+def check_chunk_size(chunk_size: Any, name: str = "chunk_size") -> int:
+    """A positive int no larger than :data:`MAX_CHUNK_SIZE`."""
+    chunk_size = check_positive_int(chunk_size, name)
+    if chunk_size > MAX_CHUNK_SIZE:
+        raise ValueError(f"{name}: {chunk_size} is above the maximum {MAX_CHUNK_SIZE} (2^31 - 1, "
+                         f"the largest token count of the kernels' 32-bit indices)")
+    return chunk_size
 
 
 def check_partition_size(partition_size: Any, name: str = "partition_size") -> int:
@@ -474,7 +500,7 @@ def check_linear_attention_inputs(q: Any, k: Any, v: Any, *,
         raise ValueError(f"{vn}: leading shape {vi.shape[:3]} does not match {qn} "
                          f"{qi.shape[:3]} ([B, H, N])")
     if chunk_size is not None:
-        check_positive_int(chunk_size, "chunk_size")
+        check_chunk_size(chunk_size)
     batch, heads, seq, key_dim = qi.shape
     gamma = check_decay(decay, heads)
     return LinearShape(batch, heads, seq, key_dim, vi.shape[3], qi.dtype, qi.device), gamma

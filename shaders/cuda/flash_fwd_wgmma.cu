@@ -36,9 +36,17 @@
 // sees no key gets O = 0, LSE = -inf. With CAUSAL the heaviest row blocks of all
 // heads are scheduled first.
 //
+// NaN / inf: the policy of python/attnproto/ref.py (module doc). The row max is
+// NaN-propagating (ap::fmax_nan, PTX max.NaN.f32: same FMNMX instruction as fmaxf), and
+// "the row sees no key" is decided from the mask geometry in the epilogue, so a NaN row
+// is never written as a zero row. Known deviation (documented there): P V runs on whole
+// wgmma tiles, so a non-finite V at a key masked out for a row but inside a key block
+// the row's CTA processes reaches that row's O column through 0 * NaN.
+//
 // Constants (all required): HEAD_DIM, BLOCK_R, BLOCK_C, STAGES, CONSUMER_WG,
 // CAUSAL, DTYPE (0 = float16, 1 = bfloat16).
 #include "common/attn_params.h"
+#include "cuda/include/common.cuh"   // ap::fmax_nan, ap::quiet_nan
 #include "cuda/include/hopper.cuh"
 
 #ifndef HEAD_DIM
@@ -281,13 +289,15 @@ __device__ __forceinline__ void softmax_block(Consumer& c, float (&s)[kSRegs], i
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        float mx = hopper::neg_inf();
+        // NaN-propagating max (a NaN score makes the row max NaN, not skipped); started
+        // from the first pair rather than -inf so no extra max is issued.
+        float mx = ap::fmax_nan(s[2 * h], s[2 * h + 1]);
 #pragma unroll
-        for (int j = 0; j < BLOCK_C / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+        for (int j = 1; j < BLOCK_C / 8; ++j) mx = ap::fmax_nan(mx, ap::fmax_nan(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
         // the four threads of a quad hold the same two rows
-        mx = fmaxf(mx, hopper::shfl_xor(mx, 1));
-        mx = fmaxf(mx, hopper::shfl_xor(mx, 2));
-        const float m_new = fmaxf(c.m_run[h], mx * c.scale_log2);  // scale > 0 (checked on the host)
+        mx = ap::fmax_nan(mx, hopper::shfl_xor(mx, 1));
+        mx = ap::fmax_nan(mx, hopper::shfl_xor(mx, 2));
+        const float m_new = ap::fmax_nan(c.m_run[h], mx * c.scale_log2);  // scale > 0 (checked on the host)
         const float m_use = (m_new == hopper::neg_inf()) ? 0.f : m_new;  // row has seen no key yet
         alpha[h] = hopper::fast_exp2(c.m_run[h] - m_use);
         c.m_run[h] = m_new;
@@ -408,14 +418,21 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
         float l = c.l_run[h];
         l += hopper::shfl_xor(l, 1);
         l += hopper::shfl_xor(l, 2);
-        const bool any = l > 0.f;
-        const float inv = any ? 1.f / l : 0.f;
-        const float lse = any ? (c.m_run[h] + hopper::fast_log2(l)) * ln2 : hopper::neg_inf();
+        // The row sees a key iff (causal) key 0 is at or left of its position: geometry,
+        // not l > 0, so a NaN l (a NaN or +inf score) keeps O and LSE NaN, and l = 0 with a
+        // key (every visible score -inf, from an inf input) gives O = 0 / 0 = NaN, LSE NaN.
+        // A row with no key writes O = 0 exactly (selected, whatever a masked V put in o)
+        // and LSE = -inf.
+        const bool has_key = !kCausal || c.row[h] + c.diag >= 0;
+        const float inv = has_key ? 1.f / l : 0.f;
+        const float lse = l > 0.f ? (c.m_run[h] + hopper::fast_log2(l)) * ln2
+                                  : (has_key ? ap::quiet_nan() : hopper::neg_inf());
         if (c.row[h] < (int)p.seq_q) {
             unsigned short* orow = o_out + o_base + (long long)c.row[h] * p.o_stride[2];
 #pragma unroll
             for (int j = 0; j < HEAD_DIM / 8; ++j) {
-                const u32 packed = hopper::pack2<kBF16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+                const u32 rounded = hopper::pack2<kBF16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+                const u32 packed = has_key ? rounded : 0u;  // +0.0 in both halves
                 *reinterpret_cast<u32*>(orow + 8 * j + c.quad_col) = packed;
             }
             if (c.quad_col == 0) lse_out[lse_base + c.row[h]] = lse;

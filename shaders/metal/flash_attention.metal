@@ -14,6 +14,17 @@
 // aligned) get -inf scores; tails of Q/K/V tiles are zero-filled; a row that sees no key
 // writes O = 0 and LSE = -inf (a masked score is a finite sentinel, see kMaskedScore).
 // Softmax runs in base 2 (scores scaled by log2 e); LSE is written in natural log.
+// NaN / inf: the policy of python/attnproto/ref.py (module doc), as far as an 8x8 matrix
+// kernel can follow it. The row max propagates NaN (max_nan); a row whose running max is
+// NaN or +inf ("invalid") contributes P = 0 and alpha = 0 from then on, so its O row stays
+// finite and cannot spread through the diagonal rescale matrices (0 * NaN = NaN would
+// reach the other 7 rows of the simdgroup), and is written as NaN (normalise factor NaN,
+// LSE NaN) at the end; a row with keys whose l is 0 (every visible score -inf) is NaN too;
+// "this row sees no key" is geometry, and such rows are stored as exact zeros. Deviation:
+// a non-finite V element reaches that column of every row of a simdgroup that processes its
+// key tile (P V and the rescale are 8x8 products), masked or not. These semantics need
+// IEEE NaN / inf: the host compiles with fast math, under which the compiler may assume
+// neither occurs. Statically checked only (tools/metal_check), never run on Apple hardware.
 // RoPE (fused): K row j rotates at position j, Q row i at i + seq_kv - seq_q (the causal
 // alignment), as attnproto.ref.attention(rope=True) defines it.
 //
@@ -54,6 +65,15 @@ constexpr constant float kLn2       = 0.6931471805599453f;
 // lets the compiler assume no infinities, so -inf cannot be tested for inside the kernel.
 // Real base-2 scores are bounded by |scale * q.k| + ALiBi, many orders of magnitude above.
 constexpr constant float kMaskedScore = -1.0e30f;
+// A running max at or above this is +inf or (failing the comparison) NaN: an invalid row.
+constexpr constant float kMaxFiniteScore = 3.0e38f;
+
+// max(a, b) that PROPAGATES NaN: NaN if either is NaN (metal::max / fmax return the other
+// operand). A NaN compares unequal to itself; with fast math the compiler may drop that test.
+static inline float max_nan(float a, float b)
+{
+    return (a < b || b != b) ? b : a;
+}
 
 // Stage rows [0, rows) x columns [col0, col0 + kChunkD) of a [*, HEAD_DIM] tensor whose
 // rows are `ld` elements apart into dst (row-major, kChunkD wide). Rows at or past
@@ -197,16 +217,19 @@ static void flash_attention_impl(constant AttentionParams& p,
             }
             const bool visible = qi < seq_q && key < seq_kv && (!kCausal || key <= q_pos);
             p_val[t] = visible ? s : kMaskedScore;
-            m_blk = max(m_blk, p_val[t]);
+            m_blk = max_nan(m_blk, p_val[t]);
         }
-        m_blk = max(m_blk, quad_shuffle_xor(m_blk, 1));
-        m_blk = max(m_blk, quad_shuffle_xor(m_blk, 2));
-        const float m_new = max(m_run, m_blk);
+        m_blk = max_nan(m_blk, quad_shuffle_xor(m_blk, 1));
+        m_blk = max_nan(m_blk, quad_shuffle_xor(m_blk, 2));
+        const float m_new = max_nan(m_run, m_blk);
+        // NaN or +inf max (a NaN or +inf score, now or in an earlier tile: m_run keeps it):
+        // the row is NaN whatever follows; it adds nothing more, so its O row stays finite.
+        const bool invalid = !(m_new < kMaxFiniteScore);
         // exp2 of (masked - real) underflows to 0; (masked - masked) gives 1 on an all-zero O row.
-        const float alpha = exp2(m_run - m_new);
+        const float alpha = invalid ? 0.0f : exp2(m_run - m_new);
         float l_blk = 0.0f;
         for (int t = 0; t < BLOCK_C / kQuad; ++t) {
-            p_val[t] = p_val[t] == kMaskedScore ? 0.0f : exp2(p_val[t] - m_new);
+            p_val[t] = (invalid || p_val[t] == kMaskedScore) ? 0.0f : exp2(p_val[t] - m_new);
             l_blk += p_val[t];
         }
         l_blk += quad_shuffle_xor(l_blk, 1);
@@ -251,11 +274,14 @@ static void flash_attention_impl(constant AttentionParams& p,
     }
 
     // ---- epilogue: O /= l, LSE, masked store through the scratch matrix ----
+    // A row sees a key iff (causal) key 0 is at or left of its position. With a key, l = 0
+    // means an invalid row or every visible score -inf: NaN (normalise factor and LSE).
+    const bool has_key = !kCausal || q_pos >= 0;
     if (quarter == 0) {
-        scratch[row * kFrag + row] = l_run > 0.0f ? 1.0f / l_run : 0.0f;
+        scratch[row * kFrag + row] = !has_key ? 0.0f : (l_run > 0.0f ? 1.0f / l_run : NAN);
         if (qi < seq_q) {
             lse[b * p.lse_stride[0] + h * p.lse_stride[1] + qi] =
-                l_run > 0.0f ? (m_run + log2(l_run)) * kLn2 : -INFINITY;
+                !has_key ? -INFINITY : (l_run > 0.0f ? (m_run + log2(l_run)) * kLn2 : NAN);
         }
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);
@@ -269,7 +295,11 @@ static void flash_attention_impl(constant AttentionParams& p,
         for (int e = lane; e < kFrag * kFrag; e += kSimdWidth) {
             const int out_row = q0 + sg * kFrag + e / kFrag;
             if (out_row < seq_q) {
-                o_base[long(out_row) * p.o_stride[2] + d * kFrag + e % kFrag] = T(scratch[e]);
+                // Rows without a key are exact zeros, whatever another row's NaN did to them
+                // through the 8x8 products.
+                const bool row_has_key = !kCausal || out_row + shift >= 0;
+                o_base[long(out_row) * p.o_stride[2] + d * kFrag + e % kFrag] =
+                    row_has_key ? T(scratch[e]) : T(0.0f);
             }
         }
     }

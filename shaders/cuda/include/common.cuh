@@ -12,8 +12,8 @@
 //   tensor-core math        mma_m16n8k16<DTYPE> (f32 accumulate, in place)
 //   async copies            cp_async_16 (zero-fill when !valid), commit, wait
 //   global stores           st_global_v4
-//   math                    exp2_approx, log2_approx, rcp_approx (MUFU, ftz)
-//   warp reductions         shfl_xor, quad_max, quad_sum, warp_max, warp_sum
+//   math                    exp2_approx, log2_approx, rcp_approx (MUFU, ftz), fmax_nan, quiet_nan
+//   warp reductions         shfl_xor, quad_max, quad_sum, warp_max, warp_sum (the max ones NaN-propagating)
 //   control                 syncwarp, trap
 #ifndef ATTNPROTO_CUDA_COMMON_CUH
 #define ATTNPROTO_CUDA_COMMON_CUH
@@ -178,6 +178,20 @@ __device__ __forceinline__ float rcp_approx(float x) {
     return y;
 }
 
+// max(a, b) that PROPAGATES NaN: NaN if either operand is NaN (PTX max.NaN.f32, sm_80+).
+// fmaxf (max.f32) returns the other operand instead, so a row max built from it skips a
+// NaN score and the row looks fine or all-masked. Same SASS instruction as fmaxf (FMNMX,
+// with its .NAN modifier), so it costs nothing. Every row max / running max of the
+// attention kernels uses it: the NaN / inf policy of python/attnproto/ref.py (module doc).
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+// A quiet NaN without <math.h> (0x7fffffff, the canonical pattern the hardware produces).
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff); }
+
 // ------------------------------------------------------------------ warp reductions
 __device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
     float r;
@@ -187,9 +201,10 @@ __device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
 }
 
 // Reductions over the 4 lanes of a quad (lanes 4q..4q+3): every lane gets the result.
+// The max is NaN-propagating (fmax_nan): one lane's NaN makes the whole quad's max NaN.
 __device__ __forceinline__ float quad_max(float v) {
-    v = fmaxf(v, shfl_xor(v, 1));
-    return fmaxf(v, shfl_xor(v, 2));
+    v = fmax_nan(v, shfl_xor(v, 1));
+    return fmax_nan(v, shfl_xor(v, 2));
 }
 
 __device__ __forceinline__ float quad_sum(float v) {
@@ -197,10 +212,10 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + shfl_xor(v, 2);
 }
 
-// Reductions over the whole warp: every lane gets the result.
+// Reductions over the whole warp: every lane gets the result (the max NaN-propagating).
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-    for (int mask = kWarpSize / 2; mask > 0; mask >>= 1) v = fmaxf(v, shfl_xor(v, mask));
+    for (int mask = kWarpSize / 2; mask > 0; mask >>= 1) v = fmax_nan(v, shfl_xor(v, mask));
     return v;
 }
 

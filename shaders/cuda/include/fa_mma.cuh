@@ -8,6 +8,14 @@
 // four ways of Prototype 2. The algorithm, layouts and launch shape are documented at the
 // top of flash_fwd_mma.cu.
 //
+// NaN / inf follow the policy written in python/attnproto/ref.py (module doc): the row max
+// is NaN-propagating (ap::fmax_nan / ap::quad_max, PTX max.NaN.f32: the same FMNMX
+// instruction as fmaxf), and the epilogue (include/fa_mma_kernel_body.cuh) decides "no
+// visible key" from the causal geometry, so a NaN row is written as NaN, never as a zero
+// row with LSE -inf. Known deviation (documented there): P V runs on 16x16 tensor-core
+// tiles, so a non-finite V element at a key that is masked out for a row but lies in a
+// key tile the row's warp processes reaches that O column through 0 * NaN.
+//
 // Deliberately WITHOUT an include guard: shaders/cuda/stitch_multi_entry.cu includes
 // flash_fwd_mma.cu (and so this header) several times in one translation unit with
 // `#define fa_mma fa_mma_<variant>` and different CAUSAL / DTYPE, and each inclusion must
@@ -298,6 +306,10 @@ __device__ __forceinline__ void apply_mask(float (&s)[kMTiles][kSTiles][kAccPerT
 
 // Online softmax of one tile: updates the running max (unscaled) and the per-lane
 // partial row sums, rescales O, and turns S into P = 2^(S*scale_log2 - max*scale_log2).
+// NaN / inf (policy in python/attnproto/ref.py, module doc): the max is NaN-propagating
+// (ap::fmax_nan, ap::quad_max), so one NaN score makes the row max NaN, and with it alpha,
+// P, the row sum and O, for the rest of the loop; -inf scores (masked or from inf inputs)
+// give P = 0 exactly.
 __device__ __forceinline__ void online_softmax(float (&s)[kMTiles][kSTiles][kAccPerTile],
                                                float (&row_max)[kMTiles][2], float (&row_sum)[kMTiles][2],
                                                float (&o)[kMTiles][kOTiles][kAccPerTile], float scale_log2) {
@@ -307,10 +319,11 @@ __device__ __forceinline__ void online_softmax(float (&s)[kMTiles][kSTiles][kAcc
         for (int h = 0; h < 2; ++h) {
             float mx = row_max[m][h];
 #pragma unroll
-            for (int n = 0; n < kSTiles; ++n) mx = fmaxf(mx, fmaxf(s[m][n][2 * h], s[m][n][2 * h + 1]));
+            for (int n = 0; n < kSTiles; ++n) mx = ap::fmax_nan(mx, ap::fmax_nan(s[m][n][2 * h], s[m][n][2 * h + 1]));
             mx = ap::quad_max(mx);
             // A row that has seen no key yet keeps max -inf; offset by 0 so that
-            // exp2(-inf - offset) stays 0 instead of NaN.
+            // exp2(-inf - offset) stays 0 instead of NaN. (A NaN max fails the test and
+            // stays NaN.)
             const float mx_scaled = mx == ap::neg_inf() ? 0.0f : mx * scale_log2;
             const float alpha = ap::exp2_approx(row_max[m][h] * scale_log2 - mx_scaled);
             row_max[m][h] = mx;

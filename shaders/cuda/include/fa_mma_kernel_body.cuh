@@ -174,16 +174,24 @@
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const float l = ap::quad_sum(row_sum[m][h]);
-            // l >= 1 once a key was seen (the max contributes 2^0), so the approximate
-            // reciprocal and log2 (relative / absolute error ~2^-22) are safe here.
-            const bool seen = l > 0.0f;
-            const float inv_l = seen ? ap::rcp_approx(l) : 0.0f;
-            const float mx_scaled = row_max[m][h] * scale_log2;
-            const float row_lse = seen ? (mx_scaled + ap::log2_approx(l)) * ap::kLn2 : ap::neg_inf();
             const int row = warp_row0 + m * kMmaM + g + h * (kMmaM / 2);
+            // NaN / inf policy (python/attnproto/ref.py, module doc): whether the row sees a
+            // key is geometry (causal: its first key, key 0, is at or left of its position),
+            // never l > 0, so a row whose l is NaN (a NaN or +inf score) keeps O and LSE NaN.
+            // With a key, l >= 1 (the max contributes 2^0) for finite scores, so the
+            // approximate reciprocal and log2 (error ~2^-22) are safe; l = 0 means every
+            // visible score was -inf (an inf input): O = 0 * rcp(0) = NaN, LSE NaN. A row
+            // with no key writes O = 0 exactly (selected: even if a masked NaN in V reached
+            // its accumulator through 0 * NaN) and LSE = -inf.
+            const bool has_key = !kCausal || q0 + row + causal_offset >= 0;
+            const float inv_l = has_key ? ap::rcp_approx(l) : 0.0f;
+            const float mx_scaled = row_max[m][h] * scale_log2;
+            const float row_lse = l > 0.0f ? (mx_scaled + ap::log2_approx(l)) * ap::kLn2
+                                           : (has_key ? ap::quiet_nan() : ap::neg_inf());
 #pragma unroll
             for (int d = 0; d < kOTiles; ++d) {
-                const u32 packed = ap::pack_half2<kDtype>(o_acc[m][d][2 * h] * inv_l, o_acc[m][d][2 * h + 1] * inv_l);
+                const u32 rounded = ap::pack_half2<kDtype>(o_acc[m][d][2 * h] * inv_l, o_acc[m][d][2 * h + 1] * inv_l);
+                const u32 packed = has_key ? rounded : 0u;  // +0.0 in both halves
                 ap::st_shared_b32(s_q + chunk_offset(row, d) + t * 2 * kElemBytes, packed);
             }
             if (t == 0 && q0 + row < seq_q) lse_g[q0 + row] = row_lse;

@@ -19,7 +19,10 @@
 // A pointer to a register array forces that array into local memory around every call that
 // is not inlined (stores before, loads after, and the callee works on local memory): that
 // traffic, the call ABI and the lost scheduling across the call are exactly the cost that
-// Prototype 2 measures. The arithmetic of every stage is the same code as in mode 0.
+// Prototype 2 measures. The arithmetic of every stage is the same code as in mode 0, NaN / inf
+// handling included (the NaN-propagating row max of fa_mma::online_softmax and the epilogue of
+// include/fa_mma_kernel_body.cuh: policy in python/attnproto/ref.py), so every mode stays bit
+// for bit equal to flash_fwd_mma, on non-finite inputs too.
 #ifndef ATTNPROTO_CUDA_FA_MMA_STITCH_CUH
 #define ATTNPROTO_CUDA_FA_MMA_STITCH_CUH
 
