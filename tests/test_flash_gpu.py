@@ -297,7 +297,7 @@ def _bad_input_cases():
         (last_dim_strided, ValueError, "q: last dimension must be contiguous"),
         (token_stride_unaligned, ValueError, "k: stride 68"),
         (base_unaligned, ValueError, "v: data pointer"),
-        (on_cpu, ValueError, "q: expected a tensor on device 'cuda'"),
+        (on_cpu, ValueError, "k: on device 'cuda' but q is on 'cpu'"),
         (shape_mismatch_v, ValueError, "v: shape"),
     ]
 
