@@ -280,10 +280,15 @@ class PreparedLaunch:
                             shared_bytes=self.shared_bytes)
         return self.problem.out, self.problem.lse
 
-    def time(self, warmup: int = 4, iters: int = 50, flush_l2: bool = False) -> _lab.TimingStats:
-        return _lab.from_native(self.backend.time_launch(
-            self.kernel, self.grid, self.block, self.args, shared_bytes=self.shared_bytes, warmup=warmup,
-            iters=iters, flush_l2=flush_l2))
+    def time(self, warmup: int = 4, iters: int = 50, flush_l2: bool = False,
+             min_warmup_ms: float = _lab.WARMUP_MS) -> _lab.TimingStats:
+        """Event timing of ``iters`` launches after ``warmup`` launches and at least ``min_warmup_ms``
+        of them (attnproto.lab.WARMUP_MS: the clocks come up before the first timed launch)."""
+        def run(warm: int, n: int):
+            return self.backend.time_launch(self.kernel, self.grid, self.block, self.args,
+                                            shared_bytes=self.shared_bytes, warmup=warm, iters=n, flush_l2=flush_l2)
+        estimate = run(1, _lab.ESTIMATE_ITERS).median_ms
+        return _lab.from_native(run(_lab.warmup_count(estimate, warmup, min_warmup_ms), iters))
 
     @property
     def resources(self) -> Dict[str, Any]:
