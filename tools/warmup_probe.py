@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from attnproto import lab
-from attnproto.experiments.proto1 import best, problem
+from attnproto.experiments.proto1.common import best, problem
 from attnproto.ops import flash
 from attnproto.records import read_records
 
