@@ -88,3 +88,27 @@ def test_gate_inputs_are_fresh_and_exact_in_the_dtype():
     assert not np.array_equal(a[0], b[0])
     assert np.array_equal(cpu.quantize(a[0], "bfloat16"), a[0])
     assert a[0].shape == (1, 2, 5, 16) and a[1].shape == (1, 2, 7, 16)
+
+
+def test_warmup_count_extends_short_kernels_only():
+    assert lab.warmup_count(0.1, 3, 50.0) == 500
+    assert lab.warmup_count(40.0, 3, 50.0) == 3
+    assert lab.warmup_count(0.1, 3, 0.0) == 3
+
+
+class _FakeBackend:
+    def __init__(self):
+        self.calls = []
+
+    def time(self, enqueue, warmup, iters, flush_l2):
+        self.calls.append((warmup, iters))
+        return lab.timing([0.5] * max(iters, 2))
+
+
+def test_time_device_sizes_the_warmup_from_an_estimate():
+    be = _FakeBackend()
+    lab.time_device(be, lambda: None, warmup=3, iters=10, min_warmup_ms=50.0)
+    assert be.calls == [(1, lab.ESTIMATE_ITERS), (100, 10)]
+    be = _FakeBackend()
+    lab.time_device(be, lambda: None, warmup=3, iters=10, min_warmup_ms=0.0)
+    assert be.calls == [(3, 10)]

@@ -41,12 +41,12 @@ __all__ = [
 
 # ---- timing ----
 MS_PER_S = 1e3
-# Device warm-up lasts at least this long, whatever the warm-up count: the H200 measured a
-# 0.17 ms kernel 12 % slower when its 30 timed calls (~10 ms of work) followed a host-side gap
-# than when the same kernel ran amid continuous work (proto1, commit 037bf43: the auto pass
-# against the sweep, identical tiles; tools/warmup_probe.py measures the suspected cause, clocks
-# that have not come back up). 50 ms of the same kernel first runs before the first timed call.
-WARMUP_MS = 50.0
+# Minimum device warm-up time, on top of the warm-up count (0: the count alone). proto1's auto
+# pass (commit 037bf43) timed the sweep's own best tiles up to 12 % slower at N <= 2K; a cold
+# clock was suspected, but tools/warmup_probe.py (results/nvidia-h200/warmup_probe, commit
+# e66b348) found 3 calls after a 0.5 s idle gap within 0.5 % of the sweep at those points and a
+# 50 ms warm-up no better (two points 4 % and 11 % slower): the count stays the warm-up.
+WARMUP_MS = 0.0
 # Calls of the short estimate that sizes the warm-up.
 ESTIMATE_ITERS = 2
 # Fewer than two samples has no spread, hence no CV and no confidence.
@@ -122,11 +122,12 @@ def warmup_count(estimate_ms: float, warmup: int, min_ms: float = WARMUP_MS) -> 
 def time_device(backend: Any, enqueue: Callable[[], Any], *, warmup: int = 4, iters: int = 50,
                 flush_l2: bool = False, min_warmup_ms: float = WARMUP_MS) -> TimingStats:
     """Device-event timing of ``enqueue()`` (work on ``backend``'s stream) as TimingStats, after a
-    warm-up of ``warmup`` calls and at least ``min_warmup_ms`` (:data:`WARMUP_MS`)."""
+    warm-up of ``warmup`` calls, extended to last ``min_warmup_ms`` when that is positive."""
     _check_counts(warmup, iters)
-    estimate = backend.time(enqueue, warmup=1, iters=ESTIMATE_ITERS, flush_l2=flush_l2).median_ms
-    n = warmup_count(estimate, warmup, min_warmup_ms)
-    return from_native(backend.time(enqueue, warmup=n, iters=iters, flush_l2=flush_l2))
+    if min_warmup_ms > 0:
+        estimate = backend.time(enqueue, warmup=1, iters=ESTIMATE_ITERS, flush_l2=flush_l2).median_ms
+        warmup = warmup_count(estimate, warmup, min_warmup_ms)
+    return from_native(backend.time(enqueue, warmup=warmup, iters=iters, flush_l2=flush_l2))
 
 
 def from_native(stats: Any) -> TimingStats:

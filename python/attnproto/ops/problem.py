@@ -287,8 +287,9 @@ class PreparedLaunch:
         def run(warm: int, n: int):
             return self.backend.time_launch(self.kernel, self.grid, self.block, self.args,
                                             shared_bytes=self.shared_bytes, warmup=warm, iters=n, flush_l2=flush_l2)
-        estimate = run(1, _lab.ESTIMATE_ITERS).median_ms
-        return _lab.from_native(run(_lab.warmup_count(estimate, warmup, min_warmup_ms), iters))
+        if min_warmup_ms > 0:
+            warmup = _lab.warmup_count(run(1, _lab.ESTIMATE_ITERS).median_ms, warmup, min_warmup_ms)
+        return _lab.from_native(run(warmup, iters))
 
     @property
     def resources(self) -> Dict[str, Any]:
