@@ -49,7 +49,7 @@ MS_PER_S = 1e3
 WARMUP_MS = 0.0
 # Calls of the short estimate that sizes the warm-up.
 ESTIMATE_ITERS = 2
-# Fewer than two samples has no spread, hence no CV and no confidence.
+# Fewer than two samples has no spread, hence no CV and no confidence .
 MIN_SAMPLES = 2
 P_LOW, P_HIGH = 10.0, 90.0
 

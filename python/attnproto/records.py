@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import lab as _lab
 from .findings import (
     BACKENDS,
     Finding,
@@ -98,10 +99,8 @@ OLD_INFIX = ".old-"
 _TOKEN_BYTES = 4
 
 CPU_SLUG = "cpu"
-# Fewer than two samples has no spread, hence no CV and no confidence.
-MIN_TIMING_SAMPLES = 2
-_P10 = 10.0
-_P90 = 90.0
+# Fewer than two samples has no spread, hence no CV and no confidence (attnproto.lab's rule).
+MIN_TIMING_SAMPLES = _lab.MIN_SAMPLES
 _RECORD_ID_HASH_HEX_CHARS = 12
 _GIT_TIMEOUT_S = 5.0
 EXPERIMENT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -115,30 +114,14 @@ class RecordError(ValueError):
 
 
 def timing_from_samples(samples_ms: Sequence[float]) -> dict[str, Any]:
-    """Summarise per-iteration times (ms): median, p10, p90, mean, cv, n, samples.
-
-    cv is the sample standard deviation (ddof=1) over the mean, as a fraction.
-    """
-    samples = [float(x) for x in samples_ms]
-    if len(samples) < MIN_TIMING_SAMPLES:
-        raise RecordError(f"samples_ms needs at least {MIN_TIMING_SAMPLES} samples, got {len(samples)}")
-    if any(not math.isfinite(x) or x < 0 for x in samples):
-        raise RecordError("samples_ms must be finite and >= 0")
-    import numpy as np  # noqa: PLC0415  (keep `attnproto.records` import light)
-
-    arr = np.asarray(samples, dtype=np.float64)
-    mean = float(arr.mean())
-    if mean <= 0:
-        raise RecordError("samples_ms has a zero mean; the timer resolution is too coarse for this workload")
-    return {
-        "median_ms": float(np.median(arr)),
-        "p10_ms": float(np.percentile(arr, _P10)),
-        "p90_ms": float(np.percentile(arr, _P90)),
-        "mean_ms": mean,
-        "cv": float(arr.std(ddof=1) / mean),
-        "n": len(samples),
-        "samples_ms": samples,
-    }
+    """Per-iteration times (ms) as a record's timing dict: :func:`attnproto.lab.timing`'s
+    median, p10, p90, mean and cv (sample std, ddof=1, over the mean), plus n and the samples."""
+    try:
+        stats = _lab.timing(samples_ms)
+    except ValueError as exc:
+        raise RecordError(str(exc).replace("samples_ms: ", "samples_ms ")) from None
+    return {"median_ms": stats.median_ms, "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms, "mean_ms": stats.mean_ms,
+            "cv": stats.cv, "n": stats.n, "samples_ms": list(stats.samples_ms)}
 
 
 def timing_to_dict(stats: Any) -> dict[str, Any]:

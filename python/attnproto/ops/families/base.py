@@ -20,6 +20,7 @@ Which family and tiles ``kernel="auto"`` picks is :mod:`attnproto.ops.chooser`'s
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -27,6 +28,27 @@ import numpy as np
 from ..problem import CUDA, DeviceSpec, FlashProblem, ProblemSpec, Rules
 
 Spec = Tuple[str, Dict[str, int]]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A BLOCK_R x BLOCK_C tile: the whole config of the host families (cpu, metal)."""
+
+    block_r: int
+    block_c: int
+
+
+def as_tile(config: Any, family: str) -> Tile:
+    """A caller's Tile or (block_r, block_c) pair, checked (TypeError/ValueError naming config)."""
+    if isinstance(config, tuple) and len(config) == 2:
+        config = Tile(*config)
+    if not isinstance(config, Tile):
+        raise TypeError(f"config: expected a Tile or (block_r, block_c) for kernel '{family}', "
+                        f"got {type(config).__name__}")
+    for value, name in ((config.block_r, "config.block_r"), (config.block_c, "config.block_c")):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    return config
 
 
 class FamilyUnsupported(ValueError):

@@ -2,14 +2,13 @@
 float32 arithmetic, tiled block_r x block_c exactly as the GPU kernels tile."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
 from ... import cpu as _cpu
 from ..problem import HOST, DeviceSpec, FlashProblem, HostLaunch, ProblemSpec, Rules
-from .base import Family
+from .base import Family, Tile, as_tile
 
 #: Tiles the Prototype 1 CPU sweep measures: the seeds' Br/Bc sets.
 SWEEP_TILES = ((32, 64), (64, 64), (64, 128))
@@ -17,11 +16,8 @@ SWEEP_TILES = ((32, 64), (64, 64), (64, 128))
 #: per-tile score matrix (64 x 128 float32 = 32 KiB) in a core's L1/L2.
 DEFAULT_TILE = (64, 128)
 
-
-@dataclass(frozen=True)
-class CpuTile:
-    block_r: int
-    block_c: int
+#: The cpu family's config (a BLOCK_R x BLOCK_C tile).
+CpuTile = Tile
 
 
 class CpuFamily(Family):
@@ -44,15 +40,7 @@ class CpuFamily(Family):
         return self.coerce_config(CpuTile(int(values["block_r"]), int(values["block_c"])), spec, device)
 
     def coerce_config(self, config: Any, spec: ProblemSpec, device: DeviceSpec) -> Any:
-        if isinstance(config, tuple) and len(config) == 2:
-            config = CpuTile(*config)
-        if not isinstance(config, CpuTile):
-            raise TypeError(f"config: expected a CpuTile or (block_r, block_c) for kernel 'cpu', "
-                            f"got {type(config).__name__}")
-        for value, name in ((config.block_r, "config.block_r"), (config.block_c, "config.block_c")):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: must be a positive int, got {value!r}")
-        return config
+        return as_tile(config, self.name)
 
     def config_label(self, config: Any) -> str:
         return f"cpu {config.block_r}x{config.block_c}"

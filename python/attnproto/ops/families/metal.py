@@ -6,7 +6,6 @@ Linux; it has not run on Apple hardware (the README says so).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -14,13 +13,10 @@ import numpy as np
 from ... import metal_specs as _ms
 from .. import metal_flash as _mf
 from ..problem import HOST, DeviceSpec, FlashProblem, HostLaunch, ProblemSpec, Rules
-from .base import Family
+from .base import Family, Tile, as_tile
 
-
-@dataclass(frozen=True)
-class MetalTile:
-    block_r: int
-    block_c: int
+#: The metal family's config (a BLOCK_R x BLOCK_C tile).
+MetalTile = Tile
 
 
 class MetalFamily(Family):
@@ -46,11 +42,7 @@ class MetalFamily(Family):
         return self.coerce_config(MetalTile(int(values["block_r"]), int(values["block_c"])), spec, device)
 
     def coerce_config(self, config: Any, spec: ProblemSpec, device: DeviceSpec) -> Any:
-        if isinstance(config, tuple) and len(config) == 2:
-            config = MetalTile(*config)
-        if not isinstance(config, MetalTile):
-            raise TypeError(f"config: expected a MetalTile or (block_r, block_c) for kernel 'metal', "
-                            f"got {type(config).__name__}")
+        config = as_tile(config, self.name)
         if not _ms.flash_tile_legal(spec.head_dim, config.block_r, config.block_c, spec.dtype):
             raise ValueError(f"config: tile {config.block_r}x{config.block_c} is illegal at D={spec.head_dim} "
                              f"({spec.dtype}): over {_ms.THREADGROUP_MEMORY_LIMIT} bytes of threadgroup memory "
