@@ -11,6 +11,7 @@ tile multiples so that masked tails are exercised.
 from __future__ import annotations
 
 import re
+from collections import Counter
 import subprocess
 import sys
 
@@ -98,6 +99,9 @@ def main() -> int:
         ok &= passed
         rows.append((tool, errors, launched, "clean" if passed else "FAILED"))
         if not passed:
+            # Which kernels the reported errors are in (the tail below shows only the last few).
+            where = Counter(re.findall(r"^=+\s+at (\w+)\+0x", out, re.M))
+            print(f"{tool}: errors reported in " + (", ".join(f"{k} x{n}" for k, n in where.most_common()) or "no kernel"))
             print(out[-6000:])
     print(f"{'tool':<10} {'errors':>6} {'workloads':>9}  verdict")
     for tool, errors, launched, verdict in rows:
