@@ -24,6 +24,7 @@ family's ``supports()`` is asked, and the launch carries ``family``, ``config`` 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Tuple
 
 from .. import lab as _lab
@@ -86,7 +87,9 @@ def _resolve_backend(problem: FlashProblem, backend: Any) -> Tuple[Any, DeviceSp
     return backend, DeviceSpec.from_backend(backend)
 
 
+@functools.lru_cache(maxsize=None)
 def _metal_available() -> bool:
+    """Whether a Metal device is present (asked once per process: it cannot appear later)."""
     try:
         from .. import backend as _backend  # noqa: PLC0415
 
