@@ -8,6 +8,7 @@ instead of a skip.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Multithreaded OpenBLAS spin-waits on a busy 2-core machine: single matmuls ran ~50x slower.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -59,3 +60,21 @@ def cuda():
     from attnproto.backend import get
 
     return get("cuda")
+
+
+#: The package sources, for subprocesses that import attnproto from the tree.
+PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+
+
+@pytest.fixture()
+def env(tmp_path):
+    """Environment for `python -m attnproto` subprocesses: the tree's package first, and HOME,
+    XDG dirs and the findings database inside tmp_path (nothing of the user's is touched)."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(PYTHON_DIR) + os.pathsep + e.get("PYTHONPATH", "")
+    e["HOME"] = str(tmp_path / "home")
+    e["XDG_STATE_HOME"] = str(tmp_path / "state")
+    e["XDG_DATA_HOME"] = str(tmp_path / "data")
+    e["ATTNPROTO_KB"] = str(tmp_path / "kb.sqlite")
+    e["ATTNPROTO_NO_TQDM"] = "1"
+    return e

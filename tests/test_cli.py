@@ -16,20 +16,8 @@ from attnproto.findings import make_finding, read_findings, write_findings
 from attnproto.records import read_records
 from attnproto.store import FindingStore
 
-PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
 CLI_TIMEOUT_S = 120
 
-
-@pytest.fixture()
-def env(tmp_path):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(PYTHON_DIR) + os.pathsep + e.get("PYTHONPATH", "")
-    e["HOME"] = str(tmp_path / "home")
-    e["XDG_STATE_HOME"] = str(tmp_path / "state")
-    e["XDG_DATA_HOME"] = str(tmp_path / "data")
-    e["ATTNPROTO_KB"] = str(tmp_path / "kb.sqlite")
-    e["ATTNPROTO_NO_TQDM"] = "1"
-    return e
 
 
 def attnproto_cmd(env, *args, cwd):

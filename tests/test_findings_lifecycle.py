@@ -37,7 +37,6 @@ from attnproto.records import (
 )
 from attnproto.store import FindingStore
 
-PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
 CLI_TIMEOUT_S = 120
 T1, T2, T3 = "2025-01-01T00:00:00Z", "2025-02-01T00:00:00Z", "2025-03-01T00:00:00Z"
 
@@ -277,17 +276,6 @@ def test_unreadable_previous_findings_are_not_replaced(tmp_path):
 
 
 # ------------------------------------------------------- through the CLI
-@pytest.fixture()
-def env(tmp_path):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(PYTHON_DIR) + os.pathsep + e.get("PYTHONPATH", "")
-    e["HOME"] = str(tmp_path / "home")
-    e["XDG_STATE_HOME"] = str(tmp_path / "state")
-    e["XDG_DATA_HOME"] = str(tmp_path / "data")
-    e["ATTNPROTO_KB"] = str(tmp_path / "default-kb.sqlite")
-    e["ATTNPROTO_NO_TQDM"] = "1"
-    return e
-
 
 def attnproto_cmd(env, *args, cwd, commit=None):
     e = dict(env)
