@@ -61,7 +61,8 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     heads x D = 2048 (BF16) x causal in {no, yes} x every registered CUDA family x its sweep space
     (mma.sync: BLOCK_R x BLOCK_C x WARPS x STAGES; wgmma: BLOCK_C x STAGES x CONSUMER_WG), each
     gated in FP64 first; anchors SDPA flash, SDPA cuDNN and compiled flex_attention on the same
-    inputs; then kernel="auto" at every point. CUDA events, L2 flushed, median of 30 after warm-up.
+    inputs; kernel="auto" at every point, right after that point's tiles, on the same inputs. CUDA events,
+    L2 flushed, median of 30 after warm-up; the SM clock (NVML) recorded after each timing.
     Sweep (metal): the metal family's Br {16, 32, 64} x Bc {64, 80, 128} tiles within 32 KB of
     threadgroup memory x D {64, 128, 256} (FP16, causal and not, N up to 4K in the same 16K-token
     setting), each gated against float64 first; anchors MLX and torch MPS SDPA when installed

@@ -1,7 +1,14 @@
 """The Prototype 1 sweep, one loop for every backend: every registered family of the
 backend x its sweep space, gated in FP64, timed against the backend's anchors on the
-same inputs; then the default call (``kernel="auto"``) timed at every point with the
-table this sweep just measured.
+same inputs, and at each point, right after its tiles, the default call
+(``kernel="auto"``) on the same inputs, choosing from the table this sweep measured.
+
+The default call at a swept point depends only on that point's entries (its head dim,
+mask, dtype and N are all tabulated), so choosing from the entries measured so far is the
+choice the finished table makes; the run checks that at the end. Timing it next to the
+tiles it is compared with keeps both in the same state of the GPU: the first H200 run
+timed the default calls in a pass after the whole sweep, and at N <= 2K they came out up
+to 12 % slower than the same kernels in the sweep (results/nvidia-h200/proto1 at 037bf43).
 
 A backend plugs in through a :class:`Bench`: its sizes, inputs, anchors, reference and
 full-size check (cuda.py, metal.py, cpu.py).
@@ -17,7 +24,7 @@ from ... import lab
 from ...ops import chooser, families
 from ...ops import flash as front
 from ...ops.problem import DeviceSpec, ProblemSpec, check_flash_inputs
-from ..registry import ExperimentContext
+from ..registry import ExperimentContext, ExperimentError
 from . import common as C
 
 
@@ -47,6 +54,8 @@ class Bench:
     gate_shapes: tuple[tuple[int, ...], ...] = lab.GATE_SHAPES
     elem_bytes: int = C.ELEM_BYTES
     extra_metrics: Callable[[Any], dict[str, float]] = lambda launch: {}
+    #: Device clocks read right after each timing (e.g. {"sm_clock_mhz": ...}), where readable.
+    clocks: Callable[[], dict[str, float]] = lambda: {}
     release: Callable[[], None] = lambda: None
     notes: dict[str, Any] = field(default_factory=lambda: {"anchors_unavailable": {}})
 
@@ -89,6 +98,7 @@ def _time_point(ctx: ExperimentContext, bench: Bench, launch: Any, reference: An
     if math.isfinite(diff):
         m["vs_reference_max_abs_err"] = diff
     m.update(bench.extra_metrics(launch))
+    m.update(bench.clocks())
     records.append(ctx.record({**base, **config}, m, stats))
 
 
@@ -120,7 +130,7 @@ def run_sweep(ctx: ExperimentContext, bench: Bench) -> tuple[list[dict], list[di
                     bench.notes["anchors_unavailable"][f"{name} D={head_dim} N={seq} causal={causal}"] = time_fn
                     continue
                 stats = time_fn()
-                m = C.metrics(flops, nbytes, stats.median_ms)
+                m = {**C.metrics(flops, nbytes, stats.median_ms), **bench.clocks()}
                 records.append(ctx.record({**base, "kernel": name}, m, stats))
             reference = bench.reference(q, k, v, causal)
             for fam, cfg, gate_err in good:
@@ -128,38 +138,36 @@ def run_sweep(ctx: ExperimentContext, bench: Bench) -> tuple[list[dict], list[di
                 launch = fam.prepare(problem, cfg, bench.backend_obj)
                 _time_point(ctx, bench, launch, reference, base, _our_config(fam, cfg), flops, nbytes, records,
                             rejected, {"gate_max_abs_err": gate_err})
+            _time_auto(ctx, bench, q, k, v, causal, reference, base, flops, nbytes, records, rejected)
             del q, k, v, reference
             bench.release()
-    _auto_pass(ctx, bench, records, rejected)
+    _check_auto_choices(ctx, bench, records)
     bench.notes["rejected"] = rejected
     return records, rejected, bench.notes
 
 
-def _auto_pass(ctx: ExperimentContext, bench: Bench, records: list, rejected: list) -> None:
-    """Time ``prepare_forward(q, k, v)`` (kernel="auto") at every point, choosing from this sweep's table."""
+def _time_auto(ctx: ExperimentContext, bench: Bench, q: Any, k: Any, v: Any, causal: bool, reference: Any,
+               base: dict, flops: float, nbytes: float, records: list, rejected: list) -> None:
+    """Time ``prepare_forward(q, k, v)`` (kernel="auto") choosing from the entries measured so far."""
+    with chooser.use_entries(chooser.build_entries(records, bench.device.arch, ctx.device_name)):
+        launch = front.prepare_forward(q, k, v, causal=causal, backend=bench.backend_obj or bench.backend)
+    config = {"kernel": C.AUTO, "family": launch.family,
+              "chose": families.get(launch.family).config_label(launch.config), "reason": launch.reason}
+    _time_point(ctx, bench, launch, reference, base, config, flops, nbytes, records, rejected, {})
+
+
+def _check_auto_choices(ctx: ExperimentContext, bench: Bench, records: list) -> None:
+    """Every default call chose what the finished table chooses at its point (module doc)."""
     table = chooser.build_entries(records, bench.device.arch, ctx.device_name)
     bench.notes["auto_table_entries"] = len(table)
     with chooser.use_entries(table):
-        points = [(d, c, n) for d in bench.head_dims for c in (False, True) for n in bench.seq_lens]
-        for head_dim, causal, seq in ctx.progress(points, desc=f"proto1[{bench.backend}] auto"):
-            batch, heads = bench.problem(head_dim, seq)
-            base = _base(head_dim, seq, batch, heads, causal, bench.dtype)
-            flops = float(lab.attention_flops(batch, heads, seq, seq, head_dim, causal))
-            nbytes = C.min_bytes(batch, heads, seq, head_dim, bench.elem_bytes)
-            q, k, v = bench.inputs(batch, heads, seq, head_dim)
-            reference = bench.reference(q, k, v, causal)
-            launch = front.prepare_forward(q, k, v, causal=causal, backend=bench.backend_obj or bench.backend)
-            config = {"kernel": C.AUTO, "family": launch.family, "chose": families.get(launch.family).config_label(
-                launch.config), "reason": launch.reason}
-            _time_point(ctx, bench, launch, reference, base, config, flops, nbytes, records, rejected, {})
-            del q, k, v, reference
-            bench.release()
-
-
-def no_reference(q: Any, k: Any, v: Any, causal: bool) -> None:
-    """For a backend without a reference at full size (the CPU: each tile is FP64-gated)."""
-    return None
-
-
-def no_full_check(o: Any, reference: Any) -> tuple[bool, float, str]:
-    return True, math.nan, ""
+        for r in records:
+            c = r["config"]
+            if c["kernel"] != C.AUTO:
+                continue
+            spec = ProblemSpec(c["batch"], c["num_heads"], c["num_heads"], c["seq_len"], c["seq_len"], c["head_dim"],
+                               c["dtype"], c["causal"])
+            final = chooser.choose(spec, bench.device)
+            if (final.family.name, final.label) != (c["family"], c["chose"]):
+                raise ExperimentError(f"kernel='auto' at D={c['head_dim']} N={c['seq_len']} causal={c['causal']} "
+                                      f"chose {c['chose']} during the sweep but {final.label} from the finished table")
