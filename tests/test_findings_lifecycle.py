@@ -386,7 +386,7 @@ def _failing(exc, write_artefact=True):
     real = registry.get("smoke")
 
     def run(ctx):
-        result = real.func(ctx)                                   # measure for real, then fail
+        real.func(ctx)                                            # measure for real, then fail
         if write_artefact:
             (ctx.out_dir / "summary.json").write_text('{"partial": true}\n')
         raise exc

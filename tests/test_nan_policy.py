@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
-import tracemalloc
 import zlib
 from dataclasses import dataclass
 

@@ -8,7 +8,6 @@ from ... import ref
 
 from ...ops.problem import DeviceSpec
 from ..registry import ExperimentContext
-from . import common as C
 from .sweep import Bench
 
 CPU_DTYPE = "float32"
