@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..findings import fmt, fmt_pct
-from .problem import DeviceSpec, FlashProblem, ProblemSpec
+from .problem import AUTO, DeviceSpec, FlashProblem, ProblemSpec
 
 __all__ = [
     "Choice",
@@ -49,8 +49,6 @@ TABLE_FORMAT = 1
 #: The dtype the Prototype 1 sweep measures (FA3's setting); float16 borrows its entries.
 SWEEP_DTYPE = "bfloat16"
 _SIXTEEN_BIT = ("bfloat16", "float16")
-#: Record kernels that are not ours (anchors) or not a family's tile (the auto call itself).
-NOT_A_TILE = "auto"
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ def use_entries(table_entries: Sequence[Dict[str, Any]]) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ building it
-def _family_of(record: Dict[str, Any]) -> Optional[str]:
+def record_family(record: Dict[str, Any]) -> Optional[str]:
     """The family of a Prototype 1 record of one of our tiles (None: an anchor or the auto call).
 
     Records from before the registry name only the kernel; its family is the one whose
@@ -115,7 +113,7 @@ def _family_of(record: Dict[str, Any]) -> Optional[str]:
     from . import families  # noqa: PLC0415
 
     c = record["config"]
-    if c.get("kernel") == NOT_A_TILE:
+    if c.get("kernel") == AUTO:
         return None
     if "family" in c:
         return c["family"]
@@ -123,7 +121,7 @@ def _family_of(record: Dict[str, Any]) -> Optional[str]:
 
 
 def _ours(record: Dict[str, Any]) -> bool:
-    return _family_of(record) is not None
+    return record_family(record) is not None
 
 
 def build_entries(records: Sequence[Dict[str, Any]], arch: str, device_name: str) -> List[Dict[str, Any]]:
@@ -132,7 +130,7 @@ def build_entries(records: Sequence[Dict[str, Any]], arch: str, device_name: str
 
     groups: Dict[Tuple, List[Dict[str, Any]]] = {}
     for r in records:
-        fam = _family_of(r)
+        fam = record_family(r)
         if fam is not None:
             c = r["config"]
             groups.setdefault((fam, c["dtype"], c["head_dim"], c["causal"], c["seq_len"]), []).append(r)
@@ -145,7 +143,7 @@ def build_entries(records: Sequence[Dict[str, Any]], arch: str, device_name: str
                   f"(CV {fmt_pct(best['timing']['cv'])})")
         if len(rows) > 1:
             nxt = rows[1]
-            reason += (f"; next {family.config_label(_Values(nxt['config']))} at "
+            reason += (f"; next {family.config_label(ConfigView(nxt['config']))} at "
                        f"{fmt(nxt['metrics']['tflops'], 'TFLOPS')}")
         out.append({"arch": arch, "family": fam, "dtype": dtype, "head_dim": d, "causal": causal, "seq_len": n,
                     "config": cfg, "tflops": best["metrics"]["tflops"], "cv": best["timing"]["cv"],
@@ -153,8 +151,8 @@ def build_entries(records: Sequence[Dict[str, Any]], arch: str, device_name: str
     return out
 
 
-class _Values:
-    """Attribute access to a record's config dict (for config_label)."""
+class ConfigView:
+    """Attribute access to a record's or table entry's config dict (for a family's config_label)."""
 
     def __init__(self, values: Dict[str, Any]):
         self.__dict__.update(values)

@@ -33,6 +33,7 @@ from . import chooser as _chooser
 from . import configs as _cfg
 from . import families as _families
 from .problem import (
+    AUTO,
     CUDA,
     DeviceSpec,
     FlashProblem,
@@ -58,7 +59,6 @@ __all__ = [
     "time_flash_forward",
 ]
 
-AUTO = "auto"
 #: The one FLOP count (attnproto.lab), re-exported for the op's users.
 attention_flops = _lab.attention_flops
 

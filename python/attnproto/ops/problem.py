@@ -27,6 +27,7 @@ from .. import params as _params
 from .. import validate as _v
 
 __all__ = [
+    "AUTO",
     "DeviceSpec",
     "FlashProblem",
     "HostLaunch",
@@ -37,6 +38,9 @@ __all__ = [
     "flash_params",
 ]
 
+#: The kernel name of the default call: the chooser picks family and tiles (also the record kernel
+#: of that call in the Prototype 1 sweep).
+AUTO = "auto"
 #: Locations of the tensors of a call: CUDA device memory, or host arrays (numpy, torch CPU/MPS).
 CUDA, HOST = "cuda", "host"
 #: dtypes any family takes; each family narrows this in its Rules.

@@ -4,6 +4,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+# AUTO: the kernel name of the default call, which is also its record kernel in this sweep.
+from ...ops.problem import AUTO
+
 PROTOTYPE = "proto1"
 
 # ---- the GPU sweep (FA3 paper, section 4.1: 16K tokens, hidden 2048) ----
@@ -42,8 +45,6 @@ TERA = 1e12
 GIGA = 1e9
 MS = 1e-3
 
-#: The record kernel of the default call (kernel="auto").
-AUTO = "auto"
 
 
 def problem(head_dim: int, seq_len: int) -> tuple[int, int]:
@@ -64,30 +65,26 @@ def metrics(flops: float, nbytes: float, median_ms: float) -> dict[str, float]:
 # ---------------------------------------------------------------- records
 def family_of(record: dict) -> str | None:
     """Our family of a record (None for anchors and the auto call)."""
-    from ...ops.chooser import _family_of  # noqa: PLC0415
+    from ...ops.chooser import record_family  # noqa: PLC0415
 
-    return _family_of(record)
+    return record_family(record)
 
 
 def ours(record: dict) -> bool:
     return family_of(record) is not None
 
 
-class _Values:
-    def __init__(self, values: dict):
-        self.__dict__.update(values)
-
-
 def label(config: dict[str, Any]) -> str:
     """Human label of a record's config: "wgmma 128x128 wg2 s2", "auto (mma 128x64 w4 s1)", "sdpa_cudnn"."""
     from ...ops import families  # noqa: PLC0415
+    from ...ops.chooser import ConfigView  # noqa: PLC0415
 
     if config.get("kernel") == AUTO:
         return f"auto ({config.get('chose', '?')})"
     fam = family_of({"config": config})
     if fam is None:
         return str(config.get("kernel"))
-    return families.get(fam).config_label(_Values(config))
+    return families.get(fam).config_label(ConfigView(config))
 
 
 def best(records: Sequence[dict], **match) -> dict | None:
