@@ -88,6 +88,10 @@ struct LaunchConfig {
     unsigned grid[3] = {1, 1, 1};     // blocks (CUDA) / threadgroups (Metal)
     unsigned block[3] = {1, 1, 1};    // threads per block / threadgroup
     size_t shared_bytes = 0;          // dynamic shared (threadgroup) memory in bytes
+    // CUDA: the CUstream to launch on (0 = the backend's stream, the legacy default stream), so a
+    // launch joins the caller's stream (torch's current stream) and CUDA-graph capture on it.
+    // Metal: not used (the backend's one command queue orders every dispatch).
+    uint64_t stream = 0;
 };
 
 struct TimingOptions {

@@ -234,9 +234,11 @@ NB_MODULE(_attnproto, m) {
         }, "src"_a, "dst"_a, "offset"_a = 0)
         .def("fill_bytes", &Backend::fill_bytes, "buffer"_a, "value"_a)
         .def("launch", [](Backend& b, Kernel& k, const std::vector<unsigned>& grid, const std::vector<unsigned>& block,
-                          const nb::list& args, size_t shared_bytes) {
-            b.launch(k, make_config(grid, block, shared_bytes), convert_args(args));
-        }, "kernel"_a, "grid"_a, "block"_a, "args"_a, "shared_bytes"_a = 0)
+                          const nb::list& args, size_t shared_bytes, uint64_t stream) {
+            LaunchConfig cfg = make_config(grid, block, shared_bytes);
+            cfg.stream = stream;
+            b.launch(k, cfg, convert_args(args));
+        }, "kernel"_a, "grid"_a, "block"_a, "args"_a, "shared_bytes"_a = 0, "stream"_a = 0)
         .def("synchronize", &Backend::synchronize)
         .def("time", [](Backend& b, const std::function<void()>& fn, int warmup, int iters, bool flush_l2,
                         double guard_us) {

@@ -450,7 +450,8 @@ public:
             }
         }
         check(d_->cuLaunchKernel(m.fn, cfg.grid[0], cfg.grid[1], cfg.grid[2], cfg.block[0], cfg.block[1], cfg.block[2],
-                                 unsigned(cfg.shared_bytes), stream_, argv.data(), nullptr),
+                                 unsigned(cfg.shared_bytes), cfg.stream ? reinterpret_cast<CUstream>(cfg.stream) : stream_,
+                                 argv.data(), nullptr),
               who + ": launch");
         last_kernel_ = k.key.canonical();
         if (sync_check_) synchronize();

@@ -226,9 +226,14 @@ class GpuBackend:
         self._b.fill_bytes(buf, int(byte) & 0xFF)
 
     # ---- launches ----
-    def launch(self, kernel, grid, block, args, shared_bytes: int = 0) -> None:
+    def launch(self, kernel, grid, block, args, shared_bytes: int = 0, stream: int = 0) -> None:
+        """Launch asynchronously; ``stream`` (CUDA) is a CUstream handle such as
+        ``torch.cuda.current_stream().cuda_stream`` (0: the backend's legacy default stream)."""
+        if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or stream < 0:
+            raise TypeError(f"stream: expected a CUstream handle (a non-negative int), got {stream!r}")
         packed = [_pack(i, a) for i, a in enumerate(args)]
-        self._b.launch(kernel, list(_dims("grid", grid)), list(_dims("block", block)), packed, int(shared_bytes))
+        self._b.launch(kernel, list(_dims("grid", grid)), list(_dims("block", block)), packed, int(shared_bytes),
+                       int(stream))
 
     def time_launch(self, kernel, grid, block, args, shared_bytes=0, warmup=4, iters=50, flush_l2=False,
                     guard_us=DEFAULT_TIMING_GUARD_US):

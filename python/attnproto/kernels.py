@@ -20,6 +20,8 @@ _PROVIDERS = (
     ("attnproto.gpu_smoke", "specialisations"),
     ("attnproto.ops.linear", "linear_specialisations"),
     ("attnproto.ops.stitch", "stitch_specialisations"),
+    ("attnproto.ops.families.paged_decode", "specialisations"),
+    ("attnproto.ops.paged", "append_specialisations"),
 )
 
 #: The arch CI compiles for: Hopper with arch-specific features (wgmma, setmaxnreg).

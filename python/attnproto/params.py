@@ -28,7 +28,7 @@ PARAMS_DTYPE = np.dtype(
         ("num_partitions", "<u4"),
         ("partition_size", "<u4"),
         ("chunk_size", "<u4"),
-        ("reserved0", "<u4"),
+        ("num_blocks", "<u4"),
         ("reserved1", "<u4"),
         ("q_stride", "<i8", (3,)),
         ("k_stride", "<i8", (3,)),
@@ -102,6 +102,7 @@ def make_params(
     num_partitions: int = 0,
     partition_size: int = 0,
     chunk_size: int = 0,
+    num_blocks: int = 0,
 ) -> np.void:
     """Build one AttentionParams value (a numpy structured scalar of PARAMS_DTYPE)."""
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -111,7 +112,7 @@ def make_params(
         ("batch", batch), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("seq_q", seq_q),
         ("seq_kv", seq_kv), ("head_dim", head_dim), ("block_size", block_size),
         ("max_blocks_per_seq", max_blocks_per_seq), ("num_partitions", num_partitions),
-        ("partition_size", partition_size), ("chunk_size", chunk_size),
+        ("partition_size", partition_size), ("chunk_size", chunk_size), ("num_blocks", num_blocks),
     ):
         p[name] = _u32(name, value)
     if p["num_kv_heads"] == 0 or p["num_heads"] % p["num_kv_heads"]:

@@ -10,7 +10,8 @@
 // Tensor layouts (all strides in ELEMENTS, the head_dim axis always contiguous):
 //   Q   [batch, num_heads,    seq_q,  head_dim]   strides q_stride = {b, h, token}
 //   K,V [batch, num_kv_heads, seq_kv, head_dim]   strides k_stride/v_stride = {b, h, token}
-//       paged: [num_blocks, num_kv_heads, block_size, head_dim], strides = {block, h, token}
+//       paged: a block pool, e.g. [num_blocks, block_size, num_kv_heads, head_dim] (vLLM / FlashInfer
+//       "NHD"), strides = {block, kv head, token} (any order of the three outer axes)
 //   O   [batch, num_heads,    seq_q,  head_dim]   strides o_stride = {b, h, token}
 //   LSE [batch, num_heads,    seq_q]  float32     strides lse_stride = {b, h}, token stride 1
 #ifndef ATTNPROTO_ATTN_PARAMS_H
@@ -52,7 +53,7 @@ struct AttentionParams {
     ap_u32 num_partitions;     // two-phase (V2) attention: KV partitions per (sequence, head)
     ap_u32 partition_size;     // two-phase (V2) attention: KV tokens per partition
     ap_u32 chunk_size;         // linear attention: tokens per chunk
-    ap_u32 reserved0;          // padding to 64 bytes; must be 0
+    ap_u32 num_blocks;         // paged KV: blocks in the pool; kernels check every table entry against it
     ap_u32 reserved1;          // padding to 64 bytes; must be 0
     // ---- strides in elements (64-bit, bytes 64..175) ----
     ap_i64 q_stride[3];        // Q: {batch, head, token}

@@ -1,0 +1,48 @@
+"""Prototype 3 constants: the sweeps, the anchors' names, the timing counts."""
+from __future__ import annotations
+
+PROTOTYPE = "paged"
+SWEEP_DTYPE = "bfloat16"
+HEAD_DIM = 128
+#: (Hq, Hkv): Llama-3-8B's 4:1 GQA, a 70B-like 8:1, and multi-head attention.
+HEAD_CONFIGS = ((32, 8), (64, 8), (32, 32))
+MAIN_HEADS = (32, 8)
+MAIN_BATCH = 32
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
+MAIN_BLOCK = 16
+CONTEXTS = (1024, 4096, 16384, 32768, 131072)
+BATCHES = (1, 8, 32, 128, 256)
+BLOCK_SWEEP_CONTEXTS = (4096, 16384)
+SPLIT_BATCHES = (1, 8)
+SPLIT_CONTEXT = 32768
+SPLIT_PARTITIONS = (1, 2, 4, 8, 16, 32, 64, 128)
+PACK_CONTEXTS = (4096, 16384)
+#: Points whose contiguous K+V exceed this are skipped (the pool doubles it; 141 GB on the H200).
+MAX_KV_BYTES = 16 * 2**30
+QUICK_CONTEXTS = (1024, 4096)
+QUICK_BATCHES = (1, 32)
+WARMUP = 5
+ITERS = 30
+QUICK_ITERS = 5
+#: Full-size check: |ours - cuDNN's| on the same inputs at most this (bf16 outputs of O(1)).
+FULL_SIZE_DIFF = 2e-2
+#: Bytes of the read-ceiling buffer (well past the 50 MB L2).
+CEILING_BYTES = 4 * 2**30
+ELEMENT_BYTES = 2
+
+OURS = "attnproto_paged"
+OURS_IDENTITY = "attnproto_paged_identity"
+OURS_CONTIGUOUS = "attnproto_contiguous"
+OURS_UNPACKED = "attnproto_paged_unpacked"
+CUDNN = "sdpa_cudnn"
+FLASH = "sdpa_flash"
+GATHER = "gather_sdpa"
+FLEX = "flex_paged"
+CEILING = "read_ceiling"
+#: flex_attention compiles per shape: run it at these points of the block sweep only.
+FLEX_POINTS = ((32, 4096, 16),)
+
+
+def kv_bytes(batch: int, kv_heads: int, context: int, head_dim: int = HEAD_DIM) -> int:
+    """K + V bytes a decode step reads."""
+    return 2 * batch * kv_heads * context * head_dim * ELEMENT_BYTES

@@ -1,0 +1,34 @@
+"""The flex_attention anchor over a paged cache: torch's own paged-attention helper
+(torch.nn.attention.experimental._paged_attention.PagedAttention) fills its page pool, and a
+compiled flex_attention runs with the logical block mask converted to physical pages."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def flex_paged(q: Any, k: Any, v: Any, block_size: int) -> Callable[[], Any]:
+    """q [B, Hq, 1, D], k/v [B, Hkv, N, D] -> a callable running one paged decode step."""
+    import torch  # noqa: PLC0415
+    from torch.nn.attention.experimental._paged_attention import PagedAttention  # noqa: PLC0415
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: PLC0415
+
+    b, hkv, n, d = k.shape
+    pages = b * -(-n // block_size)
+    pa = PagedAttention(pages, block_size, b, device="cuda")
+    batch_idx = torch.arange(b, device="cuda")
+    pa.reserve(batch_idx, torch.full((b,), n, device="cuda", dtype=torch.int64))
+    k_cache = torch.zeros(1, hkv, pages * block_size, d, device="cuda", dtype=k.dtype)
+    v_cache = torch.zeros_like(k_cache)
+    pos = torch.arange(n, device="cuda").expand(b, n)
+    pa.assign(batch_idx, pos, k, v, k_cache, v_cache)
+    logical = create_block_mask(lambda bb, h, qi, ki: ki < n, b, None, 1, n, device="cuda",
+                                BLOCK_SIZE=(1, block_size))
+    mask = pa.convert_logical_block_mask(logical, batch_idx)
+    score = pa.get_score_mod(None)
+    torch._dynamo.reset()  # a fresh compile per shape (past the recompile limit flex falls back to eager)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run():
+        return compiled(q, k_cache, v_cache, block_mask=mask, score_mod=score, enable_gqa=q.shape[1] != hkv)
+    run()
+    return run

@@ -1,0 +1,105 @@
+"""Host-side logic of the paged-KV ops (no GPU): the decode tile's legality mirror, the partition
+rule, the specialisations CI compiles, the input checks that run before any device work, and
+Prototype 3's CPU sweep."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnproto.ops.families import paged_decode as fam
+from attnproto.ops.paged_problem import HEAD_DIMS, PAGE_SIZES, PagedProblem
+
+
+def _problem(batch=32, hq=32, hkv=8, nq=1, d=128, blocks=256, bs=16):
+    return PagedProblem(None, None, None, None, None, batch, hq, hkv, nq, d, batch * blocks, bs, blocks,
+                        "bfloat16", "nhd", d ** -0.5, (0, 0, 0), (0, 0, 0), (0, 0, 0))
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("nq", [1, 3, 8])
+@pytest.mark.parametrize("group", [1, 2, 4, 8, 16])
+def test_default_tile_is_legal_and_packs_what_fits(d, nq, group):
+    cfg, why = fam.choose_config(d, nq, group)
+    ok, reason = fam.legal(cfg, d, nq, group)
+    assert ok, reason
+    assert group % cfg.heads == 0 and why
+    bigger = [h for h in range(cfg.heads + 1, group + 1) if group % h == 0]
+    for h in bigger:  # every larger divisor of the group breaks a kernel limit
+        assert not fam.legal(fam.DecodeConfig(heads=h, stages=cfg.stages), d, nq, group)[0]
+    assert fam.shared_bytes(cfg, d, nq) <= fam.SMEM_LIMIT
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (fam.DecodeConfig(heads=3), "divide"),
+    (fam.DecodeConfig(heads=8, keys_per_warp=24), "multiple of 16"),
+    (fam.DecodeConfig(heads=8, stages=1), "stages"),
+    (fam.DecodeConfig(heads=8, warps=9), "warps"),
+    (fam.DecodeConfig(heads=8, keys_per_warp=128), "accumulator"),
+])
+def test_illegal_tiles_rejected_with_reason(cfg, match):
+    ok, reason = fam.legal(cfg, 128, 4, 8)
+    assert not ok and match in reason
+
+
+def test_partition_rule_splits_only_small_batches():
+    cfg = fam.choose_config(128, 1, 4)[0]
+    big = _problem(batch=256)
+    assert fam.partition_plan(big, cfg, 132)[0] == 1
+    small = _problem(batch=1, blocks=2048)           # 32K tokens of capacity
+    parts, size, why = fam.partition_plan(small, cfg, 132)
+    assert parts > 1 and size % cfg.tile_keys == 0 and parts * size >= small.capacity
+    assert size >= fam.MIN_PARTITION_KEYS and "fill" in why
+    # explicit counts cover the capacity too, and bad ones are named
+    p, s, _ = fam.partition_plan(small, cfg, 132, 7)
+    assert p * s >= small.capacity
+    with pytest.raises(ValueError, match="num_partitions"):
+        fam.partition_plan(small, cfg, 132, 0)
+    with pytest.raises(ValueError, match="max_context"):
+        fam.partition_plan(small, cfg, 132, "auto", max_context=small.capacity + 1)
+
+
+def test_specialisations_cover_every_page_size_and_head_dim():
+    specs = fam.specialisations()
+    pages = {c["PAGE_SIZE"] for n, c in specs if n == fam.KERNEL}
+    dims = {c["HEAD_DIM"] for n, c in specs if n == fam.KERNEL}
+    assert pages == {0, *PAGE_SIZES} and dims == set(HEAD_DIMS)
+    assert {c["SPLIT"] for n, c in specs if n == fam.KERNEL} == {0, 1}
+    assert any(n == fam.REDUCE_KERNEL for n, _ in specs)
+    from attnproto import kernels
+
+    names = {n for n, _ in kernels.all_specialisations()}
+    assert {fam.KERNEL, fam.REDUCE_KERNEL, "paged_append"} <= names
+
+
+def test_illegal_constants_fail_to_compile(nvrtc):
+    base = dict(HEAD_DIM=128, PAGE_SIZE=16, HEADS=8, NQ=1, WARPS=4, KEYS_PER_WARP=16, STAGES=3, SPLIT=0, DTYPE=1)
+    for bad, text in ((dict(PAGE_SIZE=12), "PAGE_SIZE"), (dict(NQ=9), "NQ"), (dict(HEADS=64, NQ=8), "register")):
+        with pytest.raises(Exception, match=text):
+            nvrtc.cuda_compile("paged_decode", dict(base, **bad), "sm_90a")
+
+
+def test_host_tensors_are_refused_with_the_argument_named():
+    torch = pytest.importorskip("torch")
+    from attnproto.ops import paged_problem
+
+    q = torch.zeros(2, 8, 1, 128, dtype=torch.bfloat16)
+    kc = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
+    t = torch.zeros(2, 2, dtype=torch.int32)
+    lens = torch.ones(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="q: the paged kernels take torch CUDA tensors"):
+        paged_problem.check_paged(q, kc, kc, t, lens)
+    with pytest.raises(ValueError, match="q: .* got a numpy"):
+        paged_problem.check_paged(np.zeros(3), kc, kc, t, lens)
+    with pytest.raises(TypeError, match="q: expected a numpy array or a tensor"):
+        paged_problem.check_paged([1, 2], kc, kc, t, lens)
+
+
+def test_proto3_cpu_quick_runs(env, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "attnproto", "run", "proto3", "--backend", "cpu", "--quick",
+                        "--out", str(tmp_path / "res"), "--no-kb"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "Paging cost of the numpy reference path" in r.stdout
