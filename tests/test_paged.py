@@ -103,3 +103,41 @@ def test_proto3_cpu_quick_runs(env, tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr
     assert "Paging cost of the numpy reference path" in r.stdout
+
+
+def test_proto3_findings_from_synthetic_records(tmp_path):
+    """The CUDA findings code on records shaped like the sweep's (timings made up here, so the
+    test checks the plumbing: units, citations, answers), without a GPU."""
+    from attnproto import lab
+    from attnproto.experiments.proto3 import common as C
+    from attnproto.experiments.proto3.findings import findings_of
+    from attnproto.experiments.registry import ExperimentContext
+
+    ctx = ExperimentContext("proto3", "cuda", {}, "test-gpu", "0", "abc", True, lambda it=None, **k: it,
+                            tmp_path, np.random.default_rng(0))
+    recs = []
+
+    def rec(kernel, sweep, b, hq, hkv, n, bs, ms, **extra):
+        cfg = {"kernel": kernel, "sweep": sweep, "batch": b, "num_heads": hq, "num_kv_heads": hkv,
+               "head_dim": 128, "context": n, "block_size": bs, "dtype": "bfloat16"}
+        metrics = {"time_us": ms * 1e3, "bandwidth_tbps": 1.0, "of_ceiling_ratio": 0.5, **extra}
+        recs.append(ctx.record(cfg, metrics, lab.timing([ms, ms * 1.01, ms * 0.99])))
+
+    for n in C.BLOCK_SWEEP_CONTEXTS:
+        for bs in C.BLOCK_SIZES:
+            rec(C.OURS, "block", 32, 32, 8, n, bs, 1.0 + 0.01 * bs, smem_bytes=1.0, registers_regs=1.0)
+        rec(C.OURS_IDENTITY, "block", 32, 32, 8, n, 16, 1.1)
+        rec(C.OURS_CONTIGUOUS, "block", 32, 32, 8, n, 0, 1.1)
+        rec(C.CUDNN, "block", 32, 32, 8, n, 0, 1.2)
+    for p in (1, 2, 4):
+        rec(f"{C.OURS}_p{p}", "split", 1, 32, 8, 32768, 16, 1.0 / p, partitions_count=p)
+    rec(C.OURS, "split", 1, 32, 8, 32768, 16, 0.3, partitions_count=4)
+    rec(C.OURS, "pack", 32, 32, 8, 4096, 16, 1.0)
+    rec(C.OURS_UNPACKED, "pack", 32, 32, 8, 4096, 16, 2.0)
+    rows = [{"head_dim": d, "block_size": bs, "smem_bytes": 1000 * d, "registers": 100, "heads": 4}
+            for d in (64, 128, 256) for bs in C.BLOCK_SIZES]
+    found = findings_of(ctx, recs, rows)
+    titles = " | ".join(f.title for f in found)
+    assert len(found) >= 5, titles
+    for word in ("Best KV block size", "budget", "What paging costs", "split-KV", "GQA group", "recommendation"):
+        assert word in titles, (word, titles)

@@ -47,7 +47,7 @@ def best_block(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
                  f"{fmt(min(_t(r) for r in rows) * 1e3)}-{fmt(max(_t(r) for r in rows) * 1e3)} us")
         if one is not None:
             ratio = _t(base) / _t(one)
-            ev["bs1_over_bs16_speed"] = ratio
+            ev["bs1_vs_bs16_x"] = ratio
             claim += f"; block 1 runs at {fmt(ratio)}x the speed of block {C.MAIN_BLOCK} (target >= 0.85)"
         out.append(ctx.finding(prototype=C.PROTOTYPE, title=f"Best KV block size for decode at context {n}",
                                claim=claim + ".", evidence=ev, config={"context": n, "batch": b, "heads": f"{hq}/{hkv}"},
@@ -57,7 +57,7 @@ def best_block(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
 
 
 def budget(ctx: ExperimentContext, rows: list[dict], recs: list[dict]) -> Finding:
-    ev = {f"d{r['head_dim']}_bs{r['block_size']}_smem": float(r["smem_bytes"]) for r in rows}
+    ev = {f"d{r['head_dim']}_bs{r['block_size']}_smem_bytes": float(r["smem_bytes"]) for r in rows}
     ev.update({f"d{r['head_dim']}_bs{r['block_size']}_regs": float(r["registers"]) for r in rows})
     worst = max(rows, key=lambda r: r["smem_bytes"])
     fits_m4 = [r for r in rows if r["smem_bytes"] <= M4_THREADGROUP]
@@ -89,7 +89,7 @@ def overhead(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
             continue
         cited = [r for r in (ours, ident, cont, cudnn, gather, flex) if r]
         ev = {"ours_us": ours["metrics"]["time_us"], "identity_us": ident["metrics"]["time_us"],
-              "contiguous_us": cont["metrics"]["time_us"], "ours_tbs": ours["metrics"]["bandwidth_tbps"]}
+              "contiguous_us": cont["metrics"]["time_us"], "ours_tbps": ours["metrics"]["bandwidth_tbps"]}
         claim = (f"Decode B={b}, Hq={hq}, Hkv={hkv}, D={C.HEAD_DIM}, context {n}, block {C.MAIN_BLOCK}: "
                  f"scattered table {fmt(ours['metrics']['time_us'])} us, identity table "
                  f"{fmt(ident['metrics']['time_us'])} us, same kernel on contiguous K/V "
@@ -97,7 +97,7 @@ def overhead(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
         for name, rec in (("cuDNN SDPA on contiguous K/V", cudnn), ("gather + SDPA", gather),
                           ("flex_attention over torch's paged cache", flex)):
             if rec:
-                ev[f"vs_{rec['config']['kernel']}"] = _t(rec) / _t(ours)
+                ev[f"vs_{rec['config']['kernel']}_x"] = _t(rec) / _t(ours)
                 claim += f"; {fmt(_t(rec) / _t(ours))}x faster than {name} ({fmt(rec['metrics']['time_us'])} us)"
         out.append(ctx.finding(prototype=C.PROTOTYPE, title=f"What paging costs in decode at context {n}",
                                claim=claim + ".", evidence=ev, config={"context": n, "batch": b, "block_size": C.MAIN_BLOCK},
@@ -116,13 +116,13 @@ def split(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
         best = min(fixed, key=_t)
         one = next((r for r in fixed if r["metrics"]["partitions_count"] == 1), fixed[0])
         n = auto["config"]["context"]
-        ev = {f"p{int(r['metrics']['partitions'])}_us": r["metrics"]["time_us"] for r in fixed}
-        ev.update(auto_partitions=auto["metrics"]["partitions_count"], auto_of_best=_t(best) / _t(auto),
-                  auto_of_ceiling=auto["metrics"].get("of_ceiling_ratio", 0.0))
+        ev = {f"p{int(r['metrics']['partitions_count'])}_us": r["metrics"]["time_us"] for r in fixed}
+        ev.update(auto_partitions_count=auto["metrics"]["partitions_count"], auto_of_best_ratio=_t(best) / _t(auto),
+                  auto_of_ceiling_ratio=auto["metrics"].get("of_ceiling_ratio", 0.0))
         claim = (f"Decode B={b}, {C.MAIN_HEADS[0]}/{C.MAIN_HEADS[1]} heads, context {n}: "
-                 f"{int(best['metrics']['partitions'])} partitions are fastest ({fmt(best['metrics']['time_us'])} us, "
+                 f"{int(best['metrics']['partitions_count'])} partitions are fastest ({fmt(best['metrics']['time_us'])} us, "
                  f"{fmt(_t(one) / _t(best))}x one partition); the automatic rule picks "
-                 f"{int(auto['metrics']['partitions'])} and runs at {fmt(_t(best) / _t(auto))}x the best, "
+                 f"{int(auto['metrics']['partitions_count'])} and runs at {fmt(_t(best) / _t(auto))}x the best, "
                  f"{fmt(auto['metrics']['bandwidth_tbps'])} TB/s = {fmt_pct(auto['metrics'].get('of_ceiling_ratio', 0.0))} "
                  f"of the measured read ceiling")
         out.append(ctx.finding(prototype=C.PROTOTYPE, title=f"When split-KV pays: batch {b}, context {n}",
@@ -141,7 +141,7 @@ def packing(ctx: ExperimentContext, recs: list[dict]) -> Optional[Finding]:
             pairs.append((r, u))
     if not pairs:
         return None
-    ev = {f"h{r['config']['num_heads']}_n{r['config']['context']}_speedup": _t(u) / _t(r) for r, u in pairs}
+    ev = {f"h{r['config']['num_heads']}_n{r['config']['context']}_speedup_x": _t(u) / _t(r) for r, u in pairs}
     parts = [f"Hq={r['config']['num_heads']}/Hkv={r['config']['num_kv_heads']} context {r['config']['context']}: "
              f"{fmt(_t(u) / _t(r))}x ({fmt(r['metrics']['time_us'])} vs {fmt(u['metrics']['time_us'])} us)"
              for r, u in pairs]
@@ -164,7 +164,7 @@ def recommendation(ctx: ExperimentContext, recs: list[dict], blocks: list[Findin
     if not ratios:
         return None
     worst = min(ratios, key=lambda x: x[1])
-    ev = {f"n{n}_vs_cudnn": ratio for n, ratio, _, _ in ratios}
+    ev = {f"n{n}_vs_cudnn_x": ratio for n, ratio, _, _ in ratios}
     best_bs = [f.answer.get("block_size") for f in blocks if f.answer]
     claim = (f"Decode with block {C.MAIN_BLOCK}, B={b}, {hq}/{hkv} heads, context >= 4K runs at "
              f"{fmt(worst[1])}-{fmt(max(x[1] for x in ratios))}x cuDNN's contiguous decode (target >= 1.0; worst at "
