@@ -27,8 +27,8 @@
 //   * Q -> shared (cp.async) -> registers (ldmatrix) once; K/V tiles of WARPS * KEYS_PER_WARP
 //     keys stream through a STAGES-deep cp.async ring, rows gathered page by page (16-byte
 //     chunks, XOR-swizzled rows: ldmatrix is bank-conflict free). The page ids of the next
-//     tile are loaded from the block table one tile ahead, so the table read is off the
-//     critical path.
+//     tile are loaded from the block table one tile ahead (one load per page a thread's rows
+//     touch) and range-checked only when used, so the table read is off the critical path.
 //   * Warp w takes keys [w * KEYS_PER_WARP, (w + 1) * KEYS_PER_WARP) of every tile with its own
 //     online softmax (split-K inside the CTA): no barrier between warps in the loop but the
 //     ring's; the warps' (max, sum, O) merge through shared memory at the end.
@@ -123,9 +123,13 @@ constexpr int kRingBytes = 2 * STAGES * kKVTileBytes;
 // Copy geometry: thread tid owns chunk column tid % kChunksPerRow of rows tid / kChunksPerRow + i * kRowStep.
 constexpr int kRowStep = kThreads / kChunksPerRow;
 constexpr int kCopyIters = kTileKeys / kRowStep;
-// One table read per tile when a page holds whole tiles, else one per copied row.
-constexpr bool kPagePerTile = KV::kPaged && KV::kPageSize >= kTileKeys;
-constexpr int kLookups = kPagePerTile || !KV::kPaged ? 1 : kCopyIters;
+// Table reads per thread and tile: one per page its rows touch. A thread's rows are kRowStep
+// apart, so kItersPerPage consecutive copy iterations share a page (all of them when a page
+// holds the whole tile; contiguous K/V needs no read at all).
+constexpr int kItersPerPage = !KV::kPaged ? kCopyIters
+                            : (KV::kPageSize / kRowStep < 1 ? 1
+                               : (KV::kPageSize / kRowStep > kCopyIters ? kCopyIters : KV::kPageSize / kRowStep));
+constexpr int kLookups = kCopyIters / kItersPerPage;
 // Merge area (after the loop, over the K/V ring): per warp O [rows][D] + max + sum, float32.
 constexpr int kMergeFloatsPerWarp = kRowsPadded * (kHeadDim + 2);
 constexpr int kMergeBytes = WARPS * kMergeFloatsPerWarp * 4 + WARPS * kRowsPadded * 4;  // + weights
@@ -169,18 +173,18 @@ __device__ __forceinline__ u32 ldm_addr(u32 lane_addr, int row_base, int step) {
     return (lane_addr ^ (u32)(in_group * kChunkBytes)) + row_base * kRowBytes + group * kChunkBytes;
 }
 
-// The page ids of the rows a thread copies in one tile (kBadPage: do not read; the row is
-// zero-filled). Rows past `end` are not looked up.
+// The raw table entries of the pages a thread's rows of one tile lie on, loaded a tile ahead
+// and checked only in copy_tile. Pages past `end` are not looked up.
 struct Pages {
     int id[kLookups];
 };
 
 __device__ __forceinline__ void lookup(Pages& pg, const int* __restrict__ table_row, int seq, int key0, int end,
-                                       int r0, const AttentionParams& p) {
+                                       int r0) {
 #pragma unroll
     for (int i = 0; i < kLookups; ++i) {
-        const int key = key0 + (kPagePerTile ? 0 : r0 + i * kRowStep);
-        pg.id[i] = key < end ? KV::page_of(table_row, seq, key, p) : paged::kBadPage;
+        const int key = key0 + r0 + i * kItersPerPage * kRowStep;
+        pg.id[i] = key < end ? KV::raw_page(table_row, seq, key) : paged::kBadPage;
     }
 }
 
@@ -196,7 +200,7 @@ __device__ __forceinline__ bool copy_tile(u32 k_dst, u32 v_dst, const u16* __res
     for (int i = 0; i < kCopyIters; ++i) {
         const int r = r0 + i * kRowStep;
         const int key = key0 + r;
-        const int page = pg.id[kLookups == 1 ? 0 : i];
+        const int page = KV::checked(pg.id[i / kItersPerPage], p);
         const bool in_range = key < end;
         const bool valid = in_range && page != paged::kBadPage;
         bad |= in_range && !valid;
@@ -264,13 +268,13 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
 #pragma unroll
     for (int t = 0; t < STAGES - 1; ++t) {
         if (t < n_tiles) {
-            lookup(pg, table_row, seq, start + t * kTileKeys, end, r0, p);
+            lookup(pg, table_row, seq, start + t * kTileKeys, end, r0);
             bad |= copy_tile(s_k + t * kKVTileBytes, s_v + t * kKVTileBytes, k, v, pg, start + t * kTileKeys, end,
                              kv_head, tid, p);
         }
         ap::cp_async_commit();
     }
-    if (STAGES - 1 < n_tiles) lookup(pg, table_row, seq, start + (STAGES - 1) * kTileKeys, end, r0, p);
+    if (STAGES - 1 < n_tiles) lookup(pg, table_row, seq, start + (STAGES - 1) * kTileKeys, end, r0);
 
     // ldmatrix lane addresses (fragment layouts in common.cuh):
     //   A of Q K^T (Q) and B of P V (V, .trans): lane -> row lane % 16, half lane / 16;
@@ -313,7 +317,7 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
             const int slot = next % STAGES;
             bad |= copy_tile(s_k + slot * kKVTileBytes, s_v + slot * kKVTileBytes, k, v, pg, start + next * kTileKeys,
                              end, kv_head, tid, p);
-            if (next + 1 < n_tiles) lookup(pg, table_row, seq, start + (next + 1) * kTileKeys, end, r0, p);
+            if (next + 1 < n_tiles) lookup(pg, table_row, seq, start + (next + 1) * kTileKeys, end, r0);
         }
         ap::cp_async_commit();
 

@@ -11,6 +11,8 @@
 // Bounds: page_of returns kBadPage for a table entry outside [0, num_blocks), so a kernel
 // never reads or writes outside the pool, even when the table changed after the host check;
 // the kernels turn a bad page into NaN output rows (decode) or a skipped write (append).
+// raw_page / checked split the lookup so a kernel can fetch page ids a tile ahead and check
+// them only when it uses them (the check would otherwise wait for the load at once).
 #ifndef ATTNPROTO_PAGED_KV_CUH
 #define ATTNPROTO_PAGED_KV_CUH
 
@@ -37,11 +39,18 @@ struct PagedKV {
     __device__ __forceinline__ static int capacity(const AttentionParams& p) {
         return (int)(p.max_blocks_per_seq * (unsigned)kPage);
     }
-    // `table_row` = block_table + seq * max_blocks_per_seq.
-    __device__ __forceinline__ static int page_of(const int* __restrict__ table_row, int /*seq*/, int key,
-                                                  const AttentionParams& p) {
-        const int id = __ldg(table_row + key / kPage);
+    // The raw table entry of the page holding `key` (`table_row` = block_table + seq *
+    // max_blocks_per_seq): a plain load that may stay in flight until checked() first needs it.
+    __device__ __forceinline__ static int raw_page(const int* __restrict__ table_row, int /*seq*/, int key) {
+        return __ldg(table_row + key / kPage);
+    }
+    // The entry if it lies in the pool, else kBadPage.
+    __device__ __forceinline__ static int checked(int id, const AttentionParams& p) {
         return (id >= 0 && (unsigned)id < p.num_blocks) ? id : kBadPage;
+    }
+    __device__ __forceinline__ static int page_of(const int* __restrict__ table_row, int seq, int key,
+                                                  const AttentionParams& p) {
+        return checked(raw_page(table_row, seq, key), p);
     }
     __device__ __forceinline__ static long long offset(int page, int key, int kv_head, const ap_i64 (&stride)[3]) {
         return (long long)page * stride[0] + (long long)kv_head * stride[1] + (long long)(key % kPage) * stride[2];
@@ -53,9 +62,13 @@ struct ContiguousKV {
     static constexpr int kPageSize = 0;
 
     __device__ __forceinline__ static int capacity(const AttentionParams& p) { return (int)p.seq_kv; }
-    __device__ __forceinline__ static int page_of(const int* __restrict__ /*table_row*/, int seq, int /*key*/,
-                                                  const AttentionParams& /*p*/) {
+    __device__ __forceinline__ static int raw_page(const int* __restrict__ /*table_row*/, int seq, int /*key*/) {
         return seq;
+    }
+    __device__ __forceinline__ static int checked(int id, const AttentionParams& /*p*/) { return id; }
+    __device__ __forceinline__ static int page_of(const int* __restrict__ table_row, int seq, int key,
+                                                  const AttentionParams& p) {
+        return checked(raw_page(table_row, seq, key), p);
     }
     __device__ __forceinline__ static long long offset(int page, int key, int kv_head, const ap_i64 (&stride)[3]) {
         return (long long)page * stride[0] + (long long)kv_head * stride[1] + (long long)key * stride[2];

@@ -17,6 +17,11 @@ SPLIT_BATCHES = (1, 8)
 SPLIT_CONTEXT = 32768
 SPLIT_PARTITIONS = (1, 2, 4, 8, 16, 32, 64, 128)
 PACK_CONTEXTS = (4096, 16384)
+#: Decode tiles (warps, keys per warp, stages) timed at the main shape (block 16 and contiguous).
+TILES = ((4, 16, 2), (4, 16, 3), (4, 16, 4), (4, 32, 2), (4, 32, 3), (8, 16, 2), (8, 16, 3),
+         (2, 16, 4), (2, 32, 3), (2, 64, 2))
+TILE_CONTEXTS = (4096, 16384)
+TILE_BLOCKS = (0, 16)                 # 0: the same kernel on contiguous K/V
 #: Points whose contiguous K+V exceed this are skipped (the pool doubles it; 141 GB on the H200).
 MAX_KV_BYTES = 16 * 2**30
 QUICK_CONTEXTS = (1024, 4096)

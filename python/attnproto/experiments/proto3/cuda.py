@@ -59,8 +59,8 @@ def _gather_sdpa(q, kc, vc, table, n: int) -> Callable[[], Any]:
     b, hkv, d = q.shape[0], kc.shape[2], kc.shape[3]
 
     def run():
-        kg = kc[table].view(b, -1, hkv, d)[:, :n].transpose(1, 2)
-        vg = vc[table].view(b, -1, hkv, d)[:, :n].transpose(1, 2)
+        kg = kc[table].reshape(b, -1, hkv, d)[:, :n].transpose(1, 2)
+        vg = vc[table].reshape(b, -1, hkv, d)[:, :n].transpose(1, 2)
         return F.scaled_dot_product_attention(q, kg, vg, enable_gqa=q.shape[1] != hkv)
     return run
 
@@ -86,7 +86,7 @@ class Runner:
         return lab.time_device(self.be, fn, warmup=C.WARMUP, iters=self.iters)
 
     def record(self, kernel: str, sweep: str, b: int, hq: int, hkv: int, n: int, bs: int, timing: lab.TimingStats,
-               **extra: float) -> dict[str, Any]:
+               tile: str = "", **extra: float) -> dict[str, Any]:
         sec = timing.median_ms / 1e3
         metrics = {"time_us": timing.median_ms * 1e3, "bandwidth_tbps": C.kv_bytes(b, hkv, n) / sec / 1e12}
         if self.ceiling_tbs:
@@ -94,6 +94,8 @@ class Runner:
         metrics.update({k: float(v) for k, v in extra.items()})
         config = {"kernel": kernel, "sweep": sweep, "batch": b, "num_heads": hq, "num_kv_heads": hkv,
                   "head_dim": C.HEAD_DIM, "context": n, "block_size": bs, "dtype": C.SWEEP_DTYPE}
+        if tile:
+            config["tile"] = tile
         rec = self.ctx.record(config, metrics, timing)
         self.records.append(rec)
         return rec
@@ -195,6 +197,26 @@ def split_sweep(run: Runner, b: int, n: int) -> None:
         run.record(name, "split", b, hq, hkv, n, 0, run.time(fn))
 
 
+def tile_sweep(run: Runner, n: int) -> None:
+    """Every legal decode tile of C.TILES on the same K/V, paged (block 16) and contiguous."""
+    q, k, v = _inputs(run, C.MAIN_BATCH, *C.MAIN_HEADS, n)
+    hq, hkv = C.MAIN_HEADS
+    heads = fam.choose_config(C.HEAD_DIM, 1, hq // hkv)[0].heads
+    pools = {bs: make_pool(k, v, bs, True, run.gen) for bs in C.TILE_BLOCKS if bs}
+    lens = next(iter(pools.values()))[3]
+    for warps, kpw, stages in C.TILES:
+        cfg = fam.DecodeConfig(heads=heads, warps=warps, keys_per_warp=kpw, stages=stages)
+        if not fam.legal(cfg, C.HEAD_DIM, 1, hq // hkv)[0]:
+            continue
+        for bs in C.TILE_BLOCKS:
+            plan = (paged.prepare_contiguous_decode(q, k, v, lens, config=cfg) if bs == 0
+                    else paged.prepare_paged_decode(q, *pools[bs][:3], pools[bs][3], config=cfg))
+            run.record(f"{C.OURS}_tile", "tile", C.MAIN_BATCH, hq, hkv, n, bs, plan.time(C.WARMUP, run.iters),
+                       tile=cfg.label(), warps_count=warps, keys_per_warp_count=kpw, stages_count=stages,
+                       partitions_count=plan.num_partitions, registers_regs=plan.resources["registers"],
+                       smem_bytes=plan.launches[0].shared_bytes)
+
+
 def budget_map(run: Runner) -> list[dict[str, Any]]:
     """Shared memory and registers of the compiled decode kernel per block size x D (main shape)."""
     import torch  # noqa: PLC0415
@@ -235,5 +257,7 @@ def run_points(run: Runner) -> None:
             jobs.append(("pack", (C.MAIN_BATCH, hq, hkv, n, C.MAIN_BLOCK), {"anchors": False, "unpacked": True}))
     for sweep, args, kw in run.ctx.progress(jobs, desc="proto3[cuda]"):
         point(run, sweep, *args, **kw)
+    for n in (C.QUICK_CONTEXTS[-1:] if quick else C.TILE_CONTEXTS):
+        tile_sweep(run, n)
     for b in (C.SPLIT_BATCHES[:1] if quick else C.SPLIT_BATCHES):
         split_sweep(run, b, C.QUICK_CONTEXTS[-1] if quick else C.SPLIT_CONTEXT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ...findings import Finding, fmt, fmt_pct
+from ...ops.families import paged_decode as fam
 from ..registry import ExperimentContext
 from . import common as C
 
@@ -98,7 +99,7 @@ def overhead(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
                           ("flex_attention over torch's paged cache", flex)):
             if rec:
                 ev[f"vs_{rec['config']['kernel']}_x"] = _t(rec) / _t(ours)
-                claim += f"; {fmt(_t(rec) / _t(ours))}x faster than {name} ({fmt(rec['metrics']['time_us'])} us)"
+                claim += f"; {fmt(_t(rec) / _t(ours))}x the speed of {name} ({fmt(rec['metrics']['time_us'])} us)"
         out.append(ctx.finding(prototype=C.PROTOTYPE, title=f"What paging costs in decode at context {n}",
                                claim=claim + ".", evidence=ev, config={"context": n, "batch": b, "block_size": C.MAIN_BLOCK},
                                cv=_cv(*cited), records=cited, slug=f"paging-overhead-decode-n{n}"))
@@ -177,9 +178,32 @@ def recommendation(ctx: ExperimentContext, recs: list[dict], blocks: list[Findin
                        slug="paged-decode-recommendation", answer={"block_size": C.MAIN_BLOCK})
 
 
+def tiles(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
+    out = []
+    default = fam.choose_config(C.HEAD_DIM, 1, C.MAIN_HEADS[0] // C.MAIN_HEADS[1])[0].label()
+    for n in sorted({r["config"]["context"] for r in _find(recs, sweep="tile")}):
+        for bs in sorted({r["config"]["block_size"] for r in _find(recs, sweep="tile", context=n)}):
+            rows = _find(recs, sweep="tile", context=n, block_size=bs)
+            best = min(rows, key=_t)
+            dflt = _one(rows, tile=default)
+            ev = {f"{r['config']['tile'].replace(' ', '_')}_us": r["metrics"]["time_us"] for r in rows}
+            where = "contiguous K/V" if bs == 0 else f"block {bs}"
+            claim = (f"Decode B={C.MAIN_BATCH}, {C.MAIN_HEADS[0]}/{C.MAIN_HEADS[1]} heads, D={C.HEAD_DIM}, context {n}, "
+                     f"{where}: tile {best['config']['tile']} is fastest ({fmt(best['metrics']['time_us'])} us, "
+                     f"{fmt(best['metrics']['bandwidth_tbps'])} TB/s) of {len(rows)} legal tiles")
+            if dflt:
+                ev["default_of_best_ratio"] = _t(best) / _t(dflt)
+                claim += f"; the default {default} runs at {fmt(_t(best) / _t(dflt))}x the best"
+            out.append(ctx.finding(prototype=C.PROTOTYPE, title=f"Best decode tile at context {n}, {where}",
+                                   claim=claim + ".", evidence=ev, config={"context": n, "block_size": bs},
+                                   cv=_cv(*rows), records=rows, slug=f"best-decode-tile-n{n}-bs{bs}",
+                                   answer={"tile": best["config"]["tile"]}))
+    return out
+
+
 def findings_of(ctx: ExperimentContext, recs: list[dict], budget_rows: list[dict]) -> list[Finding]:
     blocks = best_block(ctx, recs)
-    out = blocks + [budget(ctx, budget_rows, recs)] + overhead(ctx, recs) + split(ctx, recs)
+    out = blocks + [budget(ctx, budget_rows, recs)] + overhead(ctx, recs) + split(ctx, recs) + tiles(ctx, recs)
     for f in (packing(ctx, recs), recommendation(ctx, recs, blocks)):
         if f is not None:
             out.append(f)

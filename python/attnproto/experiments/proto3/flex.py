@@ -16,7 +16,8 @@ def flex_paged(q: Any, k: Any, v: Any, block_size: int) -> Callable[[], Any]:
     pages = b * -(-n // block_size)
     pa = PagedAttention(pages, block_size, b, device="cuda")
     batch_idx = torch.arange(b, device="cuda")
-    pa.reserve(batch_idx, torch.full((b,), n, device="cuda", dtype=torch.int64))
+    for i in range(b):  # reserve() takes one sequence at a time
+        pa.reserve(torch.tensor(i, device="cuda"), torch.tensor(n, device="cuda"))
     k_cache = torch.zeros(1, hkv, pages * block_size, d, device="cuda", dtype=k.dtype)
     v_cache = torch.zeros_like(k_cache)
     pos = torch.arange(n, device="cuda").expand(b, n)

@@ -9,10 +9,11 @@ tokens each. :class:`DecodeConfig` holds the tile; :func:`choose_config` packs t
 step can be captured in a CUDA graph.
 
 Partition rule (split-KV): without a split the grid has ``B * Hkv * group / heads`` CTAs. If
-that fills ``TARGET_CTAS_PER_SM`` CTAs on every SM, one partition (no reduce). Otherwise the
-context is cut into enough partitions to fill the machine, but no partition gets fewer than
-``MIN_PARTITION_KEYS`` keys (below that the per-CTA prologue, merge and the reduce's extra
-traffic outweigh the parallelism). Prototype 3 sweeps the partition count to measure both
+that fills the ``TARGET_CTAS_PER_SM`` x SMs resident slots, one partition (no reduce).
+Otherwise the context is cut into the most partitions that still run in ONE wave (a second,
+mostly idle wave cost 1.4x at B = 8 in the first H200 sweep: 5 partitions against 4), but no
+partition gets fewer than ``MIN_PARTITION_KEYS`` keys (below that the per-CTA prologue, merge
+and the reduce's extra traffic outweigh the parallelism). Prototype 3 sweeps the partition count to measure both
 constants (finding "when split-KV pays").
 """
 from __future__ import annotations
@@ -140,14 +141,14 @@ def partition_plan(problem: PagedProblem, config: DecodeConfig, num_sms: int, nu
         raise ValueError(f"max_context: {max_context} out of range [1, {capacity}] (the table's capacity)")
     if num_partitions == "auto":
         ctas = problem.batch * problem.num_kv_heads * (problem.group // config.heads)
-        target = TARGET_CTAS_PER_SM * num_sms
-        if ctas >= target:
-            parts, why = 1, f"{ctas} CTAs fill {TARGET_CTAS_PER_SM} per SM on {num_sms} SMs: no split"
+        slots = TARGET_CTAS_PER_SM * num_sms
+        if ctas >= slots:
+            parts, why = 1, f"{ctas} CTAs fill the {slots} slots ({TARGET_CTAS_PER_SM} per SM x {num_sms} SMs): no split"
         else:
-            want = math.ceil(target / ctas)
+            want = slots // ctas  # the most partitions that still run in one wave
             cap = max(1, math.ceil(hint / MIN_PARTITION_KEYS))
             parts = max(1, min(want, cap, MAX_PARTITIONS))
-            why = (f"{ctas} CTAs < {target}: {want} partitions fill the SMs"
+            why = (f"{ctas} CTAs < {slots} slots: {want} partitions fill one wave"
                    + (f", capped at {cap} (>= {MIN_PARTITION_KEYS} keys each)" if parts < want else ""))
     else:
         if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
