@@ -18,6 +18,7 @@ Nothing here needs a GPU or torch.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -133,6 +134,21 @@ def time_device(backend: Any, enqueue: Callable[[], Any], *, warmup: int = 4, it
 def from_native(stats: Any) -> TimingStats:
     """The native module's TimingStats (GPU backends' time_launch / time / time_sequence)."""
     return timing(list(stats.samples_ms), clock="device")
+
+
+# ---- clocks ----
+def sm_clock_reader() -> Callable[[], dict[str, float]]:
+    """The SM clock (NVML, read-only) after each timing, so drift within a run shows in the
+    records; nothing where NVML (nvidia-ml-py) is not installed."""
+    try:
+        import pynvml  # noqa: PLC0415
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("ATTNPROTO_CUDA_DEVICE", "0")))
+        pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
+    except Exception:  # noqa: BLE001 - no NVML: the records simply carry no clock
+        return lambda: {}
+    return lambda: {"sm_clock_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))}
 
 
 # ---- FLOPs ----

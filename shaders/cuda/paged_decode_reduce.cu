@@ -44,18 +44,22 @@ paged_decode_reduce(const AttentionParams p, const int* __restrict__ context_len
 
     const long long row = ((long long)seq * p.num_heads + head) * NQ + tok;
     const float* lse_row = part_lse + row * parts;
+    const float* o_row = part_o + row * parts * HEAD_DIM + col;
+    // Independent loads, unrolled so that many are in flight (a loop whose next load waits on a
+    // branch over the previous one costs an L2 round trip per partition). A partition without a
+    // visible key holds O = 0 and LSE = -inf: weight 0, and 0 * 0 adds nothing.
     float mx = ap::neg_inf();
+#pragma unroll 8
     for (int i = 0; i < used; ++i) mx = ap::fmax_nan(mx, lse_row[i]);
     const float m_use = mx == ap::neg_inf() ? 0.0f : mx;
     float sum = 0.0f, o0 = 0.0f, o1 = 0.0f;
+#pragma unroll 8
     for (int i = 0; i < used; ++i) {
         const float w = ap::exp2_approx((lse_row[i] - m_use) * ap::kLog2e);
+        const float2 part = *reinterpret_cast<const float2*>(o_row + (long long)i * HEAD_DIM);
         sum += w;
-        if (w != 0.0f) {  // a partition without a visible key holds O = 0, weight 0
-            const float* src = part_o + (row * parts + i) * HEAD_DIM + col;
-            o0 = fmaf(w, src[0], o0);
-            o1 = fmaf(w, src[1], o1);
-        }
+        o0 = fmaf(w, part.x, o0);
+        o1 = fmaf(w, part.y, o1);
     }
     const bool has_key = mx != ap::neg_inf();  // NaN compares unequal: a NaN row stays NaN
     const float inv = bad ? ap::quiet_nan() : (has_key ? 1.0f / sum : 0.0f);

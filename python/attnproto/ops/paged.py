@@ -276,7 +276,14 @@ def append_kv(k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, block_table: A
     prepare_append_kv(k_new, v_new, k_cache, v_cache, block_table, positions, layout=layout, check=check).launch()
 
 
+#: The pure-read kernel Prototype 3 measures its bandwidth ceiling with, and its unroll.
+READ_CEILING_KERNEL = "read_ceiling"
+READ_CEILING_UNROLL = 4
+
+
 def append_specialisations() -> List[Tuple[str, dict]]:
+    """append_kv at every D x block size, and the read-ceiling kernel."""
     from .paged_problem import HEAD_DIMS, PAGE_SIZES  # noqa: PLC0415
 
-    return [(APPEND_KERNEL, {"HEAD_DIM": d, "PAGE_SIZE": b}) for d in HEAD_DIMS for b in PAGE_SIZES]
+    return ([(APPEND_KERNEL, {"HEAD_DIM": d, "PAGE_SIZE": b}) for d in HEAD_DIMS for b in PAGE_SIZES]
+            + [(READ_CEILING_KERNEL, {"UNROLL": READ_CEILING_UNROLL})])

@@ -2,7 +2,6 @@
 flex_attention as anchors on the same inputs, full-size outputs compared with cuDNN's."""
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -96,20 +95,6 @@ def _resources(launch: Any) -> dict[str, float]:
             "smem_bytes": float(launch.shared_bytes + res["static_shared_bytes"])}
 
 
-def _clock_reader() -> Callable[[], dict[str, float]]:
-    """The SM clock (NVML, read-only) after each timing, so drift within a run shows in the
-    records; nothing where NVML (nvidia-ml-py) is not installed."""
-    try:
-        import pynvml  # noqa: PLC0415
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("ATTNPROTO_CUDA_DEVICE", "0")))
-        pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
-    except Exception:  # noqa: BLE001 - no NVML: the records simply carry no clock
-        return lambda: {}
-    return lambda: {"sm_clock_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))}
-
-
 def bench(ctx: ExperimentContext) -> Bench:
     import torch  # noqa: PLC0415
 
@@ -126,4 +111,4 @@ def bench(ctx: ExperimentContext) -> Bench:
                  head_dims=C.QUICK_HEAD_DIMS if ctx.quick else C.HEAD_DIMS,
                  seq_lens=C.QUICK_SEQ_LENS if ctx.quick else C.SEQ_LENS, iters=iters, problem=C.problem,
                  inputs=inputs, anchors=_anchor_fns(be, iters), reference=_reference, full_check=_full_check,
-                 extra_metrics=_resources, release=torch.cuda.empty_cache, clocks=_clock_reader())
+                 extra_metrics=_resources, release=torch.cuda.empty_cache, clocks=lab.sm_clock_reader())

@@ -31,8 +31,13 @@ ITERS = 30
 QUICK_ITERS = 5
 #: Full-size check: |ours - cuDNN's| on the same inputs at most this (bf16 outputs of O(1)).
 FULL_SIZE_DIFF = 2e-2
-#: Bytes of the read-ceiling buffer (well past the 50 MB L2).
+#: Bytes of the read-ceiling buffer (well past the 50 MB L2), its block size and the grids
+#: (CTAs per SM) tried; the sentinel is a value the XOR of random data is not compared against
+#: usefully (the kernel stores only on equality, so its loads cannot be optimised away).
 CEILING_BYTES = 4 * 2**30
+CEILING_THREADS = 512
+CEILING_CTAS_PER_SM = (2, 4, 8)
+CEILING_SENTINEL = 0x9E3779B9
 ELEMENT_BYTES = 2
 
 OURS = "attnproto_paged"

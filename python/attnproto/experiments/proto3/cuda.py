@@ -80,6 +80,7 @@ class Runner:
         self.records: list[dict[str, Any]] = []
         self.notes: dict[str, str] = {}
         self.ceiling_tbs = 0.0
+        self.clock = lab.sm_clock_reader()
 
     def time(self, fn: Callable[[], Any]) -> lab.TimingStats:
         fn()
@@ -92,6 +93,7 @@ class Runner:
         if self.ceiling_tbs:
             metrics["of_ceiling_ratio"] = metrics["bandwidth_tbps"] / self.ceiling_tbs
         metrics.update({k: float(v) for k, v in extra.items()})
+        metrics.update(self.clock())
         config = {"kernel": kernel, "sweep": sweep, "batch": b, "num_heads": hq, "num_kv_heads": hkv,
                   "head_dim": C.HEAD_DIM, "context": n, "block_size": bs, "dtype": C.SWEEP_DTYPE}
         if tile:
@@ -101,14 +103,27 @@ class Runner:
         return rec
 
     def read_ceiling(self) -> dict[str, Any]:
-        """torch.sum over CEILING_BYTES: a pure read of HBM (what a decode step is, at best)."""
+        """The best pure read of CEILING_BYTES (shaders/cuda/read_ceiling.cu) over a few grids:
+        what a decode step, which only reads K and V, can reach at best."""
+        import numpy as np  # noqa: PLC0415
         import torch  # noqa: PLC0415
 
-        buf = torch.ones(C.CEILING_BYTES // C.ELEMENT_BYTES, dtype=torch.bfloat16, device="cuda")
-        t = self.time(lambda: buf.sum(dtype=torch.float32))
+        buf = torch.randint(0, 2**31 - 1, (C.CEILING_BYTES // 4,), dtype=torch.int32, device="cuda")
+        sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+        kern = self.be.kernel(paged.READ_CEILING_KERNEL, UNROLL=paged.READ_CEILING_UNROLL)
+        sms = int(self.be.info.get("multiprocessors", 1))
+        args = [buf, np.uint64(C.CEILING_BYTES // 16), np.uint32(C.CEILING_SENTINEL), sink]
+        best = None
+        for per_sm in C.CEILING_CTAS_PER_SM:
+            t = lab.from_native(self.be.time_launch(kern, (sms * per_sm, 1, 1), (C.CEILING_THREADS, 1, 1), args,
+                                                    warmup=C.WARMUP, iters=self.iters))
+            if best is None or t.median_ms < best[0].median_ms:
+                best = (t, per_sm)
+        t, per_sm = best
         self.ceiling_tbs = C.CEILING_BYTES / (t.median_ms / 1e3) / 1e12
         config = {"kernel": C.CEILING, "sweep": "ceiling", "bytes": C.CEILING_BYTES}
-        rec = self.ctx.record(config, {"bandwidth_tbps": self.ceiling_tbs, "time_us": t.median_ms * 1e3}, t)
+        rec = self.ctx.record(config, {"bandwidth_tbps": self.ceiling_tbs, "time_us": t.median_ms * 1e3,
+                                       "ctas_per_sm_count": per_sm}, t)
         self.records.append(rec)
         del buf
         return rec
@@ -197,21 +212,21 @@ def split_sweep(run: Runner, b: int, n: int) -> None:
         run.record(name, "split", b, hq, hkv, n, 0, run.time(fn))
 
 
-def tile_sweep(run: Runner, n: int) -> None:
+def tile_sweep(run: Runner, n: int, b: int = C.MAIN_BATCH, blocks: tuple = C.TILE_BLOCKS) -> None:
     """Every legal decode tile of C.TILES on the same K/V, paged (block 16) and contiguous."""
-    q, k, v = _inputs(run, C.MAIN_BATCH, *C.MAIN_HEADS, n)
+    q, k, v = _inputs(run, b, *C.MAIN_HEADS, n)
     hq, hkv = C.MAIN_HEADS
     heads = fam.choose_config(C.HEAD_DIM, 1, hq // hkv)[0].heads
-    pools = {bs: make_pool(k, v, bs, True, run.gen) for bs in C.TILE_BLOCKS if bs}
+    pools = {bs: make_pool(k, v, bs, True, run.gen) for bs in blocks if bs}
     lens = next(iter(pools.values()))[3]
     for warps, kpw, stages in C.TILES:
         cfg = fam.DecodeConfig(heads=heads, warps=warps, keys_per_warp=kpw, stages=stages)
         if not fam.legal(cfg, C.HEAD_DIM, 1, hq // hkv)[0]:
             continue
-        for bs in C.TILE_BLOCKS:
+        for bs in blocks:
             plan = (paged.prepare_contiguous_decode(q, k, v, lens, config=cfg) if bs == 0
                     else paged.prepare_paged_decode(q, *pools[bs][:3], pools[bs][3], config=cfg))
-            run.record(f"{C.OURS}_tile", "tile", C.MAIN_BATCH, hq, hkv, n, bs, plan.time(C.WARMUP, run.iters),
+            run.record(f"{C.OURS}_tile", "tile", b, hq, hkv, n, bs, plan.time(C.WARMUP, run.iters),
                        tile=cfg.label(), warps_count=warps, keys_per_warp_count=kpw, stages_count=stages,
                        partitions_count=plan.num_partitions, registers_regs=plan.resources["registers"],
                        smem_bytes=plan.launches[0].shared_bytes)
@@ -259,5 +274,7 @@ def run_points(run: Runner) -> None:
         point(run, sweep, *args, **kw)
     for n in (C.QUICK_CONTEXTS[-1:] if quick else C.TILE_CONTEXTS):
         tile_sweep(run, n)
+    if not quick:  # the split regime: one sequence, the context cut into partitions
+        tile_sweep(run, C.SPLIT_CONTEXT, b=C.SPLIT_BATCHES[0], blocks=(C.MAIN_BLOCK,))
     for b in (C.SPLIT_BATCHES[:1] if quick else C.SPLIT_BATCHES):
         split_sweep(run, b, C.QUICK_CONTEXTS[-1] if quick else C.SPLIT_CONTEXT)

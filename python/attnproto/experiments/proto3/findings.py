@@ -159,8 +159,9 @@ def recommendation(ctx: ExperimentContext, recs: list[dict], blocks: list[Findin
     ratios = []
     for r in _find(recs, kernel=C.OURS, batch=b, num_heads=hq, num_kv_heads=hkv, block_size=C.MAIN_BLOCK):
         n = r["config"]["context"]
-        cudnn = _one(recs, kernel=C.CUDNN, batch=b, num_heads=hq, num_kv_heads=hkv, context=n)
-        if cudnn and n >= 4096 and r["config"]["sweep"] != "split":
+        cudnn = _one(recs, kernel=C.CUDNN, batch=b, num_heads=hq, num_kv_heads=hkv, context=n,
+                     sweep=r["config"]["sweep"])
+        if cudnn and n >= 4096 and r["config"]["sweep"] in ("block", "scale"):
             ratios.append((n, _t(cudnn) / _t(r), r, cudnn))
     if not ratios:
         return None
@@ -181,23 +182,24 @@ def recommendation(ctx: ExperimentContext, recs: list[dict], blocks: list[Findin
 def tiles(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
     out = []
     default = fam.choose_config(C.HEAD_DIM, 1, C.MAIN_HEADS[0] // C.MAIN_HEADS[1])[0].label()
-    for n in sorted({r["config"]["context"] for r in _find(recs, sweep="tile")}):
-        for bs in sorted({r["config"]["block_size"] for r in _find(recs, sweep="tile", context=n)}):
-            rows = _find(recs, sweep="tile", context=n, block_size=bs)
-            best = min(rows, key=_t)
-            dflt = _one(rows, tile=default)
-            ev = {f"{r['config']['tile'].replace(' ', '_')}_us": r["metrics"]["time_us"] for r in rows}
-            where = "contiguous K/V" if bs == 0 else f"block {bs}"
-            claim = (f"Decode B={C.MAIN_BATCH}, {C.MAIN_HEADS[0]}/{C.MAIN_HEADS[1]} heads, D={C.HEAD_DIM}, context {n}, "
-                     f"{where}: tile {best['config']['tile']} is fastest ({fmt(best['metrics']['time_us'])} us, "
-                     f"{fmt(best['metrics']['bandwidth_tbps'])} TB/s) of {len(rows)} legal tiles")
-            if dflt:
-                ev["default_of_best_ratio"] = _t(best) / _t(dflt)
-                claim += f"; the default {default} runs at {fmt(_t(best) / _t(dflt))}x the best"
-            out.append(ctx.finding(prototype=C.PROTOTYPE, title=f"Best decode tile at context {n}, {where}",
-                                   claim=claim + ".", evidence=ev, config={"context": n, "block_size": bs},
-                                   cv=_cv(*rows), records=rows, slug=f"best-decode-tile-n{n}-bs{bs}",
-                                   answer={"tile": best["config"]["tile"]}))
+    groups = sorted({(r["config"]["batch"], r["config"]["context"], r["config"]["block_size"])
+                     for r in _find(recs, sweep="tile")})
+    for b, n, bs in groups:
+        rows = _find(recs, sweep="tile", batch=b, context=n, block_size=bs)
+        best = min(rows, key=_t)
+        dflt = _one(rows, tile=default)
+        ev = {f"{r['config']['tile'].replace(' ', '_')}_us": r["metrics"]["time_us"] for r in rows}
+        where = "contiguous K/V" if bs == 0 else f"block {bs}"
+        claim = (f"Decode B={b}, {C.MAIN_HEADS[0]}/{C.MAIN_HEADS[1]} heads, D={C.HEAD_DIM}, context {n}, "
+                 f"{where}: tile {best['config']['tile']} is fastest ({fmt(best['metrics']['time_us'])} us, "
+                 f"{fmt(best['metrics']['bandwidth_tbps'])} TB/s) of {len(rows)} legal tiles")
+        if dflt:
+            ev["default_of_best_ratio"] = _t(best) / _t(dflt)
+            claim += f"; the default {default} runs at {fmt(_t(best) / _t(dflt))}x the best"
+        out.append(ctx.finding(prototype=C.PROTOTYPE, title=f"Best decode tile at batch {b}, context {n}, {where}",
+                               claim=claim + ".", evidence=ev, config={"batch": b, "context": n, "block_size": bs},
+                               cv=_cv(*rows), records=rows, slug=f"best-decode-tile-b{b}-n{n}-bs{bs}",
+                               answer={"tile": best["config"]["tile"]}))
     return out
 
 
