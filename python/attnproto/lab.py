@@ -138,8 +138,8 @@ def from_native(stats: Any) -> TimingStats:
 
 # ---- clocks ----
 def sm_clock_reader() -> Callable[[], dict[str, float]]:
-    """The SM clock (NVML, read-only) after each timing, so drift within a run shows in the
-    records; nothing where NVML (nvidia-ml-py) is not installed."""
+    """The SM and memory clocks (NVML, read-only) after each timing, so drift within a run shows
+    in the records; nothing where NVML (nvidia-ml-py) is not installed."""
     try:
         import pynvml  # noqa: PLC0415
 
@@ -148,7 +148,8 @@ def sm_clock_reader() -> Callable[[], dict[str, float]]:
         pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
     except Exception:  # noqa: BLE001 - no NVML: the records simply carry no clock
         return lambda: {}
-    return lambda: {"sm_clock_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))}
+    return lambda: {"sm_clock_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
+                    "mem_clock_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM))}
 
 
 # ---- FLOPs ----

@@ -2,14 +2,15 @@
 costs against contiguous KV, when splitting the context pays, and what packing a GQA group buys.
 
 Modules: ``common`` (sweeps, names), ``cuda`` (the H200 sweep and its anchors), ``flex`` (the
-flex_attention paged anchor), ``cpu`` (the numpy path CI runs), ``findings``.
+flex_attention paged anchor), ``cpu`` (the numpy path CI runs), ``findings``, ``summary`` (the report table).
 """
 from __future__ import annotations
 
 from ..registry import ExperimentContext, ExperimentResult, experiment
 from . import common as C
+from .summary import summary_table
 
-__all__ = ["run"]
+__all__ = ["run", "summary_table"]
 
 
 @experiment("proto3", C.PROTOTYPE, "paged KV decode: block size, paging overhead, split-KV, GQA packing vs torch",

@@ -15,6 +15,9 @@ BATCHES = (1, 8, 32, 128, 256)
 BLOCK_SWEEP_CONTEXTS = (4096, 16384)
 SPLIT_BATCHES = (1, 8)
 SPLIT_CONTEXT = 32768
+#: (batch, context) points of the split sweep: one sequence at short, medium and long context
+#: (what MIN_PARTITION_KEYS trades), and a batch of 8 (what the one-wave rule trades).
+SPLIT_POINTS = ((1, 1024), (1, 4096), (1, 32768), (8, 32768))
 SPLIT_PARTITIONS = (1, 2, 4, 8, 16, 32, 64, 128)
 PACK_CONTEXTS = (4096, 16384)
 #: Decode tiles (warps, keys per warp, stages) timed at the main shape (block 16 and contiguous).
@@ -49,8 +52,10 @@ FLASH = "sdpa_flash"
 GATHER = "gather_sdpa"
 FLEX = "flex_paged"
 CEILING = "read_ceiling"
-#: flex_attention compiles per shape: run it at these points of the block sweep only.
-FLEX_POINTS = ((32, 4096, 16),)
+#: flex_attention compiles per shape: run it at these points of the block sweep only. Its paged
+#: block mask needs pages of at least its key tile (a 16-token page left Inductor no kernel
+#: choice in the first H200 run), so it runs at block 128.
+FLEX_POINTS = ((32, 4096, 128), (32, 16384, 128))
 
 
 def kv_bytes(batch: int, kv_heads: int, context: int, head_dim: int = HEAD_DIM) -> int:

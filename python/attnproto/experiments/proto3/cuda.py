@@ -208,8 +208,9 @@ def split_sweep(run: Runner, b: int, n: int) -> None:
         name = C.OURS if parts == "auto" else f"{C.OURS}_p{parts}"
         run.record(name, "split", b, hq, hkv, n, C.MAIN_BLOCK, plan.time(C.WARMUP, run.iters),
                    partitions_count=plan.num_partitions)
-    for name, fn in ((C.CUDNN, _sdpa(q, k, v)),):
-        run.record(name, "split", b, hq, hkv, n, 0, run.time(fn))
+    from torch.nn.attention import SDPBackend  # noqa: PLC0415
+
+    run.record(C.CUDNN, "split", b, hq, hkv, n, 0, run.time(_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)))
 
 
 def tile_sweep(run: Runner, n: int, b: int = C.MAIN_BATCH, blocks: tuple = C.TILE_BLOCKS) -> None:
@@ -276,5 +277,5 @@ def run_points(run: Runner) -> None:
         tile_sweep(run, n)
     if not quick:  # the split regime: one sequence, the context cut into partitions
         tile_sweep(run, C.SPLIT_CONTEXT, b=C.SPLIT_BATCHES[0], blocks=(C.MAIN_BLOCK,))
-    for b in (C.SPLIT_BATCHES[:1] if quick else C.SPLIT_BATCHES):
-        split_sweep(run, b, C.QUICK_CONTEXTS[-1] if quick else C.SPLIT_CONTEXT)
+    for b, n in (((1, C.QUICK_CONTEXTS[-1]),) if quick else C.SPLIT_POINTS):
+        split_sweep(run, b, n)

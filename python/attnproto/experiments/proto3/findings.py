@@ -95,8 +95,8 @@ def overhead(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
                  f"scattered table {fmt(ours['metrics']['time_us'])} us, identity table "
                  f"{fmt(ident['metrics']['time_us'])} us, same kernel on contiguous K/V "
                  f"{fmt(cont['metrics']['time_us'])} us (paging costs {fmt_pct(_t(ours) / _t(cont) - 1)})")
-        for name, rec in (("cuDNN SDPA on contiguous K/V", cudnn), ("gather + SDPA", gather),
-                          ("flex_attention over torch's paged cache", flex)):
+        flex_name = f"flex_attention over torch's paged cache (block {flex['config']['block_size']})" if flex else ""
+        for name, rec in (("cuDNN SDPA on contiguous K/V", cudnn), ("gather + SDPA", gather), (flex_name, flex)):
             if rec:
                 ev[f"vs_{rec['config']['kernel']}_x"] = _t(rec) / _t(ours)
                 claim += f"; {fmt(_t(rec) / _t(ours))}x the speed of {name} ({fmt(rec['metrics']['time_us'])} us)"
@@ -108,15 +108,14 @@ def overhead(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
 
 def split(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
     out = []
-    for b in sorted({r["config"]["batch"] for r in _find(recs, sweep="split")}):
-        rows = [r for r in _find(recs, sweep="split", batch=b) if r["config"]["kernel"].startswith(C.OURS)]
+    for b, n in sorted({(r["config"]["batch"], r["config"]["context"]) for r in _find(recs, sweep="split")}):
+        rows = [r for r in _find(recs, sweep="split", batch=b, context=n) if r["config"]["kernel"].startswith(C.OURS)]
         auto = _one(rows, kernel=C.OURS)
         fixed = sorted([r for r in rows if r is not auto], key=lambda r: r["metrics"]["partitions_count"])
         if not auto or not fixed:
             continue
         best = min(fixed, key=_t)
         one = next((r for r in fixed if r["metrics"]["partitions_count"] == 1), fixed[0])
-        n = auto["config"]["context"]
         ev = {f"p{int(r['metrics']['partitions_count'])}_us": r["metrics"]["time_us"] for r in fixed}
         ev.update(auto_partitions_count=auto["metrics"]["partitions_count"], auto_of_best_ratio=_t(best) / _t(auto),
                   auto_of_ceiling_ratio=auto["metrics"].get("of_ceiling_ratio", 0.0))
