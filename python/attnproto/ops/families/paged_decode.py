@@ -42,8 +42,10 @@ STAGE_RANGE = (2, 6)
 #: CTAs per SM the split aims for: two resident CTAs of the default tile (smem ~100 KB each at
 #: D = 128) keep four K/V tiles in flight per SM, enough to cover the latency of HBM.
 TARGET_CTAS_PER_SM = 2
-#: Fewest keys per partition (see the module doc); a multiple of every default key tile.
-MIN_PARTITION_KEYS = 512
+#: Fewest keys per partition (see the module doc): one default key tile. The H200 split sweep
+#: (B = 1, 32/8 heads, results/nvidia-h200/proto3) was fastest at 16 partitions of 64 keys at
+#: context 1K and of 256 at 4K, and at 32 of 1024 at 32K; a floor of 512 cost 1.6x at 1K.
+MIN_PARTITION_KEYS = 64
 #: Most partitions of one sequence (bounds the workspace and the reduce's loop).
 MAX_PARTITIONS = 1024
 
