@@ -30,8 +30,9 @@
 //     tile are loaded from the block table one tile ahead (one load per page a thread's rows
 //     touch) and range-checked only when used, so the table read is off the critical path.
 //   * Warp w takes keys [w * KEYS_PER_WARP, (w + 1) * KEYS_PER_WARP) of every tile with its own
-//     online softmax (split-K inside the CTA): no barrier between warps in the loop but the
-//     ring's; the warps' (max, sum, O) merge through shared memory at the end.
+//     online softmax (split-K inside the CTA), and copies only those rows itself: it waits on
+//     its own cp.async groups, so the main loop has no CTA barrier at all and the warps drift
+//     freely; their (max, sum, O) merge through shared memory at the end.
 //   * Keys past the partition or past ctx are zero-filled, never read: stale or NaN bytes in
 //     the unused slots of the last page cannot reach O.
 //
@@ -120,9 +121,11 @@ constexpr int kRowBytes = kHeadDim * kElemBytes;
 constexpr int kQTileBytes = kRowsPadded * kRowBytes;
 constexpr int kKVTileBytes = kTileKeys * kRowBytes;
 constexpr int kRingBytes = 2 * STAGES * kKVTileBytes;
-// Copy geometry: thread tid owns chunk column tid % kChunksPerRow of rows tid / kChunksPerRow + i * kRowStep.
-constexpr int kRowStep = kThreads / kChunksPerRow;
-constexpr int kCopyIters = kTileKeys / kRowStep;
+// Copy geometry: every warp copies only its own KEYS_PER_WARP rows of a tile, so it waits on
+// its own cp.async groups and the main loop has no CTA barrier. Lane l owns chunk column
+// l % kChunksPerRow of the warp's rows l / kChunksPerRow + i * kRowStep.
+constexpr int kRowStep = ap::kWarpSize / kChunksPerRow;
+constexpr int kCopyIters = KEYS_PER_WARP / kRowStep;
 // Table reads per thread and tile: one per page its rows touch. A thread's rows are kRowStep
 // apart, so kItersPerPage consecutive copy iterations share a page (all of them when a page
 // holds the whole tile; contiguous K/V needs no read at all).
@@ -148,8 +151,8 @@ static_assert(KEYS_PER_WARP % kMmaK == 0 && KEYS_PER_WARP >= kMmaK,
 static_assert(STAGES >= 2 && STAGES <= 6, "STAGES must be in [2, 6] (one tile computes while the next lands)");
 static_assert(SPLIT == 0 || SPLIT == 1, "SPLIT must be 0 or 1");
 static_assert(kDtype == ap::kDtypeF16 || kDtype == ap::kDtypeBF16, "DTYPE must be 0 (f16) or 1 (bf16)");
-static_assert(kThreads % kChunksPerRow == 0 && kTileKeys % kRowStep == 0,
-              "copy geometry: the threads must cover whole rows and the tile whole row steps");
+static_assert(ap::kWarpSize % kChunksPerRow == 0 && KEYS_PER_WARP % kRowStep == 0,
+              "copy geometry: a warp's lanes must cover whole rows and its slice whole row steps");
 static_assert(kAccRegs <= kMaxAccRegs,
               "register budget: ceil(HEADS*NQ/16) x (KEYS_PER_WARP + HEAD_DIM) / 8 x 4 accumulator floats per "
               "thread exceed 192: put fewer heads in a CTA or use a smaller KEYS_PER_WARP");
@@ -183,18 +186,20 @@ __device__ __forceinline__ void lookup(Pages& pg, const int* __restrict__ table_
                                        int r0) {
 #pragma unroll
     for (int i = 0; i < kLookups; ++i) {
-        const int key = key0 + r0 + i * kItersPerPage * kRowStep;
+        const int key = key0 + r0 + i * kItersPerPage * kRowStep;  // r0: the lane's first row in the tile
         pg.id[i] = key < end ? KV::raw_page(table_row, seq, key) : paged::kBadPage;
     }
 }
 
 // Issues the cp.async copies of one K and one V tile (keys [key0, key0 + kTileKeys)).
 // Returns true if a row this thread had to read lies on a bad page.
+// Issues the cp.async copies of the calling warp's rows of one K and one V tile (tile keys
+// [key0, key0 + kTileKeys); r0 = the lane's first row in the tile, inside the warp's slice).
+// Returns true if a row this lane had to read lies on a bad page.
 __device__ __forceinline__ bool copy_tile(u32 k_dst, u32 v_dst, const u16* __restrict__ k, const u16* __restrict__ v,
-                                          const Pages& pg, int key0, int end, int kv_head, int tid,
+                                          const Pages& pg, int key0, int end, int kv_head, int r0, int lane,
                                           const AttentionParams& p) {
-    const int r0 = tid / kChunksPerRow;
-    const int c = tid % kChunksPerRow;
+    const int c = lane % kChunksPerRow;
     bool bad = false;
 #pragma unroll
     for (int i = 0; i < kCopyIters; ++i) {
@@ -261,16 +266,17 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
                                : q;
         ap::cp_async_16(s_q + chunk_offset(r, c), src, valid);
     }
+    ap::cp_async_commit();
 
-    // ---- prologue: tiles 0 .. STAGES-2 (Q joins the first group)
-    const int r0 = tid / kChunksPerRow;
+    // ---- prologue: tiles 0 .. STAGES-2, one group each
+    const int r0 = warp * KEYS_PER_WARP + lane / kChunksPerRow;
     Pages pg;
 #pragma unroll
     for (int t = 0; t < STAGES - 1; ++t) {
         if (t < n_tiles) {
             lookup(pg, table_row, seq, start + t * kTileKeys, end, r0);
             bad |= copy_tile(s_k + t * kKVTileBytes, s_v + t * kKVTileBytes, k, v, pg, start + t * kTileKeys, end,
-                             kv_head, tid, p);
+                             kv_head, r0, lane, p);
         }
         ap::cp_async_commit();
     }
@@ -299,24 +305,31 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
     }
     u32 q_frag[kQInRegs ? kMTiles : 1][kQInRegs ? kQKSteps : 1][4];
 
-    for (int j = 0; j < n_tiles; ++j) {
-        const int stage = j % STAGES;
-        const int key0 = start + j * kTileKeys;
-        // Tile j landed for every thread; every warp is done with tile j - 1, whose slot the
-        // copies below overwrite.
-        ap::cp_async_wait<STAGES - 2>();
+    // Q (the oldest group) landed for every thread and is visible to every warp: the only CTA
+    // barrier before the merge. (A CTA with no tile skips it together: n_tiles is uniform.)
+    if (n_tiles > 0) {
+        ap::cp_async_wait<STAGES - 1>();
         __syncthreads();
-        if (kQInRegs && j == 0) {
+        if constexpr (kQInRegs) {
 #pragma unroll
             for (int m = 0; m < kMTiles; ++m)
 #pragma unroll
                 for (int kk = 0; kk < kQKSteps; ++kk) ap::ldmatrix_x4(q_frag[m][kk], ldm_addr(q_lanes, m * kMmaM, kk));
         }
+    }
+
+    for (int j = 0; j < n_tiles; ++j) {
+        const int stage = j % STAGES;
+        const int key0 = start + j * kTileKeys;
+        // The warp's rows of tile j landed (its own copies); the warp is done with its rows of
+        // tile j - 1, whose slot the copies below overwrite. No other warp reads them.
+        ap::cp_async_wait<STAGES - 2>();
+        ap::syncwarp();
         const int next = j + STAGES - 1;
         if (next < n_tiles) {
             const int slot = next % STAGES;
             bad |= copy_tile(s_k + slot * kKVTileBytes, s_v + slot * kKVTileBytes, k, v, pg, start + next * kTileKeys,
-                             end, kv_head, tid, p);
+                             end, kv_head, r0, lane, p);
             if (next + 1 < n_tiles) lookup(pg, table_row, seq, start + (next + 1) * kTileKeys, end, r0);
         }
         ap::cp_async_commit();
