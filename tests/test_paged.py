@@ -137,6 +137,11 @@ def test_proto3_findings_from_synthetic_records(tmp_path):
     rows = [{"head_dim": d, "block_size": bs, "smem_bytes": 1000 * d, "registers": 100, "heads": 4}
             for d in (64, 128, 256) for bs in C.BLOCK_SIZES]
     found = findings_of(ctx, recs, rows)
+    from attnproto.experiments.proto3.findings import budget_table
+    from attnproto.report import format_table
+
+    table = budget_table(rows)
+    assert len(table) == len(rows) and "fits_m4_32kb" in format_table(table)
     titles = " | ".join(f.title for f in found)
     assert len(found) >= 5, titles
     for word in ("Best KV block size", "budget", "What paging costs", "split-KV", "GQA group", "recommendation"):

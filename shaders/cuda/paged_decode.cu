@@ -227,7 +227,9 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
              float* __restrict__ part_lse) {
     using namespace pd;
     extern __shared__ __attribute__((aligned(128))) unsigned char smem[];
-    if (p.head_dim != HEAD_DIM) ap::trap();
+    // The host sizes the launch from its mirror of kSmemBytes (ops/families/paged_decode.py:
+    // shared_bytes, the budget map of Prototype 3): a mismatch traps instead of overrunning.
+    if (p.head_dim != HEAD_DIM || ap::dynamic_smem_size() < (u32)kSmemBytes) ap::trap();
 
     const int tid = threadIdx.x;
     const int warp = tid / ap::kWarpSize;

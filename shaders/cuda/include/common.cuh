@@ -14,7 +14,7 @@
 //   global stores           st_global_v4
 //   math                    exp2_approx, log2_approx, rcp_approx (MUFU, ftz), fmax_nan, quiet_nan
 //   warp reductions         shfl_xor, quad_max, quad_sum, warp_max, warp_sum (the max ones NaN-propagating)
-//   control                 syncwarp, trap
+//   control                 syncwarp, trap, dynamic_smem_size
 #ifndef ATTNPROTO_CUDA_COMMON_CUH
 #define ATTNPROTO_CUDA_COMMON_CUH
 
@@ -223,6 +223,14 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int mask = kWarpSize / 2; mask > 0; mask >>= 1) v += shfl_xor(v, mask);
     return v;
+}
+
+// Bytes of dynamic shared memory this launch got (the %dynamic_smem_size register): kernels
+// whose host mirrors their layout formula refuse to run on a mismatch instead of corrupting memory.
+__device__ __forceinline__ u32 dynamic_smem_size() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
 }
 
 __device__ __forceinline__ void syncwarp() { asm volatile("bar.warp.sync 0xffffffff;" ::: "memory"); }

@@ -34,14 +34,14 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     """
     if ctx.backend == "cuda":
         from .cuda import Runner, budget_map, run_points  # noqa: PLC0415
-        from .findings import findings_of  # noqa: PLC0415
+        from .findings import budget_table, findings_of  # noqa: PLC0415
 
         runner = Runner(ctx)
         runner.read_ceiling()
         run_points(runner)
         rows = budget_map(runner)
-        return ExperimentResult(runner.records, findings_of(ctx, runner.records, rows),
-                                summary=[{"note": k, "reason": v} for k, v in runner.notes.items()])
+        runner.write_notes()
+        return ExperimentResult(runner.records, findings_of(ctx, runner.records, rows), summary=budget_table(rows))
     from .cpu import run_cpu  # noqa: PLC0415
 
     return run_cpu(ctx)

@@ -82,6 +82,14 @@ class Runner:
         self.ceiling_tbs = 0.0
         self.clock = lab.sm_clock_reader()
 
+    def write_notes(self) -> None:
+        """Anchors that could not run, and why: notes.json beside the records."""
+        import json  # noqa: PLC0415
+
+        (self.ctx.out_dir / "notes.json").write_text(json.dumps(self.notes, indent=1, sort_keys=True) + "\n")
+        for what, why in sorted(self.notes.items()):
+            print(f"proto3: {what} not measured: {why}", flush=True)
+
     def time(self, fn: Callable[[], Any]) -> lab.TimingStats:
         fn()
         return lab.time_device(self.be, fn, warmup=C.WARMUP, iters=self.iters)

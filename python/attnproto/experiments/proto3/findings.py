@@ -57,6 +57,14 @@ def best_block(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
     return out
 
 
+def budget_table(rows: list[dict]) -> list[dict]:
+    """The budget map as printed at the end of a CUDA run: per D x block size, the CTA's shared
+    memory (checked by the kernel itself at launch) against the H200's and the M4's limits."""
+    return [{"head_dim": r["head_dim"], "block_size": r["block_size"], "heads_per_cta": r["heads"],
+             "smem_bytes": r["smem_bytes"], "of_h200": r["smem_bytes"] / H200_SMEM,
+             "fits_m4_32kb": r["smem_bytes"] <= M4_THREADGROUP, "registers": r["registers"]} for r in rows]
+
+
 def budget(ctx: ExperimentContext, rows: list[dict], recs: list[dict]) -> Finding:
     ev = {f"d{r['head_dim']}_bs{r['block_size']}_smem_bytes": float(r["smem_bytes"]) for r in rows}
     ev.update({f"d{r['head_dim']}_bs{r['block_size']}_regs": float(r["registers"]) for r in rows})
