@@ -198,8 +198,8 @@ def point(run: Runner, sweep: str, b: int, hq: int, hkv: int, n: int, bs: int, *
         from .flex import flex_paged  # noqa: PLC0415
 
         try:
-            fn = flex_paged(q, k, v, bs)
-            run.record(C.FLEX, sweep, b, hq, hkv, n, bs, run.time(fn))
+            fn, choice = flex_paged(q, k, v, bs)
+            run.record(C.FLEX, sweep, b, hq, hkv, n, bs, run.time(fn), tile=f"flex {choice}")
         except Exception as exc:  # noqa: BLE001
             run.notes[f"{C.FLEX} B={b} N={n} bs={bs}"] = _reason(exc)
     del q, k, v, kc, vc

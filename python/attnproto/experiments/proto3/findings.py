@@ -103,7 +103,8 @@ def overhead(ctx: ExperimentContext, recs: list[dict]) -> list[Finding]:
                  f"scattered table {fmt(ours['metrics']['time_us'])} us, identity table "
                  f"{fmt(ident['metrics']['time_us'])} us, same kernel on contiguous K/V "
                  f"{fmt(cont['metrics']['time_us'])} us (paging costs {fmt_pct(_t(ours) / _t(cont) - 1)})")
-        flex_name = f"flex_attention over torch's paged cache (block {flex['config']['block_size']})" if flex else ""
+        flex_name = (f"flex_attention over torch's paged cache (block {flex['config']['block_size']}, "
+                     f"{flex['config'].get('tile', 'flex')} kernel)") if flex else ""
         for name, rec in (("cuDNN SDPA on contiguous K/V", cudnn), ("gather + SDPA", gather), (flex_name, flex)):
             if rec:
                 ev[f"vs_{rec['config']['kernel']}_x"] = _t(rec) / _t(ours)
