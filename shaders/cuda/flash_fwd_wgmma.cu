@@ -643,7 +643,8 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
         // key (every visible score -inf, from an inf input) gives O = 0 / 0 = NaN, LSE NaN.
         // A row with no key writes O = 0 exactly (selected, whatever a masked V put in o)
         // and LSE = -inf.
-        const bool has_key = !kCausal || c.row[h] + c.diag >= 0;
+        // (A paged sequence may have no key at all: ctx = 0.)
+        const bool has_key = c.seq_kv > 0 && (!kCausal || c.row[h] + c.diag >= 0);
         // A row whose visible keys [0, last_key] reach a bad page (or whose sequence had a
         // bad context length) is NaN: its result would silently miss keys otherwise.
         const int last_key = kCausal ? min(c.row[h] + c.diag, c.seq_kv - 1) : c.seq_kv - 1;
