@@ -692,6 +692,10 @@ flash_fwd_wgmma(const AttentionParams p,
     Barriers bars;
     bars.q_full = smem + kOffBarriers;
     bars.base = smem + kOffBarriers + kBarrierBytes;
+    Tile t = tile_of_block(p);
+    // Paged: one read of the context length per CTA (the producer and the consumers must
+    // agree on the key blocks), issued before the barrier set-up so its latency overlaps it.
+    const int ctx_raw = (kPaged && threadIdx.x == 0) ? context_lens[t.batch] : 0;
 
     if (threadIdx.x == 0) {
         hopper::mbar_init(bars.q_full, 1);
@@ -703,16 +707,13 @@ flash_fwd_wgmma(const AttentionParams p,
         }
         hopper::mbar_init_fence();
     }
-    Tile t = tile_of_block(p);
     const u32 meta_ctx = smem + kOffMetaCtx;
     const u32 meta_bad = smem + kOffMetaFirstBad;
     if (kPaged && threadIdx.x == 0) {
-        // One read of the context length per CTA (the producer and the consumers must agree
-        // on the key blocks), clamped to the table's capacity; out of range poisons the rows.
+        // Clamped to the table's capacity; out of range poisons the sequence's rows.
         const int capacity = (int)(p.max_blocks_per_seq * (u32)PAGE_SIZE);
-        const int ctx = context_lens[t.batch];
-        const bool ctx_ok = ctx >= 0 && ctx <= capacity;
-        hopper::st_shared_s32(meta_ctx, ctx_ok ? ctx : max(0, min(ctx, capacity)));
+        const bool ctx_ok = ctx_raw >= 0 && ctx_raw <= capacity;
+        hopper::st_shared_s32(meta_ctx, ctx_ok ? ctx_raw : max(0, min(ctx_raw, capacity)));
         hopper::st_shared_s32(meta_bad, ctx_ok ? kNoBadKey : kCtxInvalid);
     }
     __syncthreads();
