@@ -159,6 +159,15 @@ def test_paged_layout_rejects(mutate, match):
         pp.paged_layout(q, k, v, table, scale=0.1, causal=True, out=out, lse=lse)
 
 
+def test_index_tensors_must_be_int32():
+    torch = _torch()
+    q, k, v, table, ctx, out, lse = _cpu_case(torch)
+    with pytest.raises(TypeError, match="block_table"):
+        pp.paged_layout(q, k, v, table.long(), scale=0.1, causal=True, out=out, lse=lse)
+    with pytest.raises(TypeError, match="context_lens"):
+        pp.prepare_paged_prefill_wgmma(q, k, v, table, ctx.long(), out=out, lse=lse, backend=_RecordingBackend())
+
+
 class _RecordingBackend:
     """Stands in for the CUDA backend: records the tensor maps and the kernel asked for."""
 

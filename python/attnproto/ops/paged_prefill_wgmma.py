@@ -34,7 +34,7 @@ from . import flash_wgmma as fw
 
 #: Block sizes the kernel is specialised for (PAGE_SIZE; its static_assert lists the same).
 PAGE_SIZES = (1, 8, 16, 32, 64, 128, 256)
-INDEX_ELEM_BYTES = 4                  # int32 block table and context lengths
+INDEX_DTYPE = "int32"                 # block table and context lengths
 #: Keys are 32-bit ints in the kernel; the capacity max_blocks * block_size stays below this.
 MAX_CAPACITY = 2**30
 MAX_NUM_BLOCKS = 2**31 - 1            # the page coordinate of the TMA map is a signed 32-bit int
@@ -69,6 +69,14 @@ def _pool_strides(shape: Tuple[int, ...], strides: Tuple[int, ...], name: str) -
                              f"{fw.TMA_ALIGN_BYTES // fw.ELEMENT_BYTES} elements (TMA needs 16-byte strides)")
         out.append(nbytes)
     return out
+
+
+def _index_tensor(x: Any, name: str) -> None:
+    """int32 with a unit last stride: the kernel indexes it as ``const int*``."""
+    dtype = str(x.dtype).replace("torch.", "")
+    if dtype != INDEX_DTYPE:
+        raise TypeError(f"{name}: dtype {dtype}; the kernel reads {INDEX_DTYPE}")
+    _unit_inner_stride(x, name)
 
 
 def _unit_inner_stride(x: Any, name: str) -> None:
@@ -116,7 +124,7 @@ def paged_layout(q: Any, k_cache: Any, v_cache: Any, block_table: Any, *, scale:
     if block_table.ndim != 2 or int(block_table.shape[0]) != b:
         raise ValueError(f"block_table: expected shape [{b}, max_blocks], got {tuple(block_table.shape)}")
     max_blocks = int(block_table.shape[1])
-    _unit_inner_stride(block_table, "block_table")
+    _index_tensor(block_table, "block_table")
     capacity = max_blocks * page
     if not 1 <= capacity < MAX_CAPACITY:
         raise ValueError(f"block_table: capacity {max_blocks} x {page} = {capacity} tokens must be in "
@@ -164,7 +172,7 @@ def prepare_paged_prefill_wgmma(q: Any, k_cache: Any, v_cache: Any, block_table:
         out = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
-    _unit_inner_stride(context_lens, "context_lens")
+    _index_tensor(context_lens, "context_lens")
     layout = paged_layout(q, k_cache, v_cache, block_table, scale=scale, causal=causal, out=out, lse=lse,
                           config=config)
     be = _backend.get("cuda") if backend is None else backend
