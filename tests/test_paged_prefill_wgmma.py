@@ -100,12 +100,12 @@ def test_paged_layout_of_a_packed_pool():
     assert lay.pool_dims == (128, 16, 2, 11)
     row = 128 * fw.ELEMENT_BYTES
     assert lay.k_strides_bytes == (2 * row, row, 16 * 2 * row) == lay.v_strides_bytes
-    assert lay.capacity == 5 * 16 and lay.table_stride == 5 and lay.num_blocks == 11
+    assert lay.capacity == 5 * 16 and lay.num_blocks == 11
     assert lay.grid == (math.ceil(NQ / cfg.block_r) * 3 * 4, 1, 1) and lay.block == (cfg.threads, 1, 1)
     assert lay.shared_bytes == fw.shared_bytes(cfg, 128)
     assert lay.constants == fw.constants(cfg, 128, True, "bfloat16", 16)
     p = lay.params
-    assert (int(p["seq_kv"]), int(p["block_size"]), int(p["max_blocks_per_seq"])) == (80, 16, 5)
+    assert (int(p["seq_kv"]), int(p["block_size"]), int(p["max_blocks_per_seq"]), int(p["num_blocks"])) == (80, 16, 5, 11)
     assert (int(p["seq_q"]), int(p["num_kv_heads"]), float(p["scale"])) == (NQ, 2, 0.125)
     assert tuple(p["k_stride"]) == (16 * 2 * 128, 128, 2 * 128)        # {block, kv head, token}
     assert tuple(p["o_stride"]) == tuple(out.stride())[:3] and tuple(p["lse_stride"]) == tuple(lse.stride())[:2]
@@ -114,22 +114,22 @@ def test_paged_layout_of_a_packed_pool():
 def test_paged_layout_of_strided_views():
     torch = _torch()
     q, _, _, _, _, out, lse = _cpu_case(torch, hkv=1)
-    # an HND buffer [nb, Hkv, page, D] seen as NHD, and a table that is a column slice of a wider one
+    # an HND buffer [nb, Hkv, page, D] seen as NHD
     hnd = torch.zeros((11, 1, 16, 128), dtype=torch.bfloat16)
     k = hnd.permute(0, 2, 1, 3)
-    wide = torch.zeros((3, 9), dtype=torch.int32)
-    table = wide[:, 2:7]
+    table = torch.zeros((3, 5), dtype=torch.int32)
     lay = pp.paged_layout(q, k, k, table, scale=0.1, causal=False, out=out, lse=lse)
     row = 128 * fw.ELEMENT_BYTES
     # the kv-head axis has extent 1: its packed stride stands in for torch's
     assert lay.k_strides_bytes == (row, row, 16 * row)
-    assert lay.table_stride == 9 and lay.max_blocks == 5 and lay.capacity == 80
+    assert lay.max_blocks == 5 and lay.capacity == 80
 
 
 @pytest.mark.parametrize("mutate, match", [
     ("k_d_stride", "head_dim axis must be contiguous"),
     ("k_odd_stride", "16-byte"),
     ("table_cols", "block_table"),
+    ("table_rows", "rows must be contiguous"),
     ("table_rank", "block_table"),
     ("v_shape", "v_cache"),
     ("page_4", "block_size"),
@@ -145,6 +145,8 @@ def test_paged_layout_rejects(mutate, match):
         k = torch.zeros((11, 16, 2, 132), dtype=torch.bfloat16)[..., :128]   # head stride 132 elements = 264 B
     elif mutate == "table_cols":
         table = torch.zeros((3, 10), dtype=torch.int32)[:, ::2]
+    elif mutate == "table_rows":
+        table = torch.zeros((3, 9), dtype=torch.int32)[:, 2:7]     # a column slice: row stride 9
     elif mutate == "table_rank":
         table = torch.zeros((3,), dtype=torch.int32)
     elif mutate == "v_shape":
@@ -190,12 +192,11 @@ def test_prepare_argument_order_and_maps():
     launch = pp.prepare_paged_prefill_wgmma(q, k, v, table, ctx, scale=0.2, causal=True, out=out, lse=lse,
                                             backend=be)
     args = launch.args
-    assert len(args) == 10
+    assert len(args) == 8
     assert args[1:4] == ["map0", "map1", "map2"]
     assert args[4] is out and args[5] is lse and args[6] is table and args[7] is ctx
-    assert args[8] == np.int64(80) and args[8].dtype == np.int64
-    assert args[9] == np.int32(90) and args[9].dtype == np.int32
     assert int(args[0]["block_size"]) == 1 and int(args[0]["seq_kv"]) == 80
+    assert int(args[0]["num_blocks"]) == 90 and int(args[0]["max_blocks_per_seq"]) == 80
     q_map, k_map, v_map = be.maps
     cfg = fw.default_config(128, True)
     assert q_map[0] is q and q_map[2] == [128, NQ, 4, 3] and q_map[4] == [fw.SWIZZLE_COLS, cfg.block_r, 1, 1]
@@ -207,7 +208,7 @@ def test_prepare_argument_order_and_maps():
 
 
 def test_contiguous_launch_passes_null_pool_arguments():
-    assert [type(a) for a in fw.CONTIGUOUS_POOL_ARGS] == [np.uint64, np.uint64, np.int64, np.int32]
+    assert [type(a) for a in fw.CONTIGUOUS_POOL_ARGS] == [np.uint64, np.uint64]
     assert all(int(a) == 0 for a in fw.CONTIGUOUS_POOL_ARGS)
 
 

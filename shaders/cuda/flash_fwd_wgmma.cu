@@ -78,14 +78,13 @@
 //
 // Kernel arguments, in order:
 //   p             AttentionParams (paged: seq_kv = max_blocks_per_seq * PAGE_SIZE, the
-//                 capacity; block_size = PAGE_SIZE; max_blocks_per_seq = table columns)
+//                 capacity; block_size = PAGE_SIZE; max_blocks_per_seq = table columns, also
+//                 the table's row stride (rows contiguous); num_blocks = pages in the pool)
 //   tm_q          TMA map of Q
 //   tm_k, tm_v    TMA maps of K and V: [B, Hkv, Nkv, D], or paged over the pool
 //   o, lse        outputs
 //   block_table   int32 [B, max_blocks_per_seq] (paged; null for contiguous K/V)
 //   context_lens  int32 [B] (paged; null for contiguous K/V)
-//   table_stride  elements between rows of block_table (int64; 0 for contiguous K/V)
-//   num_blocks    pages in the pool (int32; 0 for contiguous K/V)
 //
 // Constants (all required): HEAD_DIM, BLOCK_R, BLOCK_C, STAGES, CONSUMER_WG,
 // CAUSAL, DTYPE (0 = float16, 1 = bfloat16), PAGE_SIZE (0 = contiguous K/V).
@@ -259,12 +258,11 @@ __device__ __forceinline__ void set_key_extent(Tile& t, const AttentionParams& p
     }
 }
 
-// Paged-pool arguments of the kernel (all zero / null for contiguous K/V).
+// The paged pool as the producer sees it (null / zero for contiguous K/V).
 struct PagedPool {
-    const int* table;          // block_table [B, max_blocks_per_seq]
-    const int* context_lens;   // [B]
-    long long table_stride;    // elements between table rows
-    int num_blocks;            // pages in the pool
+    const int* table;          // block_table [B, max_blocks_per_seq], rows contiguous
+    long long table_stride;    // elements between table rows (p.max_blocks_per_seq)
+    int num_blocks;            // pages in the pool (p.num_blocks)
 };
 
 struct Barriers {
@@ -678,15 +676,14 @@ flash_fwd_wgmma(const AttentionParams p,
                 unsigned short* __restrict__ o,
                 float* __restrict__ lse,
                 const int* __restrict__ block_table,
-                const int* __restrict__ context_lens,
-                const long long table_stride,
-                const int num_blocks) {
+                const int* __restrict__ context_lens) {
     using namespace fwd;
     extern __shared__ unsigned char smem_raw[];
     // The host sizes the launch from the same formula; a mismatch would corrupt
     // memory, so refuse to run instead (as for a paged kernel without its pool arguments).
     if (hopper::dynamic_smem_bytes() < kSmemBytes || p.head_dim != HEAD_DIM || p.block_size != PAGE_SIZE) __trap();
-    if (kPaged && (block_table == nullptr || context_lens == nullptr || p.max_blocks_per_seq == 0)) __trap();
+    if (kPaged && (block_table == nullptr || context_lens == nullptr || p.max_blocks_per_seq == 0 || p.num_blocks == 0))
+        __trap();
     const u32 raw = hopper::smem_u32(smem_raw);
     const u32 smem = (raw + hopper::kSwizzleAtomBytes - 1) & ~(hopper::kSwizzleAtomBytes - 1);
     Barriers bars;
@@ -718,7 +715,7 @@ flash_fwd_wgmma(const AttentionParams p,
     }
     __syncthreads();
     set_key_extent(t, p, kPaged ? hopper::ld_shared_s32(meta_ctx) : (int)p.seq_kv);
-    const PagedPool pool{block_table, context_lens, table_stride, num_blocks};
+    const PagedPool pool{block_table, (long long)p.max_blocks_per_seq, (int)p.num_blocks};
     const int warpgroup = (int)threadIdx.x / kWarpgroupThreads;
     if (warpgroup == 0) {
         if constexpr (kUseSetmaxnreg) hopper::setmaxnreg_dec<kProducerRegs>();

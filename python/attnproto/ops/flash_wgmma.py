@@ -206,8 +206,8 @@ def _tma_strides(shape: tuple[int, ...], strides: tuple[int, ...], name: str) ->
 
 
 #: The kernel's paged-pool arguments for contiguous K/V (block_table, context_lens: null
-#: pointers; table_stride, num_blocks: 0), after ``lse`` (argument order: top of the .cu).
-CONTIGUOUS_POOL_ARGS = (np.uint64(0), np.uint64(0), np.int64(0), np.int32(0))
+#: pointers), after ``lse`` (argument order: top of the .cu).
+CONTIGUOUS_POOL_ARGS = (np.uint64(0), np.uint64(0))
 
 
 def prepare(problem: Any, cfg: WgmmaConfig, backend: Any) -> Any:

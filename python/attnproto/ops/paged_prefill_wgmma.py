@@ -6,7 +6,7 @@ A chunk of Nq new queries per sequence attends to that sequence's keys in a bloc
     q             [B, Hq, Nq, D]            the last Nq tokens of every sequence
     k_cache       [num_blocks, block_size, Hkv, D]   (vLLM / FlashInfer "NHD"; any strides, D contiguous)
     v_cache       like k_cache
-    block_table   int32 [B, max_blocks]     page ids of each sequence, in token order
+    block_table   int32 [B, max_blocks]     page ids of each sequence, in token order (rows contiguous)
     context_lens  int32 [B] (device)        keys of each sequence; query i of sequence b
                                             sees keys j <= i + ctx[b] - Nq when causal
 
@@ -17,8 +17,8 @@ A chunk of Nq new queries per sequence attends to that sequence's keys in a bloc
 The inputs are torch CUDA tensors that the caller (the public ``paged_prefill`` op) has
 already checked: shapes, dtypes, devices and the table's values against the pool. What this
 module checks is what the tensor maps and the kernel's indexing need (16-byte TMA strides,
-a unit column stride of the table, 32-bit key indices) and raises ValueError naming the
-argument. Context lengths are read on the device; the kernel clamps them to the table's
+int32 index tensors with contiguous table rows, 32-bit key indices) and raises TypeError /
+ValueError naming the argument. Context lengths are read on the device; the kernel clamps them to the table's
 capacity and turns rows that would read a bad page id into NaN (see the .cu).
 """
 from __future__ import annotations
@@ -27,14 +27,11 @@ import dataclasses
 import math
 from typing import Any, Optional, Tuple
 
-import numpy as np
-
 from .. import params as _params
 from . import flash_wgmma as fw
+from .paged_problem import INDEX_DTYPE, PAGE_SIZES
 
-#: Block sizes the kernel is specialised for (PAGE_SIZE; its static_assert lists the same).
-PAGE_SIZES = (1, 8, 16, 32, 64, 128, 256)
-INDEX_DTYPE = "int32"                 # block table and context lengths
+__all__ = ["PAGE_SIZES", "PagedLayout", "box_rows", "paged_layout", "prepare_paged_prefill_wgmma"]
 #: Keys are 32-bit ints in the kernel; the capacity max_blocks * block_size stays below this.
 MAX_CAPACITY = 2**30
 MAX_NUM_BLOCKS = 2**31 - 1            # the page coordinate of the TMA map is a signed 32-bit int
@@ -95,7 +92,6 @@ class PagedLayout:
     num_blocks: int
     max_blocks: int
     capacity: int                     # max_blocks * page_size: params.seq_kv
-    table_stride: int                 # elements between rows of block_table
     pool_dims: Tuple[int, int, int, int]       # (D, page_size, Hkv, num_blocks), innermost first
     k_strides_bytes: Tuple[int, int, int]
     v_strides_bytes: Tuple[int, int, int]
@@ -129,7 +125,10 @@ def paged_layout(q: Any, k_cache: Any, v_cache: Any, block_table: Any, *, scale:
     if not 1 <= capacity < MAX_CAPACITY:
         raise ValueError(f"block_table: capacity {max_blocks} x {page} = {capacity} tokens must be in "
                          f"[1, {MAX_CAPACITY}) (32-bit key indices)")
-    table_stride = int(block_table.stride(0)) if b > 1 else max_blocks
+    if b > 1 and int(block_table.stride(0)) != max_blocks:
+        # the kernel steps rows by params.max_blocks_per_seq (as the decode kernels do)
+        raise ValueError(f"block_table: rows must be contiguous (row stride {max_blocks}), got stride "
+                         f"{int(block_table.stride(0))}")
     dtype = str(q.dtype).replace("torch.", "")
     if dtype not in fw.DTYPE_CODES:
         raise ValueError(f"q: dtype {dtype} not supported; expected one of {tuple(fw.DTYPE_CODES)}")
@@ -145,8 +144,8 @@ def paged_layout(q: Any, k_cache: Any, v_cache: Any, block_table: Any, *, scale:
         batch=b, num_heads=hq, num_kv_heads=hkv, seq_q=nq, seq_kv=capacity, head_dim=d, scale=scale,
         q_stride=tuple(q.stride())[:3], k_stride=(ks[0], ks[2], ks[1]), v_stride=(vs[0], vs[2], vs[1]),
         o_stride=tuple(out.stride())[:3], lse_stride=tuple(lse.stride())[:2],
-        block_size=page, max_blocks_per_seq=max_blocks)
-    return PagedLayout(cfg, dtype, page, rows, nb, max_blocks, capacity, table_stride, (d, page, hkv, nb),
+        block_size=page, max_blocks_per_seq=max_blocks, num_blocks=nb)
+    return PagedLayout(cfg, dtype, page, rows, nb, max_blocks, capacity, (d, page, hkv, nb),
                        tuple(k_bytes), tuple(v_bytes), (grid_x, 1, 1), (cfg.threads, 1, 1),
                        fw.shared_bytes(cfg, d), fw.constants(cfg, d, causal, dtype, page), prm)
 
@@ -186,8 +185,7 @@ def prepare_paged_prefill_wgmma(q: Any, k_cache: Any, v_cache: Any, block_table:
     tm_v = be.tensor_map(v_cache, tdt, list(layout.pool_dims), list(layout.v_strides_bytes), box,
                          fw.SWIZZLE_BYTES, False)
     kern = be.kernel(fw.KERNEL_NAME, **layout.constants)
-    args = [layout.params, tm_q, tm_k, tm_v, out, lse, block_table, context_lens,
-            np.int64(layout.table_stride), np.int32(layout.num_blocks)]
+    args = [layout.params, tm_q, tm_k, tm_v, out, lse, block_table, context_lens]
     hkv = int(k_cache.shape[2])
     shape = _v.AttentionShape(b, hq, hkv, nq, layout.capacity, d, layout.dtype, "cuda")
     problem = FlashProblem(q, k_cache, v_cache, out, lse, shape, bool(causal), scale, tuple(q.stride())[:3],
