@@ -24,6 +24,30 @@ SMALL_N = 77        # not a multiple of any tile
 SMALL_NKV = 45      # Nq != Nkv, with causal: some query rows see no key
 
 
+def paged_prefill(torch) -> None:
+    """The wgmma kernel over a paged pool at every block size: mixed short contexts, a scattered
+    table, and one table entry out of the pool (its rows become NaN; nothing outside is read)."""
+    from attnproto.ops import paged_prefill_wgmma as pp
+
+    ctx = (1, SMALL_NKV, SMALL_N + 100)
+    for page in pp.PAGE_SIZES:
+        used = [-(-c // page) for c in ctx]
+        nb = sum(used) + 1
+        k = torch.randn(nb, page, 2, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        table = torch.zeros(len(ctx), max(used), dtype=torch.int32)
+        ids = torch.randperm(nb)
+        for b, u in enumerate(used):
+            table[b, :u] = ids[sum(used[:b]):sum(used[:b]) + u].to(torch.int32)
+        table[2, used[2] - 1] = nb + 3
+        lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(len(ctx), 4, SMALL_NKV, 128, device="cuda", dtype=torch.bfloat16)
+        for causal in (False, True):
+            pp.prepare_paged_prefill_wgmma(q, k, v, table.cuda(), lens, causal=causal).launch()
+        torch.cuda.synchronize()
+        print(f"ran paged prefill wgmma block_size={page} D=128", flush=True)
+
+
 def workload() -> None:
     import torch
 
@@ -46,6 +70,7 @@ def workload() -> None:
                     torch.cuda.synchronize()
                     print(f"ran {fam.name} {fam.config_label(launch.config)} D={d} causal={causal} "
                           f"Nq={nq} Nkv={nkv}", flush=True)
+    paged_prefill(torch)
     q = torch.randn(1, 2, SMALL_N, 128, device="cuda", dtype=torch.bfloat16)
     flash.flash_forward(q, q, q, causal=True)
     torch.cuda.synchronize()

@@ -43,8 +43,51 @@
 // wgmma tiles, so a non-finite V at a key masked out for a row but inside a key block
 // the row's CTA processes reaches that row's O column through 0 * NaN.
 //
+// Paged K/V (PAGE_SIZE > 0; chunked prefill over a block pool). K/V live in a pool
+// k_cache, v_cache [num_blocks, PAGE_SIZE, Hkv, D] (any strides, D contiguous); sequence
+// b owns the pages block_table[b][0 .. ceil(ctx[b] / PAGE_SIZE)) and has ctx[b] keys
+// (context_lens, read on the device: no host synchronisation). Q [B, Hq, Nq, D] holds the
+// last Nq tokens of every sequence, so the causal diagonal is bottom-right per sequence:
+// query i of sequence b sees keys j <= i + ctx[b] - Nq. The tensor maps of K and V are
+// 4-D over the pool (D, slot, kv head, page) and the producer's tile-address step is the
+// only place the two layouts differ (KvAddress below): key row r of sequence b is slot
+// r % PAGE_SIZE of page block_table[b][r / PAGE_SIZE]. A K/V tile is gathered in boxes of
+// kBoxRows = gcd(PAGE_SIZE, BLOCK_C) keys, one TMA per box and 64-column block: one box
+// per column block when the page holds the whole key block, one per page (or part of a
+// page) otherwise, issued by the 32 lanes of the producer warp.
+//   Boxes shorter than the 8-row swizzle atom (PAGE_SIZE 1): a box lands at a 128-byte
+//   aligned, not 1024-byte aligned, shared address. PTX ISA "Tensor swizzling modes": the
+//   128-byte pattern repeats from 1024-byte boundaries and a copy to any other dstMem
+//   starts with base offset (dstMem / 128) % 8, i.e. row r of the tile is XORed with r % 8
+//   whichever box wrote it. That is the pattern the wgmma descriptors read (base offset 0
+//   at the 1024-aligned tile start; PTX ISA "Matrix Descriptor Format"), so one TMA path
+//   serves every page size.
+// Safety (a table changed after the host's checks): the producer reads table entries only
+// for keys < ctx, with ctx clamped to [0, max_blocks_per_seq * PAGE_SIZE]; a page id < 0
+// or >= num_blocks is never copied (its box is skipped and the transaction bytes lowered).
+// Such rows are not silently wrong: the CTA records the first key of a bad page, and every
+// query row whose visible keys reach it writes O = NaN, LSE = NaN; a ctx out of range makes
+// all rows of the sequence NaN. (The skipped box leaves stale shared memory that rows not
+// seeing it multiply by P = 0: finite stale data adds nothing, non-finite stale data turns
+// them NaN as well; never a finite wrong value.)
+// Slots of the last page past ctx[b] are real pool memory and may hold anything (NaN bit
+// patterns of torch.empty). Their K columns are masked to -inf like any key >= Nkv; their
+// V rows would still reach O through 0 * NaN on the tensor cores, so the consumers zero
+// the V rows >= ctx of the one key block that crosses ctx (its first step, before P V;
+// boxes past ctx are not loaded at all and are zeroed with them).
+//
+// Kernel arguments, in order:
+//   p             AttentionParams (paged: seq_kv = max_blocks_per_seq * PAGE_SIZE, the
+//                 capacity; block_size = PAGE_SIZE; max_blocks_per_seq = table columns, also
+//                 the table's row stride (rows contiguous); num_blocks = pages in the pool)
+//   tm_q          TMA map of Q
+//   tm_k, tm_v    TMA maps of K and V: [B, Hkv, Nkv, D], or paged over the pool
+//   o, lse        outputs
+//   block_table   int32 [B, max_blocks_per_seq] (paged; null for contiguous K/V)
+//   context_lens  int32 [B] (paged; null for contiguous K/V)
+//
 // Constants (all required): HEAD_DIM, BLOCK_R, BLOCK_C, STAGES, CONSUMER_WG,
-// CAUSAL, DTYPE (0 = float16, 1 = bfloat16).
+// CAUSAL, DTYPE (0 = float16, 1 = bfloat16), PAGE_SIZE (0 = contiguous K/V).
 #include "common/attn_params.h"
 #include "cuda/include/common.cuh"   // ap::fmax_nan, ap::quiet_nan
 #include "cuda/include/hopper.cuh"
@@ -70,6 +113,9 @@
 #ifndef DTYPE
 #error "DTYPE must be defined"
 #endif
+#ifndef PAGE_SIZE
+#error "PAGE_SIZE must be defined (0 = contiguous K/V)"
+#endif
 
 namespace fwd {
 
@@ -78,6 +124,7 @@ using hopper::u64;
 
 constexpr bool kBF16 = (DTYPE == 1);
 constexpr bool kCausal = (CAUSAL != 0);
+constexpr bool kPaged = (PAGE_SIZE != 0);
 
 constexpr int kWarpgroupThreads = 128;
 constexpr int kRowsPerConsumer = 64;          // wgmma M
@@ -109,6 +156,31 @@ static_assert(BLOCK_C % kMmaK == 0 && BLOCK_C >= 64 && BLOCK_C <= 192,
 static_assert(STAGES >= 2 && STAGES <= 8, "STAGES must be in [2, 8] (the consumer holds one K/V stage while the next is loading)");
 static_assert(!kUseSetmaxnreg || kProducerRegs + CONSUMER_WG * kConsumerRegs <= kRegisterFileSlots,
               "setmaxnreg budgets exceed the register file");
+static_assert(PAGE_SIZE == 0 || PAGE_SIZE == 1 || PAGE_SIZE == 8 || PAGE_SIZE == 16 || PAGE_SIZE == 32 ||
+              PAGE_SIZE == 64 || PAGE_SIZE == 128 || PAGE_SIZE == 256,
+              "PAGE_SIZE must be 0 (contiguous K/V) or a paged-KV block size of 1, 8, 16, 32, 64, 128 or 256 tokens");
+
+// ---- K/V addressing ----
+__host__ __device__ constexpr int gcd_int(int a, int b) { return b == 0 ? a : gcd_int(b, a % b); }
+// Keys per TMA box: boxes never straddle a page (rows of one box are consecutive slots)
+// and tile the key block exactly, so their height divides both PAGE_SIZE and BLOCK_C.
+constexpr int kBoxRows = kPaged ? gcd_int(PAGE_SIZE, BLOCK_C) : BLOCK_C;
+constexpr int kBoxesPerBlock = BLOCK_C / kBoxRows;
+// Tokens per page as the divisor of the paged addressing (1 where K/V is contiguous, so the
+// paged policy, compiled either way, never divides by zero).
+constexpr u32 kPageTokens = kPaged ? (u32)PAGE_SIZE : 1u;
+// One warp gathers a paged tile (one lane per box, several boxes per lane for PAGE_SIZE 1);
+// contiguous tiles keep the single issuing thread.
+constexpr int kWarpLanes = 32;
+constexpr int kProducerLanes = kPaged ? kWarpLanes : 1;
+constexpr int kBoxesPerLane = (kBoxesPerBlock + kProducerLanes - 1) / kProducerLanes;
+// "No bad page seen" and "context length out of range" (every row NaN) markers of the
+// first-bad-key word: a row is poisoned iff that word is <= its last visible key.
+constexpr int kNoBadKey = 0x7fffffff;
+constexpr int kCtxInvalid = -0x7fffffff - 1;
+// Named barrier of the consumer warpgroups (id 0 is __syncthreads).
+constexpr u32 kConsumerBarrierId = 1;
+constexpr int kBytesPerZeroStore = 16;
 
 // ---- shared memory plan (byte offsets from the 1024-aligned base) ----
 constexpr u32 kQTileBytes = BLOCK_R * HEAD_DIM * kElemBytes;
@@ -122,12 +194,16 @@ constexpr u32 kOffV = kOffK + STAGES * kKVTileBytes;
 constexpr u32 kOffBarriers = kOffV + STAGES * kKVTileBytes;
 constexpr u32 kBarrierBytes = 8;                                   // one mbarrier (b64)
 constexpr u32 kNumBarriers = 1 + 4 * STAGES;                       // q_full, k_full[], v_full[], k_empty[], v_empty[]
-constexpr u32 kSmemUsed = kOffBarriers + kNumBarriers * kBarrierBytes;
+constexpr u32 kOffMeta = kOffBarriers + kNumBarriers * kBarrierBytes;
+constexpr u32 kOffMetaCtx = kOffMeta;                             // paged: the sequence's key count (int)
+constexpr u32 kOffMetaFirstBad = kOffMeta + 4;                     // paged: first key of a bad page (int)
+constexpr u32 kMetaBytes = 8;
+constexpr u32 kSmemUsed = kOffMeta + kMetaBytes;
 constexpr u32 kSmemAlignSlack = hopper::kSwizzleAtomBytes;        // dynamic smem is only guaranteed 16-byte aligned
 constexpr u32 kSmemBytes = kSmemUsed + kSmemAlignSlack;            // the host requests exactly this (flash_wgmma.py)
 constexpr u32 kHopperSmemOptin = 227 * 1024;
 static_assert(kSmemBytes <= kHopperSmemOptin,
-              "shared memory (Q tile + 2 * STAGES K/V tiles + barriers + 1 KiB alignment slack) exceeds the 227 KiB Hopper opt-in limit: lower STAGES or BLOCK_C");
+              "shared memory (Q tile + 2 * STAGES K/V tiles + barriers + 8 bytes + 1 KiB alignment slack) exceeds the 227 KiB Hopper opt-in limit: lower STAGES or BLOCK_C");
 static_assert(kQColBlockBytes % hopper::kSwizzleAtomBytes == 0 && kKVColBlockBytes % hopper::kSwizzleAtomBytes == 0,
               "tile column blocks must start on 1024-byte swizzle boundaries");
 
@@ -145,9 +221,11 @@ struct Tile {
     int batch;
     int head;
     int kv_head;
+    int seq_kv;      // keys of the sequence (paged: its context length, clamped)
     int n_blocks;    // key blocks processed: [0, n_blocks), walked from the last
 };
 
+// The CTA's query rows and (batch, head); the key extent is set by set_key_extent.
 __device__ __forceinline__ Tile tile_of_block(const AttentionParams& p) {
     const int m_blocks = ((int)p.seq_q + BLOCK_R - 1) / BLOCK_R;
     const int bh_count = (int)(p.batch * p.num_heads);
@@ -164,15 +242,28 @@ __device__ __forceinline__ Tile tile_of_block(const AttentionParams& p) {
     t.batch = bh / (int)p.num_heads;
     t.head = bh % (int)p.num_heads;
     t.kv_head = t.head / (int)(p.num_heads / p.num_kv_heads);
-    const int kv_blocks = ((int)p.seq_kv + BLOCK_C - 1) / BLOCK_C;
+    t.seq_kv = 0;
+    t.n_blocks = 0;
+    return t;
+}
+
+__device__ __forceinline__ void set_key_extent(Tile& t, const AttentionParams& p, int seq_kv) {
+    t.seq_kv = seq_kv;
+    const int kv_blocks = (seq_kv + BLOCK_C - 1) / BLOCK_C;
     t.n_blocks = kv_blocks;
     if (kCausal) {
         // last key visible to the last row of the tile (bottom-right aligned)
-        const int last_key = t.m_block * BLOCK_R + BLOCK_R - 1 + (int)p.seq_kv - (int)p.seq_q;
+        const int last_key = t.m_block * BLOCK_R + BLOCK_R - 1 + seq_kv - (int)p.seq_q;
         t.n_blocks = last_key < 0 ? 0 : min(kv_blocks, last_key / BLOCK_C + 1);
     }
-    return t;
 }
+
+// The paged pool as the producer sees it (null / zero for contiguous K/V).
+struct PagedPool {
+    const int* table;          // block_table [B, max_blocks_per_seq], rows contiguous
+    long long table_stride;    // elements between table rows (p.max_blocks_per_seq)
+    int num_blocks;            // pages in the pool (p.num_blocks)
+};
 
 struct Barriers {
     u32 q_full;
@@ -187,40 +278,138 @@ struct Barriers {
 __device__ __forceinline__ int stage_of(int it) { return it % STAGES; }
 __device__ __forceinline__ u32 phase_of(int it) { return (u32)(it / STAGES) & 1u; }
 
-__device__ __forceinline__ void producer(const Tile& t, u32 smem, const Barriers& bars,
+// The producer's tile-address step (the KV-addressing policy): which TMA boxes fill the
+// K/V tile of key block n, and their transaction bytes. Contiguous: one box of BLOCK_C
+// rows per column block at (row, kv head, batch), issued by one thread. Paged: the
+// producer warp's lane l takes boxes l, l + 32, ...; a box of keys [key, key + kBoxRows)
+// is slot key % PAGE_SIZE of page table[key / PAGE_SIZE].
+struct KvTile {
+    u32 bytes;     // transaction bytes of the K (or V) tile
+    u32 boxes;     // paged: bit i set where this lane's i-th box is copied
+};
+
+template <bool kPagedKV> struct KvAddress;
+
+template <> struct KvAddress<false> {
+    int batch, kv_head;
+    __device__ __forceinline__ KvAddress(const Tile& t, const PagedPool&, u32) : batch(t.batch), kv_head(t.kv_head) {}
+    __device__ __forceinline__ void fetch(int) {}
+    __device__ __forceinline__ KvTile resolve(int) { return KvTile{kKVTileBytes, 0u}; }
+    __device__ __forceinline__ void load(u32 dst, const hopper::TensorMap* map, u32 bar, int n, const KvTile&) const {
+#pragma unroll
+        for (int cb = 0; cb < kColBlocks; ++cb)
+            hopper::tma_load_4d(dst + cb * kKVColBlockBytes, map, bar, cb * kColsPerBlock, n * BLOCK_C, kv_head, batch);
+    }
+};
+
+template <> struct KvAddress<true> {
+    const int* table_row;      // block_table row of the tile's sequence
+    int num_blocks;
+    int seq_kv;
+    int kv_head;
+    int lane;
+    u32 meta_bad;              // shared address of the CTA's first-bad-key word
+    int first_bad;             // lane 0's copy of that word
+    int page[kBoxesPerLane];   // page ids of this lane's boxes of the next block (fetch)
+
+    __device__ __forceinline__ KvAddress(const Tile& t, const PagedPool& pool, u32 meta_bad_addr)
+        : table_row(pool.table + (long long)t.batch * pool.table_stride), num_blocks(pool.num_blocks),
+          seq_kv(t.seq_kv), kv_head(t.kv_head), lane((int)threadIdx.x % kWarpLanes), meta_bad(meta_bad_addr),
+          first_bad(hopper::ld_shared_s32(meta_bad_addr)) {
+#pragma unroll
+        for (int i = 0; i < kBoxesPerLane; ++i) page[i] = 0;
+    }
+
+    __device__ __forceinline__ int box_key(int n, int i) const {
+        return n * BLOCK_C + (lane + i * kWarpLanes) * kBoxRows;
+    }
+    __device__ __forceinline__ bool box_needed(int n, int i) const {
+        return lane + i * kWarpLanes < kBoxesPerBlock && box_key(n, i) < seq_kv;
+    }
+
+    // Reads the table entries of block n (only for keys < seq_kv, which is within the
+    // table's capacity); issued a block ahead so the loads complete during the ring waits.
+    __device__ __forceinline__ void fetch(int n) {
+#pragma unroll
+        for (int i = 0; i < kBoxesPerLane; ++i)
+            if (box_needed(n, i)) page[i] = __ldg(table_row + (u32)box_key(n, i) / kPageTokens);
+    }
+
+    // Boxes of block n to copy (ids in [0, num_blocks)) and their bytes; records the first
+    // key of a bad page id in the CTA's word (lane 0 stores it before arming the barrier,
+    // whose release orders it before the consumers' epilogue reads).
+    __device__ __forceinline__ KvTile resolve(int n) {
+        KvTile tile{0u, 0u};
+        int bad_key = kNoBadKey;
+        u32 copied = 0;
+#pragma unroll
+        for (int i = 0; i < kBoxesPerLane; ++i) {
+            const bool needed = box_needed(n, i);
+            const bool good = needed && page[i] >= 0 && page[i] < num_blocks;
+            if (needed && !good) bad_key = min(bad_key, box_key(n, i));
+            if (good) tile.boxes |= 1u << i;
+            copied += (u32)__popc(__ballot_sync(0xffffffffu, good));
+        }
+        tile.bytes = copied * kBoxRows * hopper::kSwizzleRowBytes * kColBlocks;
+        bad_key = __reduce_min_sync(0xffffffffu, bad_key);
+        if (lane == 0 && bad_key < first_bad) {
+            first_bad = bad_key;
+            hopper::st_shared_s32(meta_bad, bad_key);
+        }
+        return tile;
+    }
+
+    __device__ __forceinline__ void load(u32 dst, const hopper::TensorMap* map, u32 bar, int n, const KvTile& tile) const {
+#pragma unroll
+        for (int i = 0; i < kBoxesPerLane; ++i) {
+            if (!(tile.boxes & (1u << i))) continue;
+            const u32 box_dst = dst + (u32)(lane + i * kWarpLanes) * kBoxRows * hopper::kSwizzleRowBytes;
+            const int slot = (int)((u32)box_key(n, i) % kPageTokens);
+#pragma unroll
+            for (int cb = 0; cb < kColBlocks; ++cb)
+                hopper::tma_load_4d(box_dst + cb * kKVColBlockBytes, map, bar, cb * kColsPerBlock, slot, kv_head, page[i]);
+        }
+    }
+};
+
+// Called by the kProducerLanes first threads of the producer warpgroup.
+__device__ __forceinline__ void producer(const Tile& t, u32 smem, const Barriers& bars, const PagedPool& pool,
                                          const hopper::TensorMap* tm_q, const hopper::TensorMap* tm_k,
                                          const hopper::TensorMap* tm_v) {
     // Nothing to load for a tile that sees no key (the consumers do not wait
     // either); a copy still in flight when the CTA retires would be undefined.
     if (t.n_blocks == 0) return;
-    hopper::tma_prefetch_descriptor(tm_q);
-    hopper::tma_prefetch_descriptor(tm_k);
-    hopper::tma_prefetch_descriptor(tm_v);
-    const int q_row = t.m_block * BLOCK_R;
-    hopper::mbar_arrive_expect_tx(bars.q_full, kQTileBytes);
+    const bool leader = threadIdx.x == 0;
+    if (leader) {
+        hopper::tma_prefetch_descriptor(tm_q);
+        hopper::tma_prefetch_descriptor(tm_k);
+        hopper::tma_prefetch_descriptor(tm_v);
+        const int q_row = t.m_block * BLOCK_R;
+        hopper::mbar_arrive_expect_tx(bars.q_full, kQTileBytes);
 #pragma unroll
-    for (int cb = 0; cb < kColBlocks; ++cb)
-        hopper::tma_load_4d(smem + kOffQ + cb * kQColBlockBytes, tm_q, bars.q_full,
-                            cb * kColsPerBlock, q_row, t.head, t.batch);
+        for (int cb = 0; cb < kColBlocks; ++cb)
+            hopper::tma_load_4d(smem + kOffQ + cb * kQColBlockBytes, tm_q, bars.q_full,
+                                cb * kColsPerBlock, q_row, t.head, t.batch);
+    }
+    KvAddress<kPaged> kv(t, pool, smem + kOffMetaFirstBad);
+    kv.fetch(t.n_blocks - 1);
     for (int it = 0; it < t.n_blocks; ++it) {
-        const int kv_row = (t.n_blocks - 1 - it) * BLOCK_C;
+        const int n = t.n_blocks - 1 - it;
         const int stage = stage_of(it);
         // A fresh barrier is in phase 0: waiting for parity 1 passes on the first lap.
         const u32 free_parity = phase_of(it) ^ 1u;
         const u32 k_dst = smem + kOffK + stage * kKVTileBytes;
         const u32 v_dst = smem + kOffV + stage * kKVTileBytes;
+        const KvTile tile = kv.resolve(n);
         hopper::mbar_wait(bars.k_empty(stage), free_parity);
-        hopper::mbar_arrive_expect_tx(bars.k_full(stage), kKVTileBytes);
-#pragma unroll
-        for (int cb = 0; cb < kColBlocks; ++cb)
-            hopper::tma_load_4d(k_dst + cb * kKVColBlockBytes, tm_k, bars.k_full(stage),
-                                cb * kColsPerBlock, kv_row, t.kv_head, t.batch);
+        if (leader) hopper::mbar_arrive_expect_tx(bars.k_full(stage), tile.bytes);
+        if constexpr (kPaged) __syncwarp();  // the barrier is armed before any box of it lands
+        kv.load(k_dst, tm_k, bars.k_full(stage), n, tile);
         hopper::mbar_wait(bars.v_empty(stage), free_parity);
-        hopper::mbar_arrive_expect_tx(bars.v_full(stage), kKVTileBytes);
-#pragma unroll
-        for (int cb = 0; cb < kColBlocks; ++cb)
-            hopper::tma_load_4d(v_dst + cb * kKVColBlockBytes, tm_v, bars.v_full(stage),
-                                cb * kColsPerBlock, kv_row, t.kv_head, t.batch);
+        if (leader) hopper::mbar_arrive_expect_tx(bars.v_full(stage), tile.bytes);
+        if constexpr (kPaged) __syncwarp();
+        kv.load(v_dst, tm_v, bars.v_full(stage), n, tile);
+        if (n > 0) kv.fetch(n - 1);
     }
 }
 
@@ -328,6 +517,23 @@ __device__ __forceinline__ void convert_p(const float (&s)[kSRegs], u32 (&pa)[kP
     }
 }
 
+// Paged K/V: zeroes V rows [first_row, BLOCK_C) of a V tile (keys >= ctx of the key block
+// that crosses ctx: unloaded boxes and the unused slots of the last page, which may hold
+// NaN), so P = 0 there contributes exactly 0 to O. Run by every consumer thread; the
+// zeros are handed to the tensor cores by the async-proxy fence and a consumer barrier.
+__device__ __forceinline__ void zero_v_rows(u32 v_tile, int first_row) {
+    const u32 tid = (u32)threadIdx.x - kWarpgroupThreads;  // consumer threads are 128..
+#pragma unroll
+    for (int cb = 0; cb < kColBlocks; ++cb) {
+        const u32 begin = v_tile + cb * kKVColBlockBytes + (u32)first_row * hopper::kSwizzleRowBytes;
+        const u32 end = v_tile + cb * kKVColBlockBytes + BLOCK_C * hopper::kSwizzleRowBytes;
+        for (u32 a = begin + tid * kBytesPerZeroStore; a < end; a += kConsumerThreads * kBytesPerZeroStore)
+            hopper::st_shared_zero16(a);
+    }
+    hopper::fence_proxy_async_shared();
+    hopper::named_barrier_sync(kConsumerBarrierId, kConsumerThreads);
+}
+
 __device__ __forceinline__ void rescale_o(float (&o)[kORegs], const float (&alpha)[2]) {
 #pragma unroll
     for (int j = 0; j < HEAD_DIM / 8; ++j) {
@@ -355,8 +561,8 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
     c.row[0] = c.wg_row0 + warp * 16 + lane / 4;
     c.row[1] = c.row[0] + 8;
     c.quad_col = 2 * (lane % 4);
-    c.diag = (int)p.seq_kv - (int)p.seq_q;
-    c.seq_kv = (int)p.seq_kv;
+    c.diag = t.seq_kv - (int)p.seq_q;
+    c.seq_kv = t.seq_kv;
     c.scale_log2 = p.scale * 1.4426950408889634f;  // log2(e)
     c.m_run[0] = c.m_run[1] = hopper::neg_inf();
     c.l_run[0] = c.l_run[1] = 0.f;
@@ -380,6 +586,14 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
         hopper::mbar_arrive(bars.k_empty(stage_of(0)));
         softmax_block(c, s, t.n_blocks - 1, alpha);
         convert_p(s, pa);
+        if constexpr (kPaged) {
+            // The first block walked is the last one: the only block that can cross ctx.
+            const int valid_rows = t.seq_kv - (t.n_blocks - 1) * BLOCK_C;
+            if (valid_rows < BLOCK_C) {
+                hopper::mbar_wait(bars.v_full(stage_of(0)), phase_of(0));
+                zero_v_rows(smem + kOffV + stage_of(0) * kKVTileBytes, valid_rows);
+            }
+        }
 
         for (int it = 1; it < t.n_blocks; ++it) {
             const int stage = stage_of(it);
@@ -411,6 +625,10 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
 
     // ---- epilogue: O / l, LSE = ln(2) * (m + log2(l)) ----
     const float ln2 = 0.6931471805599453f;
+    // Paged: the first key of a bad page id the producer met (kNoBadKey: none; kCtxInvalid:
+    // the context length was out of range). Read after the last full barrier the
+    // consumer waited on, which orders the producer's stores before this load.
+    const int first_bad = kPaged ? hopper::ld_shared_s32(smem + kOffMetaFirstBad) : kNoBadKey;
     const long long o_base = (long long)t.batch * p.o_stride[0] + (long long)t.head * p.o_stride[1];
     const long long lse_base = (long long)t.batch * p.lse_stride[0] + (long long)t.head * p.lse_stride[1];
 #pragma unroll
@@ -423,16 +641,24 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
         // key (every visible score -inf, from an inf input) gives O = 0 / 0 = NaN, LSE NaN.
         // A row with no key writes O = 0 exactly (selected, whatever a masked V put in o)
         // and LSE = -inf.
-        const bool has_key = !kCausal || c.row[h] + c.diag >= 0;
+        // (A paged sequence may have no key at all: ctx = 0.)
+        const bool has_key = c.seq_kv > 0 && (!kCausal || c.row[h] + c.diag >= 0);
+        // A row whose visible keys [0, last_key] reach a bad page (or whose sequence had a
+        // bad context length) is NaN: its result would silently miss keys otherwise.
+        const int last_key = kCausal ? min(c.row[h] + c.diag, c.seq_kv - 1) : c.seq_kv - 1;
+        const bool poisoned = kPaged && first_bad <= last_key;
         const float inv = has_key ? 1.f / l : 0.f;
-        const float lse = l > 0.f ? (c.m_run[h] + hopper::fast_log2(l)) * ln2
-                                  : (has_key ? ap::quiet_nan() : hopper::neg_inf());
+        const float lse_ok = l > 0.f ? (c.m_run[h] + hopper::fast_log2(l)) * ln2
+                                     : (has_key ? ap::quiet_nan() : hopper::neg_inf());
+        const float lse = poisoned ? ap::quiet_nan() : lse_ok;
+        const u32 nan_pair = hopper::pack2<kBF16>(ap::quiet_nan(), ap::quiet_nan());
         if (c.row[h] < (int)p.seq_q) {
             unsigned short* orow = o_out + o_base + (long long)c.row[h] * p.o_stride[2];
 #pragma unroll
             for (int j = 0; j < HEAD_DIM / 8; ++j) {
                 const u32 rounded = hopper::pack2<kBF16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-                const u32 packed = has_key ? rounded : 0u;  // +0.0 in both halves
+                const u32 kept = has_key ? rounded : 0u;  // +0.0 in both halves
+                const u32 packed = poisoned ? nan_pair : kept;
                 *reinterpret_cast<u32*>(orow + 8 * j + c.quad_col) = packed;
             }
             if (c.quad_col == 0) lse_out[lse_base + c.row[h]] = lse;
@@ -448,17 +674,25 @@ flash_fwd_wgmma(const AttentionParams p,
                 const __grid_constant__ hopper::TensorMap tm_k,
                 const __grid_constant__ hopper::TensorMap tm_v,
                 unsigned short* __restrict__ o,
-                float* __restrict__ lse) {
+                float* __restrict__ lse,
+                const int* __restrict__ block_table,
+                const int* __restrict__ context_lens) {
     using namespace fwd;
     extern __shared__ unsigned char smem_raw[];
     // The host sizes the launch from the same formula; a mismatch would corrupt
-    // memory, so refuse to run instead.
-    if (hopper::dynamic_smem_bytes() < kSmemBytes || p.head_dim != HEAD_DIM) __trap();
+    // memory, so refuse to run instead (as for a paged kernel without its pool arguments).
+    if (hopper::dynamic_smem_bytes() < kSmemBytes || p.head_dim != HEAD_DIM || p.block_size != PAGE_SIZE) __trap();
+    if (kPaged && (block_table == nullptr || context_lens == nullptr || p.max_blocks_per_seq == 0 || p.num_blocks == 0))
+        __trap();
     const u32 raw = hopper::smem_u32(smem_raw);
     const u32 smem = (raw + hopper::kSwizzleAtomBytes - 1) & ~(hopper::kSwizzleAtomBytes - 1);
     Barriers bars;
     bars.q_full = smem + kOffBarriers;
     bars.base = smem + kOffBarriers + kBarrierBytes;
+    Tile t = tile_of_block(p);
+    // Paged: one read of the context length per CTA (the producer and the consumers must
+    // agree on the key blocks), issued before the barrier set-up so its latency overlaps it.
+    const int ctx_raw = (kPaged && threadIdx.x == 0) ? context_lens[t.batch] : 0;
 
     if (threadIdx.x == 0) {
         hopper::mbar_init(bars.q_full, 1);
@@ -470,13 +704,22 @@ flash_fwd_wgmma(const AttentionParams p,
         }
         hopper::mbar_init_fence();
     }
+    const u32 meta_ctx = smem + kOffMetaCtx;
+    const u32 meta_bad = smem + kOffMetaFirstBad;
+    if (kPaged && threadIdx.x == 0) {
+        // Clamped to the table's capacity; out of range poisons the sequence's rows.
+        const int capacity = (int)(p.max_blocks_per_seq * (u32)PAGE_SIZE);
+        const bool ctx_ok = ctx_raw >= 0 && ctx_raw <= capacity;
+        hopper::st_shared_s32(meta_ctx, ctx_ok ? ctx_raw : max(0, min(ctx_raw, capacity)));
+        hopper::st_shared_s32(meta_bad, ctx_ok ? kNoBadKey : kCtxInvalid);
+    }
     __syncthreads();
-
-    const Tile t = tile_of_block(p);
+    set_key_extent(t, p, kPaged ? hopper::ld_shared_s32(meta_ctx) : (int)p.seq_kv);
+    const PagedPool pool{block_table, (long long)p.max_blocks_per_seq, (int)p.num_blocks};
     const int warpgroup = (int)threadIdx.x / kWarpgroupThreads;
     if (warpgroup == 0) {
         if constexpr (kUseSetmaxnreg) hopper::setmaxnreg_dec<kProducerRegs>();
-        if (threadIdx.x == 0) producer(t, smem, bars, &tm_q, &tm_k, &tm_v);
+        if (threadIdx.x < kProducerLanes) producer(t, smem, bars, pool, &tm_q, &tm_k, &tm_v);
     } else {
         if constexpr (kUseSetmaxnreg) hopper::setmaxnreg_inc<kConsumerRegs>();
         consumer(p, t, smem, bars, warpgroup - 1, o, lse);

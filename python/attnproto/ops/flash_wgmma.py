@@ -43,6 +43,7 @@ SWIZZLE_BYTES = 128                  # TMA / wgmma swizzle mode of every tile
 SWIZZLE_COLS = SWIZZLE_BYTES // ELEMENT_BYTES   # 64 elements: the TMA box width
 TMA_ALIGN_BYTES = 16                 # global address and strides of a tensor map
 BARRIER_BYTES = 8                    # one mbarrier
+META_BYTES = 8                       # two ints after the barriers: key count, first bad key (paged K/V)
 SMEM_ALIGN_SLACK = 1024              # the kernel aligns its base to the 1024-byte swizzle period
 HOPPER_SMEM_OPTIN = 227 * 1024       # per-block opt-in shared memory on H100/H200
 BLOCK_C_RANGE = (64, 192)            # wgmma_ss specialisations in hopper.cuh
@@ -91,7 +92,7 @@ def shared_bytes(config: WgmmaConfig, head_dim: int) -> int:
     q_tile = config.block_r * head_dim * ELEMENT_BYTES
     kv_tile = config.block_c * head_dim * ELEMENT_BYTES
     barriers = (1 + 4 * config.stages) * BARRIER_BYTES   # q_full + k/v full + k/v empty per stage
-    return q_tile + 2 * config.stages * kv_tile + barriers + SMEM_ALIGN_SLACK
+    return q_tile + 2 * config.stages * kv_tile + barriers + META_BYTES + SMEM_ALIGN_SLACK
 
 
 def default_config(head_dim: int, causal: bool) -> WgmmaConfig:
@@ -134,12 +135,17 @@ def as_config(config: Any, head_dim: int, causal: bool) -> WgmmaConfig:
     return cfg
 
 
-def constants(config: WgmmaConfig, head_dim: int, causal: bool, dtype: str) -> dict[str, int]:
+#: PAGE_SIZE of contiguous K/V; paged K/V uses the pool's block size (paged_prefill_wgmma.PAGE_SIZES).
+CONTIGUOUS = 0
+
+
+def constants(config: WgmmaConfig, head_dim: int, causal: bool, dtype: str,
+              page_size: int = CONTIGUOUS) -> dict[str, int]:
     """Named constants (NVRTC -D macros) of one specialisation."""
     return {
         "HEAD_DIM": int(head_dim), "BLOCK_R": config.block_r, "BLOCK_C": int(config.block_c),
         "STAGES": int(config.stages), "CONSUMER_WG": int(config.consumer_wg),
-        "CAUSAL": int(bool(causal)), "DTYPE": DTYPE_CODES[dtype],
+        "CAUSAL": int(bool(causal)), "DTYPE": DTYPE_CODES[dtype], "PAGE_SIZE": int(page_size),
     }
 
 
@@ -199,6 +205,11 @@ def _tma_strides(shape: tuple[int, ...], strides: tuple[int, ...], name: str) ->
     return out
 
 
+#: The kernel's paged-pool arguments for contiguous K/V (block_table, context_lens: null
+#: pointers), after ``lse`` (argument order: top of the .cu).
+CONTIGUOUS_POOL_ARGS = (np.uint64(0), np.uint64(0))
+
+
 def prepare(problem: Any, cfg: WgmmaConfig, backend: Any) -> Any:
     """The launch of a checked CUDA problem (attnproto.ops.problem): TMA maps, params, kernel."""
     from .problem import PreparedLaunch, flash_params  # noqa: PLC0415
@@ -217,8 +228,8 @@ def prepare(problem: Any, cfg: WgmmaConfig, backend: Any) -> Any:
                                        SWIZZLE_BYTES, False))
     kern = backend.kernel(KERNEL_NAME, **constants(cfg, d, problem.causal, s.dtype))
     return PreparedLaunch(backend, kern, (grid_x, 1, 1), (cfg.threads, 1, 1),
-                          [flash_params(problem), *maps, problem.out, problem.lse], shared_bytes(cfg, d), problem,
-                          cfg, family="wgmma")
+                          [flash_params(problem), *maps, problem.out, problem.lse, *CONTIGUOUS_POOL_ARGS],
+                          shared_bytes(cfg, d), problem, cfg, family="wgmma")
 
 
 def flash_forward_wgmma(q: Any, k: Any, v: Any, **kwargs: Any):

@@ -69,7 +69,8 @@ class WgmmaFamily(Family):
         return _fw.shared_bytes(config, spec.head_dim)
 
     def specialisations(self) -> List[Spec]:
-        """FA3's defaults for both dtypes and masks, the bf16 sweep, and the measured table's tiles."""
+        """FA3's defaults for both dtypes and masks, the bf16 sweep, the measured table's tiles,
+        and paged prefill (every block size at the default tiles, both dtypes and masks)."""
         from .. import chooser  # noqa: PLC0415
 
         out: List[Spec] = []
@@ -80,6 +81,7 @@ class WgmmaFamily(Family):
                 out += [(self.kernel_name, _fw.constants(c, d, causal, chooser.SWEEP_DTYPE))
                         for c in _fw.sweep_space(d)]
         out += chooser.table_specialisations(self)
+        out += paged_specialisations()
         return unique(out)
 
     def prepare(self, problem: FlashProblem, config: Any, backend: Any) -> Any:
@@ -88,6 +90,16 @@ class WgmmaFamily(Family):
     def run_host(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool, dtype: str,
                  config: Any, backend: Any) -> Tuple[np.ndarray, np.ndarray]:
         return run_cuda_host(self, q, k, v, causal=causal, dtype=dtype, config=config, backend=backend)
+
+
+def paged_specialisations() -> List[Spec]:
+    """Paged prefill (attnproto.ops.paged_prefill_wgmma): block size x head dim x mask x dtype
+    at the default tiles."""
+    from .. import paged_prefill_wgmma as _pp  # noqa: PLC0415
+
+    return [(_fw.KERNEL_NAME, _fw.constants(_fw.default_config(d, causal), d, causal, dtype, page))
+            for page in _pp.PAGE_SIZES for d in _fw.HEAD_DIMS for causal in (False, True)
+            for dtype in _fw.DTYPE_CODES]
 
 
 FAMILY = WgmmaFamily()
