@@ -261,3 +261,65 @@ def test_append_rejects_out_of_range_positions():
                         torch.tensor([16, 0], dtype=torch.int32, device="cuda"))
     with pytest.raises(ValueError, match="k_new"):
         paged.append_kv(k[:, :1, :1], v[:, :1, :1], kc, vc, table, lens_t * 0)
+
+
+@pytest.mark.parametrize("layout", ["nhd", "hnd"])
+@pytest.mark.parametrize("bs", [1, 16, 128])
+def test_paged_prefill_front_door_matches_fp64(layout, bs):
+    from attnproto.ops import paged
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("paged prefill runs the Hopper kernel")
+    lens, nq = [300, 77], 77
+    q, k, v = _inputs(43, 2, 8, 2, nq, max(lens), 128, "bfloat16")
+    kc, vc, table, lens_t = build_pool(k, v, lens, bs, layout=layout)
+    o, lse = _poisoned(q)
+    paged.paged_prefill(q, kc, vc, table, lens_t, layout=layout, out=o, lse=lse)
+    for i, n in enumerate(lens):
+        want = ref.attention(q[i:i + 1].double().cpu().numpy(), k[i:i + 1, :, :n].double().cpu().numpy(),
+                             v[i:i + 1, :, :n].double().cpu().numpy(), causal=True)
+        np.testing.assert_allclose(o[i:i + 1].double().cpu().numpy(), want, atol=2e-2)
+
+
+def test_prefill_then_decode_step_in_one_cuda_graph():
+    """A serving step: append the new token, decode it; captured once, replayed."""
+    from attnproto.ops import paged
+
+    b, hq, hkv, d, n = 2, 16, 4, 128, 200
+    q, k, v = _inputs(47, b, hq, hkv, 1, n + 1, d, "bfloat16")
+    kc, vc, table, _ = build_pool(k, v, [n + 1, n + 1], 16)
+    lens_t = torch.full((b,), n + 1, dtype=torch.int32, device="cuda")
+    pos = torch.full((b,), n, dtype=torch.int32, device="cuda")
+    new_k, new_v = k[:, :, n:n + 1].clone(), v[:, :, n:n + 1].clone()
+    append = paged.prepare_append_kv(new_k, new_v, kc, vc, table, pos)
+    plan = paged.prepare_paged_decode(q, kc, vc, table, lens_t, num_partitions=2)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        append.launch()
+        plan.launch()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        append.launch()
+        plan.launch()
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(plan.out, plan.lse, q, k, v, [n + 1, n + 1], "bfloat16")
+
+
+def test_paged_prefill_bad_input_named():
+    from attnproto.ops import paged
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("paged prefill runs the Hopper kernel")
+    q, k, v = _inputs(53, 2, 8, 2, 16, 64, 128, "float16")
+    kc, vc, table, lens_t = build_pool(k, v, [64, 64], 16)
+    t = table.clone()
+    t[0, 1] = -5
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = -5"):
+        paged.paged_prefill(q, kc, vc, t, lens_t)
+    with pytest.raises(TypeError, match="causal"):
+        paged.paged_prefill(q, kc, vc, table, lens_t, causal="yes")
+    with pytest.raises(TypeError, match="k_cache"):
+        paged.paged_prefill(q, kc.to(torch.bfloat16), vc.to(torch.bfloat16), table, lens_t)

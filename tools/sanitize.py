@@ -1,25 +1,28 @@
 """compute-sanitizer memcheck, racecheck, synccheck and initcheck on small shapes of every
 kernel version: every registered CUDA flash family (attnproto.ops.families.FAMILIES) at its
-test head dims, and the other ops' kernels.
+test head dims, the paged kernels (decode, append, prefill) at every block size, and the
+other ops' kernels.
 
     python3 tools/sanitize.py            # runs itself under each sanitizer tool, prints a table
     python3 tools/sanitize.py --child    # the workload (what the sanitizer watches)
+    SANITIZE_WORKLOADS=paged_decode,paged_prefill python3 tools/sanitize.py   # some of them
 
 Exit status 0 only if every tool reports no error. Shapes are small and not
 tile multiples so that masked tails are exercised.
 """
 from __future__ import annotations
 
+import os
 import re
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 
 # $SANITIZE_TOOLS (comma-separated) narrows the list, e.g. to fit a short device lease.
-TOOLS = tuple(t for t in __import__("os").environ.get("SANITIZE_TOOLS", "memcheck,racecheck,synccheck,initcheck")
+TOOLS = tuple(t for t in os.environ.get("SANITIZE_TOOLS", "memcheck,racecheck,synccheck,initcheck")
               .split(",") if t)
 # Per-tool wall-clock limit (seconds): the sanitizer slows kernels down by 10-100x.
-TOOL_TIMEOUT_S = int(__import__("os").environ.get("SANITIZE_TIMEOUT_S", "900"))
+TOOL_TIMEOUT_S = int(os.environ.get("SANITIZE_TIMEOUT_S", "900"))
 SMALL_N = 77        # not a multiple of any tile
 SMALL_NKV = 45      # Nq != Nkv, with causal: some query rows see no key
 
@@ -48,11 +51,10 @@ def paged_prefill(torch) -> None:
         print(f"ran paged prefill wgmma block_size={page} D=128", flush=True)
 
 
-def workload() -> None:
-    import torch
-
+def flash(torch) -> None:
+    """Every registered CUDA flash family at its test head dims, and the default call."""
     from attnproto import backend, gpu_smoke
-    from attnproto.ops import families, flash, linear, stitch
+    from attnproto.ops import families, flash as flash_ops
     import numpy as np
 
     be = backend.get("cuda")
@@ -65,43 +67,109 @@ def workload() -> None:
                     q = torch.randn(1, 4, nq, d, device="cuda", dtype=torch.bfloat16)
                     k = torch.randn(1, 2, nkv, d, device="cuda", dtype=torch.bfloat16)
                     v = torch.randn_like(k)
-                    launch = flash.prepare_forward(q, k, v, causal=causal, kernel=fam.name)
+                    launch = flash_ops.prepare_forward(q, k, v, causal=causal, kernel=fam.name)
                     launch.launch()
                     torch.cuda.synchronize()
                     print(f"ran {fam.name} {fam.config_label(launch.config)} D={d} causal={causal} "
                           f"Nq={nq} Nkv={nkv}", flush=True)
-    paged_prefill(torch)
     q = torch.randn(1, 2, SMALL_N, 128, device="cuda", dtype=torch.bfloat16)
-    flash.flash_forward(q, q, q, causal=True)
+    flash_ops.flash_forward(q, q, q, causal=True)
     torch.cuda.synchronize()
     print("ran auto D=128 causal=True", flush=True)
+
+
+def linear(torch) -> None:
+    """Linear attention: both algorithms, and every variant of the fused kernel."""
+    from attnproto.ops import linear as lin
+
     for dtype in (torch.bfloat16, torch.float32):
         for d in (64, 128):
             q, k, v = (torch.randn(1, 2, 100, d, device="cuda", dtype=dtype) for _ in range(3))
             for algorithm in ("auto", "two_pass"):
-                linear.linear_attention(q, k, v, chunk_size=32, scale=0.05, algorithm=algorithm)
-                linear.linear_attention(q, k, v, chunk_size=64, scale=0.05, decay=0.9, algorithm=algorithm)
+                lin.linear_attention(q, k, v, chunk_size=32, scale=0.05, algorithm=algorithm)
+                lin.linear_attention(q, k, v, chunk_size=64, scale=0.05, decay=0.9, algorithm=algorithm)
             torch.cuda.synchronize()
             print(f"ran linear D={d} dtype={dtype}", flush=True)
     # Every value-column split and warp layout of the fused kernel, ragged length, with decay.
     for d in (64, 128):
         q, k, v = (torch.randn(1, 2, SMALL_N + 100, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        for c in linear.FUSED_CHUNKS:
-            for cfg in linear.all_fused_variants("bfloat16", d, c, True):
+        for c in lin.FUSED_CHUNKS:
+            for cfg in lin.all_fused_variants("bfloat16", d, c, True):
                 for segments in (1, 2):
-                    linear.LinearPlan(q, k, v, chunk_size=c, scale=0.05, decay=0.9, algorithm="fused",
-                                      fused_config=cfg.with_segments(segments)).run()
+                    lin.LinearPlan(q, k, v, chunk_size=c, scale=0.05, decay=0.9, algorithm="fused",
+                                   fused_config=cfg.with_segments(segments)).run()
         torch.cuda.synchronize()
         print(f"ran linear_fused D={d} (every chunk, block_dv, state warps; 1 and 2 segments)", flush=True)
-    # Prototype 2: every dispatch mode of the stitched tensor-core kernel.
+
+
+def stitch(torch) -> None:
+    """Prototype 2: every dispatch mode of the stitched tensor-core kernel."""
+    from attnproto.ops import stitch as st
+
     for causal in (False, True):
         q = torch.randn(1, 2, SMALL_N, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, 2, SMALL_NKV, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        for mode in stitch.MODES:
-            stitch.prepare(q, k, v, mode, causal=causal).launch()
+        for mode in st.MODES:
+            st.prepare(q, k, v, mode, causal=causal).launch()
         torch.cuda.synchronize()
-        print(f"ran stitch modes {stitch.MODES} causal={causal}", flush=True)
+        print(f"ran stitch modes {st.MODES} causal={causal}", flush=True)
+
+
+def paged_decode(torch) -> None:
+    """Paged decode (partition + reduce, split and not) and append_kv at every block size, the
+    contiguous policy, Nq > 1, mixed short contexts, a scattered table, and one table entry that
+    leaves the pool after the check (its rows become NaN; nothing outside is read)."""
+    from attnproto.ops import paged
+    from attnproto.ops.paged_problem import PAGE_SIZES
+
+    ctx = (1, SMALL_NKV, SMALL_N + 100)
+    for page in PAGE_SIZES:
+        used = [-(-c // page) for c in ctx]
+        nb = sum(used) + 1
+        k = torch.randn(nb, page, 2, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        ids = torch.randperm(nb)
+        table = torch.zeros(len(ctx), max(used), dtype=torch.int32)
+        for b, u in enumerate(used):
+            table[b, :u] = ids[sum(used[:b]):sum(used[:b]) + u].to(torch.int32)
+        table = table.cuda()
+        lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+        new = torch.randn(len(ctx), 2, 1, 128, device="cuda", dtype=torch.bfloat16)
+        paged.append_kv(new, new, k, v, table, lens - 1)
+        for nq in (1, 3):
+            q = torch.randn(len(ctx), 8, nq, 128, device="cuda", dtype=torch.bfloat16)
+            for parts in (1, 3):
+                plan = paged.prepare_paged_decode(q, k, v, table, lens, num_partitions=parts)
+                plan.launch()
+                torch.cuda.synchronize()
+                table[2, used[2] - 1] = nb + 3       # out of the pool after the check
+                plan.launch()
+                torch.cuda.synchronize()
+                table[2, used[2] - 1] = int(ids[sum(used) - 1])
+        print(f"ran paged decode + append block_size={page} D=128", flush=True)
+    kc = torch.randn(len(ctx), 2, max(ctx), 64, device="cuda", dtype=torch.float16)
+    q = torch.randn(len(ctx), 4, 1, 64, device="cuda", dtype=torch.float16)
+    lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+    paged.prepare_contiguous_decode(q, kc, kc, lens, num_partitions=2).launch()
+    torch.cuda.synchronize()
+    print("ran contiguous decode D=64", flush=True)
+
+
+#: The workloads by name, in run order; $SANITIZE_WORKLOADS (comma-separated) narrows them.
+WORKLOADS = {"flash": flash, "paged_prefill": paged_prefill, "paged_decode": paged_decode, "linear": linear,
+             "stitch": stitch}
+
+
+def workload() -> None:
+    import torch
+
+    wanted = [w for w in os.environ.get("SANITIZE_WORKLOADS", ",".join(WORKLOADS)).split(",") if w]
+    unknown = [w for w in wanted if w not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"SANITIZE_WORKLOADS: unknown {unknown}; known: {', '.join(WORKLOADS)}")
+    for name in wanted:
+        WORKLOADS[name](torch)
 
 
 def main() -> int:

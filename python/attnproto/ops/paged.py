@@ -1,6 +1,7 @@
 """Paged-KV attention on CUDA: decode (split-KV), KV append, and the plan a CUDA graph captures.
 
     o, lse = paged_decode(q, k_cache, v_cache, block_table, context_lens)      # q [B, Hq, D] or [B, Hq, Nq<=8, D]
+    o, lse = paged_prefill(q, k_cache, v_cache, block_table, context_lens)     # a chunk of Nq new tokens (Hopper)
     append_kv(k_new, v_new, k_cache, v_cache, block_table, positions)          # vLLM's reshape_and_cache
     plan = prepare_paged_decode(...); plan.launch()                             # fixed workspace, no host sync
 
@@ -22,7 +23,8 @@ from .families import paged_decode as _fam
 from .paged_problem import (DTYPES, MAX_DECODE_TOKENS, PagedProblem, check_cache, check_contiguous, check_index,
                             check_paged, check_table_values)
 
-__all__ = ["DecodePlan", "append_kv", "paged_decode", "prepare_append_kv", "prepare_contiguous_decode", "prepare_paged_decode"]
+__all__ = ["DecodePlan", "PrefillPlan", "append_kv", "paged_decode", "paged_prefill", "prepare_append_kv",
+           "prepare_contiguous_decode", "prepare_paged_decode", "prepare_paged_prefill"]
 
 LSE_DTYPE = "float32"
 
@@ -197,6 +199,68 @@ def paged_decode(q: Any, k_cache: Any, v_cache: Any, block_table: Any, context_l
                                 out=out, lse=lse, check=check)
     o, l = plan.launch()
     return (o.squeeze(2), l.squeeze(2)) if squeeze else (o, l)
+
+
+# ----------------------------------------------------------------------------- prefill
+#: The paged prefill runs the Hopper wgmma kernel (TMA boxes per page, wgmma).
+PREFILL_MIN_COMPUTE = (9, 0)
+
+
+@dataclass
+class PrefillPlan:
+    """One paged prefill launch (shaders/cuda/flash_fwd_wgmma.cu with PAGE_SIZE = the block size)."""
+
+    prepared: Any
+    problem: PagedProblem
+
+    def launch(self, stream: Optional[int] = None) -> Tuple[Any, Any]:
+        """Enqueue on ``stream`` (default: torch's current stream); no host synchronisation."""
+        pl = self.prepared
+        pl.backend.launch(pl.kernel, pl.grid, pl.block, pl.args, pl.shared_bytes,
+                          stream=_stream() if stream is None else stream)
+        return pl.problem.out, pl.problem.lse
+
+    def time(self, warmup: int = 4, iters: int = 50, flush_l2: bool = False) -> _lab.TimingStats:
+        return self.prepared.time(warmup=warmup, iters=iters, flush_l2=flush_l2)
+
+    @property
+    def config(self) -> Any:
+        return self.prepared.config
+
+    @property
+    def reason(self) -> str:
+        return self.prepared.reason
+
+
+def prepare_paged_prefill(q: Any, k_cache: Any, v_cache: Any, block_table: Any, context_lens: Any, *,
+                          scale: Optional[float] = None, causal: bool = True, layout: str = "nhd",
+                          config: Any = None, out: Any = None, lse: Any = None, check: bool = True) -> PrefillPlan:
+    """Chunked prefill: q ``[B, Hq, Nq, D]`` holds the last Nq tokens of every sequence (query i of
+    sequence b at position ctx[b] - Nq + i; causal bottom-right by default) attending to the
+    sequence's ``context_lens[b]`` keys in the paged cache."""
+    from .paged_prefill_wgmma import prepare_paged_prefill_wgmma  # noqa: PLC0415
+
+    _v.check_bool(causal, "causal")
+    backend = _backend()
+    info = backend.info
+    cc = (int(info.get("compute_major", 0)), int(info.get("compute_minor", 0)))
+    if cc < PREFILL_MIN_COMPUTE:
+        raise ValueError(f"q: paged prefill runs the Hopper wgmma kernel (sm_90+), this GPU is sm_{cc[0]}{cc[1]}")
+    p = check_paged(q, k_cache, v_cache, block_table, context_lens, layout=layout, scale=scale, check=check)
+    out, lse = _outputs(p, out, lse)
+    # The kernel's tensor maps walk [num_blocks, block_size, Hkv, D]: an "hnd" pool as that view.
+    kc, vc = (x.permute(0, 2, 1, 3) if layout == "hnd" else x for x in (p.k_cache, p.v_cache))
+    prepared = prepare_paged_prefill_wgmma(p.q, kc, vc, p.block_table, p.context_lens, scale=p.scale, causal=causal,
+                                           out=out, lse=lse, config=config, backend=backend)
+    return PrefillPlan(prepared, p)
+
+
+def paged_prefill(q: Any, k_cache: Any, v_cache: Any, block_table: Any, context_lens: Any, *,
+                  scale: Optional[float] = None, causal: bool = True, layout: str = "nhd", config: Any = None,
+                  out: Any = None, lse: Any = None, check: bool = True) -> Tuple[Any, Any]:
+    """Paged (chunked) prefill; returns (O like q, LSE float32 ``[B, Hq, Nq]``)."""
+    return prepare_paged_prefill(q, k_cache, v_cache, block_table, context_lens, scale=scale, causal=causal,
+                                 layout=layout, config=config, out=out, lse=lse, check=check).launch()
 
 
 # ----------------------------------------------------------------------------- append
