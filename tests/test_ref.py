@@ -558,3 +558,65 @@ def test_allclose_rejects_bad_tolerances():
         ref.allclose(np.ones(1), np.ones(1), atol=-1.0, rtol=0.0)
     with pytest.raises(TypeError, match="rtol"):
         ref.allclose(np.ones(1), np.ones(1), atol=0.0, rtol="1e-3")
+
+
+# ------------------------------------------------------------ sliding window and soft cap
+def _brute(q, k, v, scale, allowed, cap=None):
+    """Row by row, the definition: softmax over the allowed keys of (capped) scaled scores."""
+    b, hq, nq, d = q.shape
+    group = hq // k.shape[1]
+    out = np.zeros(q.shape)
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(nq):
+                keys = [j for j in range(k.shape[2]) if allowed(i, j)]
+                s = np.array([scale * q[bi, h, i] @ k[bi, h // group, j] for j in keys])
+                if cap is not None:
+                    s = cap * np.tanh(s / cap)
+                p = np.exp(s - s.max())
+                out[bi, h, i] = (p / p.sum()) @ v[bi, h // group, keys]
+    return out
+
+
+@pytest.mark.parametrize("nq, nkv, window", [(9, 9, 3), (5, 12, 4), (7, 7, 1), (6, 6, 100)])
+def test_window_matches_definition(rng, nq, nkv, window):
+    q = rng.standard_normal((1, 4, nq, 8))
+    k, v = (rng.standard_normal((1, 2, nkv, 8)) for _ in range(2))
+    off = nkv - nq
+    got = ref.attention(q, k, v, causal=True, window=window)
+    want = _brute(q, k, v, 8 ** -0.5, lambda i, j: i + off - window < j <= i + off)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if window >= nkv:
+        np.testing.assert_allclose(got, ref.attention(q, k, v, causal=True), rtol=1e-13, atol=1e-13)
+
+
+def test_window_one_sees_only_itself(rng):
+    q, k, v = (rng.standard_normal((1, 2, 6, 8)) for _ in range(3))
+    np.testing.assert_allclose(ref.attention(q, k, v, causal=True, window=1), v, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("cap", [0.5, 5.0, 50.0])
+def test_softcap_matches_definition(rng, cap):
+    q = 3 * rng.standard_normal((1, 2, 7, 16))
+    k, v = (rng.standard_normal((1, 2, 9, 16)) for _ in range(2))
+    got = ref.attention(q, k, v, softcap=cap)
+    np.testing.assert_allclose(got, _brute(q, k, v, 0.25, lambda i, j: True, cap), rtol=1e-12, atol=1e-12)
+    assert np.all(np.abs(ref.softcap_scores(np.array([-1e9, 1e9, 0.0]), cap)) <= cap)
+
+
+def test_softcap_and_window_compose(rng):
+    q, k, v = (rng.standard_normal((1, 2, 10, 8)) for _ in range(3))
+    got = ref.attention(q, k, v, causal=True, window=4, softcap=2.0)
+    want = _brute(q, k, v, 8 ** -0.5, lambda i, j: i - 4 < j <= i, cap=2.0)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"window": 0}, ValueError, "window"), ({"window": 2.5}, TypeError, "window"),
+    ({"softcap": -1.0}, ValueError, "softcap"), ({"softcap": float("inf")}, ValueError, "softcap"),
+    ({"softcap": "big"}, TypeError, "softcap"), ({"softcap": True}, TypeError, "softcap"),
+])
+def test_window_softcap_bad_arguments(rng, kwargs, exc, match):
+    q = rng.standard_normal((1, 1, 4, 8))
+    with pytest.raises(exc, match=match):
+        ref.attention(q, q, q, causal=True, **kwargs)

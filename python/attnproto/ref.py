@@ -244,6 +244,30 @@ def causal_mask(seq_q: int, seq_kv: int) -> np.ndarray:
     return np.arange(seq_kv)[None, :] <= _query_positions(seq_q, seq_kv)[:, None]
 
 
+def window_mask(seq_q: int, seq_kv: int, window: int) -> np.ndarray:
+    """Bool [Nq, Nkv], True where query i may see key j under a LEFT sliding window of
+    ``window`` tokens (Mistral, Gemma): j > pos_i - window, pos_i = i + Nkv - Nq (bottom-right
+    aligned). Keys right of pos_i are not excluded here; combine with :func:`causal_mask`."""
+    seq_q, seq_kv = _check_lengths(seq_q, seq_kv)
+    window = _v.check_positive_int(window, "window")
+    return np.arange(seq_kv)[None, :] > _query_positions(seq_q, seq_kv)[:, None] - window
+
+
+def softcap_scores(s: np.ndarray, cap: float) -> np.ndarray:
+    """Gemma 2's logit soft cap: cap * tanh(s / cap) (bounded in (-cap, cap), NaN stays NaN,
+    +-inf goes to +-cap)."""
+    return cap * np.tanh(s / cap)
+
+
+def _check_softcap(cap: Any) -> float:
+    if isinstance(cap, bool) or not isinstance(cap, (int, float, np.integer, np.floating)):
+        raise TypeError(f"softcap: expected a positive float or None, got {type(cap).__name__}")
+    cap = float(cap)
+    if not (np.isfinite(cap) and cap > 0):
+        raise ValueError(f"softcap: must be positive and finite, got {cap}")
+    return cap
+
+
 def alibi_bias(num_heads: int, seq_q: int, seq_kv: int,
                max_bias: float = DEFAULT_ALIBI_MAX_BIAS) -> np.ndarray:
     """-slope_h |pos_q - pos_k|, float64 [num_heads, Nq, Nkv]."""
@@ -253,16 +277,22 @@ def alibi_bias(num_heads: int, seq_q: int, seq_kv: int,
 
 
 def _scores(q: np.ndarray, k: np.ndarray, scale: float, causal: bool, alibi: bool,
-            alibi_max_bias: float) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+            alibi_max_bias: float, window: Optional[int] = None,
+            softcap: Optional[float] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Masked, biased scores [B, Hq, Nq, Nkv] (K already expanded to Hq heads) and the
     visibility mask [Nq, Nkv] (None: every key visible). Masked scores are -inf whatever
-    q and k hold there (policy step 1)."""
+    q and k hold there (policy step 1). Order: scale, soft cap, ALiBi bias, mask."""
     seq_q, seq_kv = q.shape[2], k.shape[2]
     with np.errstate(invalid="ignore", over="ignore"):
         s = scale * (q @ np.swapaxes(k, -1, -2))
+        if softcap is not None:
+            s = softcap_scores(s, softcap)
         if alibi:
             s = s + alibi_bias(q.shape[1], seq_q, seq_kv, alibi_max_bias)[None]
     visible = causal_mask(seq_q, seq_kv) if causal else None
+    if window is not None:
+        win = window_mask(seq_q, seq_kv, window)
+        visible = win if visible is None else visible & win
     if visible is not None:
         s = np.where(visible, s, -np.inf)
     return s, visible
@@ -340,21 +370,29 @@ def _prepare(q: ArrayLike, k: ArrayLike, v: ArrayLike, causal: Any, scale: Any,
 def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, scale: Optional[float] = None,
               causal: bool = False, alibi: bool = False,
               alibi_max_bias: float = DEFAULT_ALIBI_MAX_BIAS, rope: bool = False,
-              rope_theta: float = DEFAULT_ROPE_THETA, return_lse: bool = False
+              rope_theta: float = DEFAULT_ROPE_THETA, return_lse: bool = False,
+              window: Optional[int] = None, softcap: Optional[float] = None
               ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """softmax(scale Q K^T + bias, masked) V in float64; O [B, Hq, Nq, D] (and LSE [B, Hq, Nq]).
 
-    With ``rope`` Q row i is rotated at position i + Nkv - Nq and K row j at j.
+    With ``rope`` Q row i is rotated at position i + Nkv - Nq and K row j at j. ``window``:
+    a left sliding window of that many tokens (query i sees keys j > i + Nkv - Nq - window;
+    with ``causal`` also j <= i + Nkv - Nq). ``softcap``: scores become
+    softcap * tanh(score / softcap) before the ALiBi bias and the mask (Gemma 2).
     """
     q, k, v, shape, scale = _prepare(q, k, v, causal, scale,
                                      ((alibi, "alibi"), (rope, "rope"), (return_lse, "return_lse")))
     if alibi:
         alibi_max_bias = _check_max_bias(alibi_max_bias)
+    if window is not None:
+        window = _v.check_positive_int(window, "window")
+    if softcap is not None:
+        softcap = _check_softcap(softcap)
     if rope:
         offset = shape.seq_kv - shape.seq_q
         q = _apply_rope(q, rope_theta, np.arange(shape.seq_q) + offset)
         k = _apply_rope(k, rope_theta, None)
-    s, visible = _scores(q, _expand_kv(k, shape.group), scale, causal, alibi, alibi_max_bias)
+    s, visible = _scores(q, _expand_kv(k, shape.group), scale, causal, alibi, alibi_max_bias, window, softcap)
     o, lse = _attend(s, _expand_kv(v, shape.group), visible)
     return (o, lse) if return_lse else o
 
