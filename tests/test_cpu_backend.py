@@ -384,3 +384,64 @@ def test_torch_cpu_tensors_are_accepted(rng):
     tq, tk, tv = (torch.from_numpy(x).to(torch.bfloat16) for x in (q, k, v))
     o, lse = cpu.flash_forward(tq, tk, tv, block_r=4, block_c=4, causal=True)
     _check(o, lse, *ref.attention(tq, tk, tv, causal=True, return_lse=True))
+
+
+# ------------------------------------------------------------ sliding window and soft cap
+@pytest.mark.parametrize("nq, nkv", [(37, 37), (13, 50), (50, 50)])
+@pytest.mark.parametrize("window", [1, 7, 16, 33, 200])
+@pytest.mark.parametrize("block_r, block_c", [(8, 16), (16, 5), (64, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_forward_window_matches_reference(nq, nkv, window, block_r, block_c, causal):
+    rng = np.random.default_rng(hash((nq, nkv, window, block_r, block_c, causal)) % 2**32)
+    q = rng.standard_normal((2, 4, nq, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 2, nkv, 16)).astype(np.float32) for _ in range(2))
+    o, lse = cpu.flash_forward(q, k, v, block_r=block_r, block_c=block_c, causal=causal, window=window)
+    o_ref, lse_ref = ref.attention(q, k, v, causal=causal, window=window, return_lse=True)
+    np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(lse, lse_ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cap", [1.0, 30.0])
+@pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_flash_forward_softcap_composes(cap, window, alibi):
+    rng = np.random.default_rng(7)
+    q = 2 * rng.standard_normal((1, 4, 40, 32)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 1, 40, 32)).astype(np.float32) for _ in range(2))
+    o, lse = cpu.flash_forward(q, k, v, block_r=16, block_c=16, causal=True, softcap=cap, window=window,
+                               alibi=alibi)
+    o_ref, lse_ref = ref.attention(q, k, v, causal=True, softcap=cap, window=window, alibi=alibi,
+                                   return_lse=True)
+    np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(lse, lse_ref, atol=2e-5, rtol=1e-5)
+
+
+def test_window_skips_tiles_left_of_every_window(monkeypatch):
+    """Work scales with the window: key tiles wholly left of the rows' windows are never loaded."""
+    rng = np.random.default_rng(3)
+    n, w, bc = 256, 32, 16
+    q, k, v = (rng.standard_normal((1, 1, n, 8)).astype(np.float32) for _ in range(3))
+    loads = []
+    real = cpu._contiguous_loader
+
+    def counting(k_, v_):
+        inner = real(k_, v_)
+        return lambda j0, j1: loads.append((j0, j1)) or inner(j0, j1)
+    monkeypatch.setattr(cpu, "_contiguous_loader", counting)
+    cpu.flash_forward(q, k, v, block_r=n, block_c=bc, causal=True, window=w)
+    full = len(loads)
+    loads.clear()
+    cpu.flash_forward(q, k, v, block_r=16, block_c=bc, causal=True, window=w)
+    assert len(loads) == full == n // bc   # one query tile of all rows sees every key tile
+    loads.clear()
+    q1 = q[:, :, -16:]   # the last 16 rows (positions 240..255) see keys 209..255: key tiles 13, 14, 15
+    cpu.flash_forward(q1, k, v, block_r=16, block_c=bc, causal=True, window=w)
+    assert [j0 // bc for j0, _ in loads] == [13, 14, 15]
+
+
+@pytest.mark.parametrize("kwargs, exc", [({"window": 0}, ValueError), ({"softcap": -2.0}, ValueError),
+                                         ({"window": "x"}, TypeError)])
+def test_flash_forward_window_softcap_checked(kwargs, exc):
+    x = np.zeros((1, 1, 4, 8), np.float32)
+    with pytest.raises(exc, match=next(iter(kwargs))):
+        cpu.flash_forward(x, x, x, block_r=4, block_c=4, causal=True, **kwargs)

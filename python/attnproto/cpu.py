@@ -157,7 +157,8 @@ def _rope32(x: Array, theta: float, positions: Array) -> Array:
 # ---------------------------------------------------------- the tiled core
 def _flash_core(q: Array, load_kv: KVLoader, seq_k: int, *, key_offset: int, seq_kv_total: int,
                 scale: float, block_r: int, block_c: int, causal: bool,
-                slopes: Optional[Array], p_dtype: Optional[str]) -> Tuple[Array, Array]:
+                slopes: Optional[Array], p_dtype: Optional[str], window: Optional[int] = None,
+                softcap: Optional[float] = None) -> Tuple[Array, Array]:
     """FlashAttention-2 forward over keys [0, seq_k) of one KV range, float32.
 
     q [B, Hkv, G, Nq, D] (query heads grouped by their kv head). ``load_kv(j0, j1)``
@@ -168,7 +169,11 @@ def _flash_core(q: Array, load_kv: KVLoader, seq_k: int, *, key_offset: int, seq
     Query tiles are independent (one thread block each on a GPU), so all of
     them advance together through the key tiles; tile (t, j) is visited only
     when the last row of query tile t can see the first key of key tile j,
-    i.e. exactly the tiles a causal FlashAttention-2 kernel does not skip.
+    i.e. exactly the tiles a causal FlashAttention-2 kernel does not skip; with a left
+    ``window`` of W tokens a key tile is visited only by the query tiles whose first row's
+    window reaches it (key tiles wholly left of every row's window are skipped, so the work
+    scales with W). ``softcap`` turns scaled scores into softcap * tanh(score / softcap)
+    before the ALiBi bias and the mask.
     Rows of a visited tile that see nothing of it keep their state bit for bit
     (rescale factor exactly 1, zero contributions), so this matches the
     tile-by-tile kernel.
@@ -186,38 +191,55 @@ def _flash_core(q: Array, load_kv: KVLoader, seq_k: int, *, key_offset: int, seq
     acc = np.zeros((batch, hkv, group, seq_q, head_dim), dtype=_F32)
     q_pos = np.arange(seq_q, dtype=np.int64) + (seq_kv_total - seq_q)
     scale32 = _F32(scale)
+    offset = seq_kv_total - seq_q                                 # position of query row 0
     for j0 in range(0, seq_k, block_c):
         j1 = min(j0 + block_c, seq_k)
         k_pos = np.arange(j0, j1, dtype=np.int64) + key_offset
-        r0 = 0
+        r0, r1 = 0, seq_q
         if causal:
-            first_row = int(k_pos[0] - (seq_kv_total - seq_q))   # first row that sees key j0
+            first_row = int(k_pos[0] - offset)                    # first row that sees key j0
             if first_row >= seq_q:
                 break                                             # later key tiles: further right
             r0 = max(first_row, 0) // block_r * block_r
+        if window is not None:
+            # rows whose window (pos - W, pos] reaches the tile's last key: pos < k_last + W
+            last_row = int(k_pos[-1]) + window - offset           # first row past the window
+            r1 = min(seq_q, -(-max(last_row, 0) // block_r) * block_r)
+            if r1 <= r0:
+                continue                                          # left of every row's window
+        rows = slice(r0, r1)
         k_tile, v_tile = load_kv(j0, j1)
         with np.errstate(invalid="ignore", over="ignore"):               # inf * 0, inf - inf
-            s = (q[:, :, :, r0:] @ np.swapaxes(k_tile, -1, -2)) * scale32  # [B, Hkv, G, R, C]
+            s = (q[:, :, :, rows] @ np.swapaxes(k_tile, -1, -2)) * scale32  # [B, Hkv, G, R, C]
+            if softcap is not None:
+                cap32 = _F32(softcap)
+                s = cap32 * np.tanh(s / cap32)
         if slopes is not None:
-            dist = np.abs(q_pos[r0:, None] - k_pos[None, :]).astype(_F32)
+            dist = np.abs(q_pos[rows, None] - k_pos[None, :]).astype(_F32)
             s = s - slopes[None, :, :, None, None] * dist
         visible = None
         if causal:
-            visible = k_pos[None, :] <= q_pos[r0:, None]
+            visible = k_pos[None, :] <= q_pos[rows, None]
+        if window is not None:
+            in_window = k_pos[None, :] > q_pos[rows, None] - window
+            visible = in_window if visible is None else visible & in_window
+        if visible is not None:
             s = np.where(visible, s, _F32(-np.inf))
-        m_old = m[..., r0:]
+        m_old = m[..., rows]
         m_new = np.maximum(m_old, s.max(axis=-1))            # NaN-propagating
         m_use = np.where(m_new == -np.inf, _F32(0), m_new)    # a row that saw nothing yet
         with np.errstate(invalid="ignore", over="ignore"):
             p = np.exp(s - m_use[..., None])
             alpha = np.exp(m_old - m_use)
-            l[..., r0:] = alpha * l[..., r0:] + p.sum(axis=-1, dtype=_F32)
-            acc[..., r0:, :] = (alpha[..., None] * acc[..., r0:, :]
-                                + _visible_matmul(_round_p(p, p_dtype), v_tile, visible))
-        m[..., r0:] = m_new
-    # Row i sees a key of [key_offset, key_offset + seq_k) iff it sees the first one.
-    has_key = (q_pos >= key_offset) if causal else np.ones(seq_q, dtype=bool)
-    has_key = has_key & (seq_k > 0)
+            l[..., rows] = alpha * l[..., rows] + p.sum(axis=-1, dtype=_F32)
+            acc[..., rows, :] = (alpha[..., None] * acc[..., rows, :]
+                                 + _visible_matmul(_round_p(p, p_dtype), v_tile, visible))
+        m[..., rows] = m_new
+    # Row i sees a key of [key_offset, key_offset + seq_k) iff the range meets its visible
+    # interval [pos - W + 1 (window), pos (causal)]: geometry, never l > 0.
+    lo = np.maximum(key_offset, q_pos - window + 1) if window is not None else np.full(seq_q, key_offset)
+    hi = np.minimum(key_offset + seq_k - 1, q_pos) if causal else np.full(seq_q, key_offset + seq_k - 1)
+    has_key = (lo <= hi) & (seq_k > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         o = np.where(has_key[:, None], acc / l[..., None], _F32(0))   # key, l = 0: 0/0 = NaN
         lse = np.where(has_key, np.where(l > 0, m + np.log(l), _F32(np.nan)), _F32(-np.inf))
@@ -246,13 +268,24 @@ def _head_slopes(alibi: bool, num_heads: int, num_kv_heads: int,
     return _alibi_slopes32(num_heads, max_bias).reshape(num_kv_heads, num_heads // num_kv_heads)
 
 
+def _check_window_softcap(window: Any, softcap: Any) -> Tuple[Optional[int], Optional[float]]:
+    from .ref import _check_softcap  # noqa: PLC0415  (the one definition of a legal cap)
+
+    return (None if window is None else _v.check_positive_int(window, "window"),
+            None if softcap is None else _check_softcap(softcap))
+
+
 # ------------------------------------------------------------------ forward
 def flash_forward(q: Any, k: Any, v: Any, *, block_r: int, block_c: int, causal: bool = False,
                   scale: Optional[float] = None, alibi: bool = False,
                   alibi_max_bias: float = DEFAULT_ALIBI_MAX_BIAS, rope: bool = False,
-                  rope_theta: float = DEFAULT_ROPE_THETA, p_dtype: Optional[str] = None
+                  rope_theta: float = DEFAULT_ROPE_THETA, p_dtype: Optional[str] = None,
+                  window: Optional[int] = None, softcap: Optional[float] = None
                   ) -> Tuple[Array, Array]:
     """FlashAttention-2 forward, tiled block_r x block_c; returns (O, LSE) float32.
+
+    ``window`` (a left sliding window of W tokens) and ``softcap`` (Gemma 2's
+    cap * tanh(score / cap)) follow :func:`attnproto.ref.attention`.
 
     Online softmax per query row over key tiles of ``block_c``: running max m
     and sum l, rescale of the accumulator by exp(m_old - m_new), one final
@@ -273,10 +306,11 @@ def flash_forward(q: Any, k: Any, v: Any, *, block_r: int, block_c: int, causal:
         theta = _check_real(rope_theta, "rope_theta", positive=True)
         q32 = _rope32(q32, theta, np.arange(shape.seq_q) + (shape.seq_kv - shape.seq_q))
         k32 = _rope32(k32, theta, np.arange(shape.seq_kv))
+    window, softcap = _check_window_softcap(window, softcap)
     o, lse = _flash_core(_group_q(q32, shape.num_kv_heads), _contiguous_loader(k32, v32),
                          shape.seq_kv, key_offset=0, seq_kv_total=shape.seq_kv, scale=scale,
                          block_r=block_r, block_c=block_c, causal=causal, slopes=slopes,
-                         p_dtype=p_dtype)
+                         p_dtype=p_dtype, window=window, softcap=softcap)
     return _ungroup(o), _ungroup(lse)
 
 
