@@ -279,9 +279,10 @@ class PreparedLaunch:
     family: str = ""
     reason: str = ""
 
-    def launch(self) -> Tuple[Any, Any]:
+    def launch(self, stream: int = 0) -> Tuple[Any, Any]:
+        """Enqueue on ``stream`` (a CUstream handle; 0: the backend's legacy default stream)."""
         self.backend.launch(self.kernel, grid=self.grid, block=self.block, args=self.args,
-                            shared_bytes=self.shared_bytes)
+                            shared_bytes=self.shared_bytes, stream=stream)
         return self.problem.out, self.problem.lse
 
     def time(self, warmup: int = 4, iters: int = 50, flush_l2: bool = False,

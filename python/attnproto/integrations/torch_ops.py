@@ -1,0 +1,116 @@
+"""torch custom ops over attnproto's kernels (namespace ``attnproto``).
+
+    torch.ops.attnproto.flash_attention(q, k, v, causal, scale) -> (O, LSE)
+    torch.ops.attnproto.paged_decode(q, k_cache, v_cache, block_table, context_lens, scale) -> (O, LSE)
+    torch.ops.attnproto.append_kv(k_new, v_new, k_cache, v_cache, block_table, positions) -> ()   # mutates the caches
+
+CUDA tensors run attnproto's kernels (``kernel="auto"``; the paged kernels of
+:mod:`attnproto.ops.paged`) on torch's current stream, so the ops join CUDA graphs and
+``torch.compile`` sees each as one opaque node. CPU tensors run the numpy backend (float32
+arithmetic, the result cast back to the input dtype): the reference path, and what lets
+``torch.library.opcheck`` check the ops' schema, fake implementations and mutation
+declarations on a machine without a GPU. Shapes as in :mod:`attnproto.ops`: Q
+``[B, Hq, Nq, D]``, K/V ``[B, Hkv, Nkv, D]``, paged pools ``[num_blocks, block_size, Hkv, D]``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import cpu as _cpu
+from ..ops import flash as _flash
+from ..ops import paged as _paged
+
+Tensor = torch.Tensor
+NAMESPACE = "attnproto"
+
+
+def _current_stream() -> int:
+    return int(torch.cuda.current_stream().cuda_stream)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::flash_attention", mutates_args=())
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float] = None
+                    ) -> Tuple[Tensor, Tensor]:
+    """Flash attention forward: (O like q, LSE float32 [B, Hq, Nq]); causal is bottom-right aligned."""
+    if q.is_cuda:
+        launch = _flash.prepare_forward(q, k, v, causal=causal, scale=scale)
+        return launch.launch(stream=_current_stream())
+    o, lse = _flash.flash_forward(q, k, v, causal=causal, scale=scale)
+    return torch.from_numpy(o).to(q.dtype), torch.from_numpy(lse)
+
+
+@flash_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::paged_decode", mutates_args=())
+def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
+                 scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """Decode over a paged cache; q [B, Hq, D] or [B, Hq, Nq, D] (Nq <= 8)."""
+    if q.is_cuda:
+        squeeze = q.dim() == 3
+        plan = _paged.prepare_paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=scale)
+        o, lse = plan.launch(stream=_current_stream())
+        return (o.squeeze(2), lse.squeeze(2)) if squeeze else (o, lse)
+    q4 = q.unsqueeze(2) if q.dim() == 3 else q
+    # The numpy path reads [num_blocks, Hkv, block_size, D]: the same pool, permuted.
+    o, lse = _cpu.paged_forward(q4, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), block_table,
+                                context_lens, causal=q4.shape[2] > 1, scale=scale)
+    o, lse = torch.from_numpy(o).to(q.dtype), torch.from_numpy(lse)
+    return (o.squeeze(2), lse.squeeze(2)) if q.dim() == 3 else (o, lse)
+
+
+@paged_decode.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
+      scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::append_kv", mutates_args=("k_cache", "v_cache"))
+def append_kv(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+              positions: Tensor) -> None:
+    """Write the new tokens' K/V ([B, Hkv, T, D]) into their pages, at positions[b] + i."""
+    if k_new.is_cuda:
+        _paged.prepare_append_kv(k_new, v_new, k_cache, v_cache, block_table, positions).launch(
+            stream=_current_stream())
+        return
+    _append_host(k_new, v_new, k_cache, v_cache, block_table, positions)
+
+
+@append_kv.register_fake
+def _(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+      positions: Tensor) -> None:
+    return None
+
+
+def _append_host(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                 positions: Tensor) -> None:
+    """The CPU path of append_kv, with the same checks as the CUDA op (ValueError naming the argument)."""
+    if k_new.dim() == 3:
+        k_new, v_new = k_new.unsqueeze(2), v_new.unsqueeze(2)
+    if k_new.shape != v_new.shape:
+        raise ValueError(f"v_new: shape {tuple(v_new.shape)} does not match k_new {tuple(k_new.shape)}")
+    if block_table.dtype != torch.int32 or positions.dtype != torch.int32:
+        raise TypeError("block_table / positions: expected int32")
+    b, hkv, t, d = k_new.shape
+    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+    if tuple(k_cache.shape[2:]) != (hkv, d):
+        raise ValueError(f"k_new: {hkv} heads x head_dim {d} do not match the cache's {tuple(k_cache.shape[2:])}")
+    capacity = block_table.shape[1] * block_size
+    pos = positions.long()[:, None] + torch.arange(t)[None, :]                    # [B, T]
+    bad = (positions.long() < 0) | (pos[:, -1] >= capacity)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"positions[{i}] = {int(positions[i])} + {t} new tokens out of range [0, {capacity}]")
+    pages = block_table.long().gather(1, pos // block_size)                       # [B, T]
+    if bool(((pages < 0) | (pages >= num_blocks)).any()):
+        raise ValueError(f"block_table: an entry for the new tokens is out of range [0, {num_blocks})")
+    slots = pos % block_size
+    k_cache[pages, slots] = k_new.permute(0, 2, 1, 3).to(k_cache.dtype)
+    v_cache[pages, slots] = v_new.permute(0, 2, 1, 3).to(v_cache.dtype)
+
+
+__all__ = ["NAMESPACE", "append_kv", "flash_attention", "paged_decode"]
