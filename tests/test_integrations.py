@@ -145,3 +145,59 @@ def test_cuda_ops_opcheck_and_graph_capture(dtype):
     torch.cuda.synchronize()
     want = ref.attention(q.double().cpu().numpy(), k.double().cpu().numpy(), v.double().cpu().numpy())
     np.testing.assert_allclose(o.double().cpu().numpy(), want, atol=2e-2)
+
+
+# ------------------------------------------------------------------ paged KV cache
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("block_size", [1, 8])
+def test_generate_with_paged_cache_equals_eager(block_size):
+    from attnproto.integrations.paged_cache import PagedKVCache
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(8))
+    model.set_attn_implementation("eager")
+    want = model.generate(ids, max_new_tokens=8, do_sample=False)
+    model.set_attn_implementation("attnproto")
+    cache = PagedKVCache(model.config, batch_size=2, max_cache_len=64, block_size=block_size)
+    got = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == ids.shape[1] + 8 - 1
+
+
+def test_chunked_prefill_through_the_paged_cache():
+    """A prompt in two chunks (the second longer than a decode step: paged prefill) gives the
+    logits of one eager pass over the whole prompt."""
+    from attnproto.integrations.paged_cache import PagedKVCache
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 22), generator=torch.Generator().manual_seed(9))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = model(ids).logits
+    model.set_attn_implementation("attnproto")
+    cache = PagedKVCache(model.config, batch_size=2, max_cache_len=32, block_size=8)
+    with torch.no_grad():
+        first = model(ids[:, :12], past_key_values=cache, use_cache=True).logits
+        second = model(ids[:, 12:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([first, second], dim=1), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        with torch.no_grad():
+            model(ids[:, :11], past_key_values=cache, use_cache=True)
+
+
+def test_paged_prefill_op_opcheck():
+    q, k, v = _qkv(10, nq=10, nkv=25)
+    kc, vc, table, lens = _pool(k, v, 8)
+    o, _ = OPS.paged_prefill(q, kc, vc, table, lens, None)
+    np.testing.assert_allclose(o.numpy(), ref.attention(q.numpy(), k.numpy(), v.numpy(), causal=True), atol=1e-5)
+    torch.library.opcheck(OPS.paged_prefill.default, (q, kc, vc, table, lens, None))
+
+
+def test_paged_cache_arguments_checked():
+    from attnproto.integrations.paged_cache import PagedKVCache
+
+    model = _tiny_llama()
+    with pytest.raises(ValueError, match="block_size"):
+        PagedKVCache(model.config, batch_size=1, max_cache_len=8, block_size=3)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        PagedKVCache(model.config, batch_size=1, max_cache_len=0)

@@ -2,6 +2,7 @@
 
     torch.ops.attnproto.flash_attention(q, k, v, causal, scale) -> (O, LSE)
     torch.ops.attnproto.paged_decode(q, k_cache, v_cache, block_table, context_lens, scale) -> (O, LSE)
+    torch.ops.attnproto.paged_prefill(q, k_cache, v_cache, block_table, context_lens, scale) -> (O, LSE)
     torch.ops.attnproto.append_kv(k_new, v_new, k_cache, v_cache, block_table, positions) -> ()   # mutates the caches
 
 CUDA tensors run attnproto's kernels (``kernel="auto"``; the paged kernels of
@@ -69,6 +70,26 @@ def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::paged_prefill", mutates_args=())
+def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
+                  scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """A chunk of Nq new tokens per sequence (the last Nq of its context_lens[b] keys), causal
+    bottom-right, over the paged cache (CUDA: the Hopper wgmma kernel)."""
+    if q.is_cuda:
+        o, lse = _paged.prepare_paged_prefill(q, k_cache, v_cache, block_table, context_lens,
+                                              scale=scale).launch(stream=_current_stream())
+        return o, lse
+    o, lse = _cpu.paged_forward(q, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), block_table,
+                                context_lens, causal=True, scale=scale)
+    return torch.from_numpy(o).to(q.dtype), torch.from_numpy(lse)
+
+
+@paged_prefill.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
+      scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 @torch.library.custom_op(f"{NAMESPACE}::append_kv", mutates_args=("k_cache", "v_cache"))
 def append_kv(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
               positions: Tensor) -> None:
@@ -113,4 +134,4 @@ def _append_host(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
     v_cache[pages, slots] = v_new.permute(0, 2, 1, 3).to(v_cache.dtype)
 
 
-__all__ = ["NAMESPACE", "append_kv", "flash_attention", "paged_decode"]
+__all__ = ["NAMESPACE", "append_kv", "flash_attention", "paged_decode", "paged_prefill"]

@@ -14,6 +14,9 @@ None when nothing is padded). The attention function hands Q, K, V to
 key/value heads as they are: GQA is mapped in the kernel, no ``repeat_kv``; the causal mask is
 bottom-right aligned, which is the right one for a query chunk after cached keys.
 
+With a :class:`.paged_cache.PagedKVCache` as ``past_key_values`` the attention runs paged
+decode (up to 8 new tokens) or paged prefill over the cache's block table instead.
+
 What it does not do, and says so with a ValueError naming the argument: dropout (inference
 kernels), padded batches (an ``attention_mask`` with zeros), logit soft caps and sliding
 windows (not yet in the CUDA kernels).
@@ -44,8 +47,25 @@ def attnproto_attention(module: Any, query: Any, key: Any, value: Any, attention
         raise ValueError("attention_mask: padded batches are not supported by attnproto attention yet "
                          "(every sequence of a batch must be unpadded; use attn_implementation='sdpa')")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    out, _ = torch.ops.attnproto.flash_attention(query, key, value, causal, scaling)
+    layer = _paged_layer(key)
+    if layer is not None:  # the pools of a PagedKVCache: attend through its block table
+        if not causal:
+            raise ValueError("is_causal: a PagedKVCache serves causal decoder attention only")
+        from ..ops.paged_problem import MAX_DECODE_TOKENS  # noqa: PLC0415
+
+        table, lens = layer._cache.table(key.device), layer.context_lens()
+        op = (torch.ops.attnproto.paged_decode if query.shape[2] <= MAX_DECODE_TOKENS
+              else torch.ops.attnproto.paged_prefill)
+        out, _ = op(query, layer.keys, layer.values, table, lens, scaling)
+    else:
+        out, _ = torch.ops.attnproto.flash_attention(query, key, value, causal, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _paged_layer(key: Any) -> Any:
+    from .paged_cache import paged_layer_of  # noqa: PLC0415
+
+    return paged_layer_of(key)
 
 
 def register() -> None:
