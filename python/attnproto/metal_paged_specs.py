@@ -29,8 +29,12 @@ FLOAT_BYTES = 4
 
 # Seed AC-3.3: the budget is mapped at these cache block sizes (tokens).
 BLOCK_SIZES = (8, 16, 32, 64, 128)
-# vLLM's PagedAttention V2 partition (tokens); a multiple of every block size above.
+# vLLM's PagedAttention V2 partition (tokens), the default; a multiple of every block size above.
 PARTITION_SIZE = 512
+# Partition sizes the sweep compares (and the static checks compile): 128 tokens, the largest
+# block size, gives 4x the threadgroups at the same context (parallelism for a small batch)
+# for 4x the reduce's partitions.
+PARTITION_SIZES = (128, PARTITION_SIZE)
 # Prototype 3 sweep (seed task 4.8 and the budget map): head dims and GQA groups whose
 # specialisations are compiled by the static checks; TinyLlama-1.1B decodes with D = 64 and
 # group 8, Llama-2/3-8B with D = 128 and group 4, group 1 is multi-head attention.
@@ -71,23 +75,35 @@ def reduce_threadgroup_bytes(num_partitions: int) -> int:
     return num_partitions * FLOAT_BYTES + (REDUCE_THREADS // SIMD_WIDTH) * FLOAT_BYTES
 
 
+def paged_illegal(head_dim: int, block_size: int, group: int, dtype: str = "float16",
+                  partition_size: int = PARTITION_SIZE) -> tuple[str, str] | None:
+    """(what, why) the kernel's static_asserts reject this combination for, or None when it
+    compiles; ``what`` is one of "head_dim", "block_size", "partition_size", "group",
+    "threadgroup_memory"."""
+    _check_dtype(dtype)
+    if head_dim <= 0 or head_dim % FRAG or head_dim > PAGED_MAX_HEAD_DIM:
+        return "head_dim", f"head_dim {head_dim} is not a multiple of {FRAG} in [{FRAG}, {PAGED_MAX_HEAD_DIM}]"
+    if block_size <= 0 or block_size % FRAG or block_size > PAGED_MAX_BLOCK_SIZE:
+        return "block_size", (f"block_size {block_size} is not a multiple of {FRAG} in "
+                              f"[{FRAG}, {PAGED_MAX_BLOCK_SIZE}]")
+    if partition_size < block_size or partition_size % block_size:
+        return "partition_size", (f"partition_size {partition_size} is not a positive multiple of "
+                                  f"block_size {block_size}")
+    if not 1 <= group <= PAGED_MAX_GROUP:
+        return "group", f"GQA group {group} (query heads per KV head) is not in [1, {PAGED_MAX_GROUP}]"
+    need = paged_threadgroup_bytes(head_dim, block_size, group, dtype)
+    if need > THREADGROUP_MEMORY_LIMIT:
+        return "threadgroup_memory", (
+            f"needs {need} bytes of threadgroup memory (Q {group}x{head_dim} float, scores, one "
+            f"{block_size}-token K/V block), over the {THREADGROUP_MEMORY_LIMIT}-byte limit")
+    return None
+
+
 def paged_illegal_reason(head_dim: int, block_size: int, group: int, dtype: str = "float16",
                          partition_size: int = PARTITION_SIZE) -> str | None:
     """Why the kernel's static_asserts reject this combination, or None when it compiles."""
-    _check_dtype(dtype)
-    if head_dim <= 0 or head_dim % FRAG or head_dim > PAGED_MAX_HEAD_DIM:
-        return f"head_dim {head_dim} is not a multiple of {FRAG} in [{FRAG}, {PAGED_MAX_HEAD_DIM}]"
-    if block_size <= 0 or block_size % FRAG or block_size > PAGED_MAX_BLOCK_SIZE:
-        return f"block_size {block_size} is not a multiple of {FRAG} in [{FRAG}, {PAGED_MAX_BLOCK_SIZE}]"
-    if partition_size < block_size or partition_size % block_size:
-        return f"partition_size {partition_size} is not a positive multiple of block_size {block_size}"
-    if not 1 <= group <= PAGED_MAX_GROUP:
-        return f"GQA group {group} (query heads per KV head) is not in [1, {PAGED_MAX_GROUP}]"
-    need = paged_threadgroup_bytes(head_dim, block_size, group, dtype)
-    if need > THREADGROUP_MEMORY_LIMIT:
-        return (f"needs {need} bytes of threadgroup memory (Q {group}x{head_dim} float, scores, one "
-                f"{block_size}-token K/V block), over the {THREADGROUP_MEMORY_LIMIT}-byte limit")
-    return None
+    bad = paged_illegal(head_dim, block_size, group, dtype, partition_size)
+    return None if bad is None else bad[1]
 
 
 def paged_spec(head_dim: int, block_size: int, group: int, dtype: str = "float16",
@@ -153,12 +169,12 @@ def budget_map(dtype: str = "float16") -> list[dict]:
 
 
 def proto3_specs() -> list[MetalSpec]:
-    """Every paged specialisation Prototype 3 dispatches: legal budget-map entries x dtype, and
-    the reduce per head dim x dtype."""
-    specs = [paged_spec(d, bs, g, dtype) for dtype in DTYPE_CODES
+    """Every paged specialisation Prototype 3 and its tests dispatch: the legal budget-map
+    entries x dtype x PARTITION_SIZES, and the reduce per head dim x dtype x PARTITION_SIZES."""
+    specs = [paged_spec(d, bs, g, dtype, part) for dtype in DTYPE_CODES for part in PARTITION_SIZES
              for d, bs, g in itertools.product(HEAD_DIMS, BLOCK_SIZES, GQA_GROUPS)
-             if paged_illegal_reason(d, bs, g, dtype) is None]
-    specs += [reduce_spec(d, dtype) for dtype in DTYPE_CODES for d in HEAD_DIMS]
+             if paged_illegal_reason(d, bs, g, dtype, part) is None]
+    specs += [reduce_spec(d, dtype, part) for dtype in DTYPE_CODES for part in PARTITION_SIZES for d in HEAD_DIMS]
     return specs
 
 
