@@ -24,7 +24,7 @@ from test_metal_ops import needs_metal
 from test_metal_static import REPO, check, needs_tools, plant
 
 from attnproto import metal_paged_specs as ps
-from attnproto import metal_specs
+from attnproto import metal_specs, metal_timing
 from attnproto.experiments import registry
 from attnproto.experiments.proto3 import metal as proto3
 from attnproto.experiments.registry import ExperimentError
@@ -235,7 +235,7 @@ def test_harness_outputs_are_poisoned_until_written(monkeypatch):
 def small_proto3(monkeypatch):
     fake = FakePagedMetal()
     monkeypatch.setattr(proto3, "_metal_backend", lambda: fake)
-    monkeypatch.setattr(proto3, "_stage_samples", lambda: [])
+    monkeypatch.setattr(metal_timing, "stage_samples", lambda: [])
     monkeypatch.setattr(proto3, "BATCH", 2)
     monkeypatch.setattr(proto3, "NUM_HEADS", 8)
     monkeypatch.setattr(proto3, "QUICK", {"contexts": (40, 200), "head_dims": (64,), "groups": (4,),
@@ -263,20 +263,20 @@ def test_harness_proto3_metal_sweep(small_proto3, tmp_path):
     flash = [r for r in result.records if r["config"]["kernel"] == metal_specs.FLASH_KERNEL]
     assert len(flash) == 2
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["timer"] == proto3.TIMER_COMMAND_BUFFER and not summary["rejected"]
+    assert summary["timer"] == metal_timing.TIMER_COMMAND_BUFFER and not summary["rejected"]
     assert len(summary["budget_map"]) == len(ps.budget_map())
     slugs = {f.slug for f in result.findings}
     assert {"metal-paged-d64-g4-n40", "metal-paged-d64-g4-n200", "metal-paged-budget-d64"} <= slugs
-    assert all(proto3.TIMER_COMMAND_BUFFER in f.claim for f in result.findings if f.slug.startswith("metal-paged-d"))
+    assert all(metal_timing.TIMER_COMMAND_BUFFER in f.claim for f in result.findings if f.slug.startswith("metal-paged-d"))
     row = summary["table"][0]
     assert row["scattered_over_contiguous_ratio"] > 0 and row["paged_over_flash_ratio"] > 0
 
 
 def test_harness_stage_samples_are_used_when_present(small_proto3, tmp_path, monkeypatch):
-    monkeypatch.setattr(proto3, "_stage_samples", lambda: [0.5, 0.6, 0.7])
+    monkeypatch.setattr(metal_timing, "stage_samples", lambda: [0.5, 0.6, 0.7])
     registry.run_experiment(registry.get("proto3"), _ctx(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["timer"] == proto3.TIMER_COUNTERS
+    assert summary["timer"] == metal_timing.TIMER_COUNTERS
 
 
 def test_harness_a_wrong_kernel_is_gated_out(small_proto3, tmp_path, monkeypatch):

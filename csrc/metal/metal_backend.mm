@@ -90,6 +90,20 @@ const std::vector<KernelSignature> kKernelSignatures = {
         {"o", ATTNPROTO_BUF_REDUCE_O, ArgKind::Pointer},
         {"lse", ATTNPROTO_BUF_REDUCE_LSE, ArgKind::Pointer},
     }},
+    {"linear_chunk_h", {
+        {"params", ATTNPROTO_BUF_PARAMS, ArgKind::Bytes},
+        {"k", ATTNPROTO_BUF_LINEAR_H_K, ArgKind::Pointer},
+        {"v", ATTNPROTO_BUF_LINEAR_H_V, ArgKind::Pointer},
+        {"states", ATTNPROTO_BUF_LINEAR_H_STATES, ArgKind::Pointer},
+    }},
+    {"linear_chunk_o", {
+        {"params", ATTNPROTO_BUF_PARAMS, ArgKind::Bytes},
+        {"q", ATTNPROTO_BUF_LINEAR_O_Q, ArgKind::Pointer},
+        {"k", ATTNPROTO_BUF_LINEAR_O_K, ArgKind::Pointer},
+        {"v", ATTNPROTO_BUF_LINEAR_O_V, ArgKind::Pointer},
+        {"states", ATTNPROTO_BUF_LINEAR_O_STATES, ArgKind::Pointer},
+        {"o", ATTNPROTO_BUF_LINEAR_O_O, ArgKind::Pointer},
+    }},
     {"rope", {
         {"params", ATTNPROTO_BUF_PARAMS, ArgKind::Bytes},
         {"x", ATTNPROTO_BUF_ROPE_X, ArgKind::Pointer},
@@ -121,6 +135,7 @@ const std::vector<FunctionConstantSpec> kFunctionConstants = {
     {"GQA_GROUP", ATTNPROTO_FC_GQA_GROUP, MTLDataTypeInt},
     {"BLOCK_SIZE", ATTNPROTO_FC_BLOCK_SIZE, MTLDataTypeInt},
     {"PARTITION_SIZE", ATTNPROTO_FC_PARTITION_SIZE, MTLDataTypeInt},
+    {"CHUNK_SIZE", ATTNPROTO_FC_CHUNK_SIZE, MTLDataTypeInt},
 };
 
 const KernelSignature* find_signature(const std::string& kernel)
@@ -558,6 +573,20 @@ private:
         } else if (key.name == "paged_attention") {
             k->required_threadgroup_bytes = metal_paged_threadgroup_bytes(key);
             k->required_threads = ATTNPROTO_PAGED_THREADS;
+        } else if (key.name == "linear_chunk_h" || key.name == "linear_chunk_o") {
+            const bool h = key.name == "linear_chunk_h";
+            const int64_t d64 = constant_or_throw(key, "HEAD_DIM");
+            const int64_t chunk = constant_or_throw(key, "CHUNK_SIZE");
+            if (d64 < ATTNPROTO_LINEAR_H_COLS || d64 % ATTNPROTO_LINEAR_H_COLS || d64 > ATTNPROTO_LINEAR_MAX_HEAD_DIM ||
+                chunk < ATTNPROTO_LINEAR_SUB || chunk % ATTNPROTO_LINEAR_SUB || chunk > ATTNPROTO_LINEAR_MAX_CHUNK) {
+                throw BackendError("metal: " + key.canonical() + ": HEAD_DIM must be a multiple of 32 in [32, 128] "
+                                   "and CHUNK_SIZE a multiple of 32 in [32, 256]");
+            }
+            const unsigned d = unsigned(d64);
+            const size_t elem_bytes = 2;  // FP16 and BF16
+            k->required_threadgroup_bytes = h ? ATTNPROTO_LINEAR_H_TG_BYTES(size_t(d), elem_bytes)
+                                              : ATTNPROTO_LINEAR_O_TG_BYTES(size_t(d), elem_bytes);
+            k->required_threads = h ? ATTNPROTO_LINEAR_H_THREADS(d) : ATTNPROTO_LINEAR_O_THREADS;
         } else if (key.name == "paged_reduce") {
             // The weights scale with the run-time partition count: the launch brings at least
             // one partition's worth; the kernel is written for exactly this many threads.

@@ -25,6 +25,7 @@
                                     //      (paged kernels: required, 1..ATTNPROTO_PAGED_MAX_GROUP)
 #define ATTNPROTO_FC_BLOCK_SIZE 8   // int: paged KV: tokens per physical cache block
 #define ATTNPROTO_FC_PARTITION_SIZE 9  // int: paged KV: tokens per partition (a multiple of BLOCK_SIZE)
+#define ATTNPROTO_FC_CHUNK_SIZE 10    // int: linear attention: tokens per chunk
 
 // ---- element types (values of DTYPE) ----
 #define ATTNPROTO_DTYPE_F16  0
@@ -58,6 +59,16 @@
 #define ATTNPROTO_BUF_REDUCE_CONTEXT_LENS 3
 #define ATTNPROTO_BUF_REDUCE_O            4
 #define ATTNPROTO_BUF_REDUCE_LSE          5
+// linear_chunk_h: K, V [B, H, N, D] (strides {b, h, token}) -> states float32 [B, H, num_chunks, D, D]
+#define ATTNPROTO_BUF_LINEAR_H_K      1
+#define ATTNPROTO_BUF_LINEAR_H_V      2
+#define ATTNPROTO_BUF_LINEAR_H_STATES 3
+// linear_chunk_o: Q, K, V [B, H, N, D], the states above -> O [B, H, N, D] (strides o_stride)
+#define ATTNPROTO_BUF_LINEAR_O_Q      1
+#define ATTNPROTO_BUF_LINEAR_O_K      2
+#define ATTNPROTO_BUF_LINEAR_O_V      3
+#define ATTNPROTO_BUF_LINEAR_O_STATES 4
+#define ATTNPROTO_BUF_LINEAR_O_O      5
 // smoke: y = alpha * x + y over n elements
 #define ATTNPROTO_BUF_SMOKE_X     0
 #define ATTNPROTO_BUF_SMOKE_Y     1
@@ -122,6 +133,31 @@
 #define ATTNPROTO_PAGED_REDUCE_THREADS 128
 #define ATTNPROTO_PAGED_REDUCE_TG_BYTES(P) \
     ((P) * 4 + (ATTNPROTO_PAGED_REDUCE_THREADS / ATTNPROTO_SIMD_WIDTH) * 4)
+
+// ---- chunked linear attention geometry (linear_chunk_h.metal, linear_chunk_o.metal) ----
+// Tokens staged through threadgroup memory at a time: the budget does not grow with the chunk.
+#define ATTNPROTO_LINEAR_SUB 32
+#define ATTNPROTO_LINEAR_H_COLS 32         // state (value) columns per chunk_h threadgroup
+#define ATTNPROTO_LINEAR_O_ROWS 32         // query rows per chunk_o threadgroup (<= ATTNPROTO_LINEAR_SUB)
+#define ATTNPROTO_LINEAR_MAX_HEAD_DIM 128  // chunk_o keeps Q and O fragments of this D in registers
+#define ATTNPROTO_LINEAR_MAX_CHUNK 256     // the seeds' largest chunk (AC-4.3)
+// chunk_h: one simdgroup per 8 state rows; K of SUB tokens (all D columns) + V of SUB tokens
+// (H_COLS columns), element type.
+#define ATTNPROTO_LINEAR_H_THREADS(D) (((D) / ATTNPROTO_FRAG) * ATTNPROTO_SIMD_WIDTH)
+#define ATTNPROTO_LINEAR_H_TG_BYTES(D, ELEM_BYTES) \
+    ((ATTNPROTO_LINEAR_SUB * (D) + ATTNPROTO_LINEAR_SUB * ATTNPROTO_LINEAR_H_COLS) * (ELEM_BYTES))
+// chunk_o: one simdgroup per 8 query rows; a staging buffer (Q rows, a column block of H[c], K or
+// V of SUB tokens, element type) | S float [O_ROWS][SUB] | P [O_ROWS][SUB] | one 8x8 float scratch
+// per simdgroup. H[c] is staged in column blocks of ATTNPROTO_LINEAR_O_HCOLS(D).
+#define ATTNPROTO_LINEAR_O_THREADS ((ATTNPROTO_LINEAR_O_ROWS / ATTNPROTO_FRAG) * ATTNPROTO_SIMD_WIDTH)
+#define ATTNPROTO_LINEAR_O_HCOLS(D) ((D) <= 64 ? (D) : 64)
+#define ATTNPROTO_LINEAR_O_STAGE_ELEMS(D)                                         \
+    ((D) * ATTNPROTO_LINEAR_O_HCOLS(D) > ATTNPROTO_LINEAR_SUB * (D) ? (D) * ATTNPROTO_LINEAR_O_HCOLS(D) \
+                                                                    : ATTNPROTO_LINEAR_SUB * (D))
+#define ATTNPROTO_LINEAR_O_TG_BYTES(D, ELEM_BYTES)                                       \
+    (ATTNPROTO_LINEAR_O_STAGE_ELEMS(D) * (ELEM_BYTES) +                                  \
+     ATTNPROTO_LINEAR_O_ROWS * ATTNPROTO_LINEAR_SUB * 4 + ATTNPROTO_LINEAR_O_ROWS * ATTNPROTO_LINEAR_SUB * (ELEM_BYTES) + \
+     (ATTNPROTO_LINEAR_O_ROWS / ATTNPROTO_FRAG) * ATTNPROTO_FRAG * ATTNPROTO_FRAG * 4)
 
 // Checks on function-constant values. Real MSL function constants are resolved when the
 // pipeline is created, so they are not constant expressions to the front end: there the

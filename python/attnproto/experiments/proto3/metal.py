@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ... import metal_paged_specs as ps
-from ... import lab, metal_specs, ref
+from ... import lab, metal_specs, metal_timing, ref
 from ...findings import fmt, fmt_ratio
 from ...ops import metal_flash, metal_paged
 from ..registry import ExperimentContext, ExperimentError, ExperimentResult
@@ -37,8 +37,6 @@ GATE_HEADS = 8
 GATE_CONTEXTS = lambda part: (0, 37, 2 * part + 5)  # noqa: E731
 ATOL, RTOL = 5e-3, 1e-2          # seed NFR-3 (FP16)
 BYTES_PER_GB = 1e9
-TIMER_COUNTERS = "MTLCounterSampleBuffer stage-boundary timestamps"
-TIMER_COMMAND_BUFFER = "command-buffer GPUStartTime/GPUEndTime"
 
 
 def _metal_backend():
@@ -50,14 +48,6 @@ def _metal_backend():
     except (backend_mod.BackendUnavailable, ImportError, ValueError) as exc:
         raise ExperimentError("proto3 --backend metal needs an Apple GPU family 9 Metal device (the kernels are "
                               f"statically checked on Linux, never run there); nothing was measured: {exc}") from exc
-
-
-def _stage_samples() -> list[float]:
-    """Stage-boundary samples (ms) of the last timing; [] where the build or device has none."""
-    from ... import backend as backend_mod  # noqa: PLC0415
-
-    fn = getattr(backend_mod.native(), "metal_stage_samples_ms", None)
-    return list(fn()) if fn is not None else []
 
 
 def fp64_reference(q, k_cache, v_cache, block_table, context_lens, scale: float):
@@ -110,16 +100,6 @@ def gate(be, rng, head_dim: int, block_size: int, group: int, part: int) -> tupl
     return (True, err, "") if same else (False, err, "scattered and contiguous block tables differ (AC-3.2)")
 
 
-def _timed(launch, iters: int) -> tuple[Any, str]:
-    """(TimingStats, timer): stage-boundary samples when there is one per iteration, else the
-    command buffers' GPU time (both come from the same timed passes)."""
-    stats = launch.time(warmup=WARMUP, iters=iters)
-    stage = _stage_samples()
-    if len(stage) == iters and min(stage) > 0:
-        return lab.timing(stage), TIMER_COUNTERS
-    return stats, TIMER_COMMAND_BUFFER
-
-
 def _kv_gbs(batch: int, kv_heads: int, context: int, head_dim: int, ms: float) -> float:
     """K and V bytes the decode must read, per second, in GB/s."""
     kv_bytes = 2 * batch * kv_heads * context * head_dim * metal_specs.DTYPE_BYTES[METAL_DTYPE]
@@ -145,7 +125,7 @@ def _sweep(ctx: ExperimentContext, be, notes: dict) -> tuple[list[dict], list[di
             for n, layout in ((n, layout) for n in contexts for layout in LAYOUTS):
                 launch = metal_paged.prepare_paged_decode(*paged_inputs(ctx.rng, [n] * BATCH, NUM_HEADS, g, d, bs,
                                                                         layout), partition_size=part, backend=be)
-                stats, timer = _timed(launch, iters)
+                stats, timer = metal_timing.timed(launch, WARMUP, iters)
                 notes["timers"].add(timer)
                 config = {"kernel": ps.PAGED_KERNEL, "head_dim": d, "group": g, "block_size": bs,
                           "partition_size": part, "context": n, "layout": layout, "batch": BATCH,
@@ -161,7 +141,7 @@ def _sweep(ctx: ExperimentContext, be, notes: dict) -> tuple[list[dict], list[di
             k, v = (ctx.rng.standard_normal((BATCH, NUM_HEADS // g, n, d), dtype=np.float32).astype(np.float16)
                     for _ in range(2))
             launch = metal_flash.prepare_flash_forward(q, k, v, backend=be)
-            stats, timer = _timed(launch, iters)
+            stats, timer = metal_timing.timed(launch, WARMUP, iters)
             notes["timers"].add(timer)
             cfg = launch.spec.as_dict()
             records.append(ctx.record({"kernel": metal_specs.FLASH_KERNEL, "head_dim": d, "group": g, "context": n,
