@@ -185,6 +185,7 @@ def test_harness_proto6_metal_sweep(small_proto6, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert not summary["rejected"] and summary["timer"] == metal_timing.TIMER_COMMAND_BUFFER
     assert {"metal-linear-d64-n64", "metal-linear-d64-n128"} <= {f.slug for f in result.findings}
+    assert all(metal_timing.TIMER_COMMAND_BUFFER in f.claim for f in result.findings if f.slug.startswith("metal-linear-d"))
 
 
 def test_harness_a_wrong_kernel_is_gated_out(small_proto6, tmp_path, monkeypatch):

@@ -111,7 +111,7 @@ def _pick(records, **match) -> list[dict]:
     return [r for r in records if all(r["config"].get(key) == val for key, val in match.items())]
 
 
-def _findings(ctx: ExperimentContext, records: list[dict]) -> tuple[list, list[dict]]:
+def _findings(ctx: ExperimentContext, records: list[dict], timer: str) -> tuple[list, list[dict]]:
     found, table = [], []
     linear = _pick(records, kernel="linear_chunked")
     for d in sorted({r["config"]["head_dim"] for r in linear}):
@@ -122,7 +122,7 @@ def _findings(ctx: ExperimentContext, records: list[dict]) -> tuple[list, list[d
             row = {"head_dim": d, "seq_len": n, "chunk": best["config"]["chunk"],
                    "linear_ms": best["timing"]["median_ms"], "linear_tflops": best["metrics"]["tflops"]}
             ev = {"linear_ms": row["linear_ms"], "linear_tflops": row["linear_tflops"]}
-            claim = (f"At D={d}, N={fmt_n(n)} (FP16, batch {METAL_BATCH} x {METAL_HEADS} heads), the fastest chunk is "
+            claim = (f"At D={d}, N={fmt_n(n)} (FP16, batch {METAL_BATCH} x {METAL_HEADS} heads; {timer}), the fastest chunk is "
                      f"{best['config']['chunk']}: {fmt(row['linear_ms'], 'ms')}")
             cited = [best]
             if soft:
@@ -160,10 +160,11 @@ def run_metal(ctx: ExperimentContext) -> ExperimentResult:
     records, rejected = _sweep(ctx, be, timers)
     if not _pick(records, kernel="linear_chunked"):
         raise ExperimentError("no linear-attention specialisation passed its gate: " + json.dumps(rejected)[:2000])
-    found, table = _findings(ctx, records)
+    timer = " and ".join(sorted(timers))
+    found, table = _findings(ctx, records, timer)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"table": table, "rejected": rejected, "budget_map": ls.budget_map(METAL_DTYPE),
-                               "timer": " and ".join(sorted(timers)),
+                               "timer": timer,
                                "fused": "not on Metal: a D x D FP32 state is 64 KB at D=128, over 32 KB"}
     (ctx.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return ExperimentResult(records=records, findings=found, summary=table)
