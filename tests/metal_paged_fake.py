@@ -50,6 +50,7 @@ class FakePagedMetal(FakeMetalBackend):
         assert shared_bytes <= metal_specs.THREADGROUP_MEMORY_LIMIT
         qb, kb, vb, tb, lb, ob, lpb = bufs
         table = tb.data.view(np.int32).reshape(b_n, int(p["max_blocks_per_seq"]))
+        assert int(p["num_blocks"]) * bs * hkv_n * d * 2 == kb.nbytes  # the pool the kernel bounds entries by
         lens = lb.data.view(np.int32)[:b_n]
         qs, ks, vs = (list(p[f]) for f in ("q_stride", "k_stride", "v_stride"))
         o_parts = ob.data.view(np.float32).reshape(b_n, hq_n, parts, d)

@@ -161,6 +161,7 @@ def test_params_describe_the_uploaded_buffers():
     assert list(p["q_stride"])[:2] == [q.shape[1] * d, d] and list(p["o_stride"])[:2] == [q.shape[1] * d, d]
     assert int(p["block_size"]) == bs and int(p["max_blocks_per_seq"]) == table.shape[1]
     assert int(p["num_partitions"]) == 1 and int(p["partition_size"]) == ps.PARTITION_SIZE
+    assert int(p["num_blocks"]) == nb
     assert math.isclose(float(p["scale"]), 1 / math.sqrt(d), rel_tol=1e-6)
 
 

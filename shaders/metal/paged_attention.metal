@@ -11,7 +11,9 @@
 // staged into the same buffer and each thread updates its share of the G x D accumulators
 // (FP32) in registers. Scores are in base 2 (Q pre-scaled by scale * log2 e); LSE parts are
 // written in natural log. A partition that starts at or past the sequence's context length
-// writes O part 0 and LSE part -inf (phase 2 does not read it).
+// writes O part 0 and LSE part -inf (phase 2 does not read it). A table entry outside the pool
+// [0, num_blocks) is never dereferenced: the partition skips that block and writes NaN parts, so
+// the sequence's O and LSE come out NaN (the op checks every entry on the host first).
 //
 // The threadgroup allocation is carved with the region macros of metal_bindings.h
 // (ATTNPROTO_PAGED_TG_*), the same ones the host and attnproto.metal_paged_specs budget with;
@@ -21,7 +23,7 @@
 // only (tools/metal_check), never run on Apple hardware.
 //
 // Params used: batch, num_heads, num_kv_heads, head_dim, scale, block_size (== BLOCK_SIZE),
-// max_blocks_per_seq, num_partitions, partition_size (== PARTITION_SIZE), q_stride {b, h, -},
+// max_blocks_per_seq, num_partitions, partition_size (== PARTITION_SIZE), num_blocks, q_stride {b, h, -},
 // k_stride, v_stride.
 // Launch: threadgroups (num_partitions, num_kv_heads, batch), ATTNPROTO_PAGED_THREADS threads,
 // ATTNPROTO_PAGED_TG_BYTES(HEAD_DIM, BLOCK_SIZE, GQA_GROUP, 2) bytes at [[threadgroup(0)]].
@@ -116,9 +118,14 @@ static void paged_attention_impl(constant AttentionParams& p, device const T* q,
     }
 
     device const int* table_row = block_table + long(b) * p.max_blocks_per_seq;
+    bool bad_entry = false;  // uniform: every thread reads the same table entries
     for (int t0 = start; t0 < end; t0 += BLOCK_SIZE) {
         const int tokens = min(BLOCK_SIZE, end - t0);
         const long block = table_row[t0 / BLOCK_SIZE];
+        if (block < 0 || block >= long(p.num_blocks)) {
+            bad_entry = true;
+            continue;  // taken by the whole threadgroup: no barrier is skipped by some threads only
+        }
         device const T* k_block = k_cache + block * p.k_stride[0] + kv_head * p.k_stride[1];
         device const T* v_block = v_cache + block * p.v_stride[0] + kv_head * p.v_stride[1];
 
@@ -206,9 +213,9 @@ static void paged_attention_impl(constant AttentionParams& p, device const T* q,
         const int hq = kv_head * GQA_GROUP + g;
         const long row = long(b * num_heads + hq) * num_parts + part;
         const float l = stats[g * ATTNPROTO_PAGED_STATS + kStatSum];
-        o_parts[row * HEAD_DIM + e % HEAD_DIM] = acc[i] / l;
+        o_parts[row * HEAD_DIM + e % HEAD_DIM] = bad_entry ? NAN : acc[i] / l;
         if (e % HEAD_DIM == 0) {
-            lse_parts[row] = (stats[g * ATTNPROTO_PAGED_STATS + kStatMax] + log2(l)) * kLn2;
+            lse_parts[row] = bad_entry ? NAN : (stats[g * ATTNPROTO_PAGED_STATS + kStatMax] + log2(l)) * kLn2;
         }
     }
 }

@@ -165,7 +165,7 @@ def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
 def paged_params(problem: MetalPagedProblem) -> np.void:
     """AttentionParams for contiguous buffers as the op uploads them: Q [B, Hq, D] (q_stride
     {b, h, -}), caches [num_blocks, block_size, Hkv, D] (k/v_stride {block, kv head, token}),
-    O [B, Hq, D] (o_stride), LSE [B, Hq] (lse_stride)."""
+    O [B, Hq, D] (o_stride), LSE [B, Hq] (lse_stride); num_blocks bounds the table entries."""
     p = problem
     q_b, q_h, _ = _contiguous_strides((p.batch, p.num_heads, p.head_dim))
     c_block, c_token, c_head, _ = _contiguous_strides((p.num_blocks, p.block_size, p.num_kv_heads, p.head_dim))
@@ -175,7 +175,7 @@ def paged_params(problem: MetalPagedProblem) -> np.void:
         head_dim=p.head_dim, scale=p.scale, q_stride=(q_b, q_h, 0), k_stride=cache_stride,
         v_stride=cache_stride, o_stride=(q_b, q_h, 0), lse_stride=(p.num_heads, 1),
         block_size=p.block_size, max_blocks_per_seq=p.max_blocks, num_partitions=p.num_partitions,
-        partition_size=p.partition_size)
+        partition_size=p.partition_size, num_blocks=p.num_blocks)
 
 
 @dataclass
