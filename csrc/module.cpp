@@ -20,6 +20,9 @@
 #include "cuda/cuda_api.h"
 #include "cuda/cuda_backend.h"
 #endif
+#ifdef ATTNPROTO_WITH_METAL
+#include "metal/metal_backend.h"
+#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -272,6 +275,12 @@ NB_MODULE(_attnproto, m) {
         }, "launches"_a, "warmup"_a = 4, "iters"_a = 50, "flush_l2"_a = false, "guard_us"_a = 0.0);
 
     m.def("get_backend", &get_backend, "name"_a, nb::rv_policy::reference);
+
+#ifdef ATTNPROTO_WITH_METAL
+    m.def("metal_stage_samples_ms", &metal_last_stage_samples_ms,
+          "Stage-boundary (MTLCounterSampleBuffer) durations in ms of the last Metal time(), one per sample; "
+          "empty when the device cannot sample timestamps at stage boundaries");
+#endif
 
 #ifdef ATTNPROTO_WITH_CUDA
     m.def("cuda_add_library_dir", &cuda::add_library_dir, "dir"_a,

@@ -28,4 +28,8 @@ std::vector<double> metal_last_stage_samples_ms();
 // shaders/metal/metal_bindings.h); throws BackendError naming the constant that is missing.
 size_t metal_flash_threadgroup_bytes(const KernelKey& key);
 
+// Threadgroup memory, in bytes, a paged_attention specialisation needs (ATTNPROTO_PAGED_TG_BYTES);
+// throws BackendError for a missing constant or a specialisation the kernel rejects.
+size_t metal_paged_threadgroup_bytes(const KernelKey& key);
+
 }  // namespace attnproto

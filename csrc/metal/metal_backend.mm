@@ -72,6 +72,38 @@ const std::vector<KernelSignature> kKernelSignatures = {
         {"o", ATTNPROTO_BUF_O, ArgKind::Pointer},
         {"lse", ATTNPROTO_BUF_LSE, ArgKind::Pointer},
     }},
+    {"paged_attention", {
+        {"params", ATTNPROTO_BUF_PARAMS, ArgKind::Bytes},
+        {"q", ATTNPROTO_BUF_PAGED_Q, ArgKind::Pointer},
+        {"k_cache", ATTNPROTO_BUF_PAGED_K_CACHE, ArgKind::Pointer},
+        {"v_cache", ATTNPROTO_BUF_PAGED_V_CACHE, ArgKind::Pointer},
+        {"block_table", ATTNPROTO_BUF_PAGED_BLOCK_TABLE, ArgKind::Pointer},
+        {"context_lens", ATTNPROTO_BUF_PAGED_CONTEXT_LENS, ArgKind::Pointer},
+        {"o_parts", ATTNPROTO_BUF_PAGED_O_PARTS, ArgKind::Pointer},
+        {"lse_parts", ATTNPROTO_BUF_PAGED_LSE_PARTS, ArgKind::Pointer},
+    }},
+    {"paged_reduce", {
+        {"params", ATTNPROTO_BUF_PARAMS, ArgKind::Bytes},
+        {"o_parts", ATTNPROTO_BUF_REDUCE_O_PARTS, ArgKind::Pointer},
+        {"lse_parts", ATTNPROTO_BUF_REDUCE_LSE_PARTS, ArgKind::Pointer},
+        {"context_lens", ATTNPROTO_BUF_REDUCE_CONTEXT_LENS, ArgKind::Pointer},
+        {"o", ATTNPROTO_BUF_REDUCE_O, ArgKind::Pointer},
+        {"lse", ATTNPROTO_BUF_REDUCE_LSE, ArgKind::Pointer},
+    }},
+    {"linear_chunk_h", {
+        {"params", ATTNPROTO_BUF_PARAMS, ArgKind::Bytes},
+        {"k", ATTNPROTO_BUF_LINEAR_H_K, ArgKind::Pointer},
+        {"v", ATTNPROTO_BUF_LINEAR_H_V, ArgKind::Pointer},
+        {"states", ATTNPROTO_BUF_LINEAR_H_STATES, ArgKind::Pointer},
+    }},
+    {"linear_chunk_o", {
+        {"params", ATTNPROTO_BUF_PARAMS, ArgKind::Bytes},
+        {"q", ATTNPROTO_BUF_LINEAR_O_Q, ArgKind::Pointer},
+        {"k", ATTNPROTO_BUF_LINEAR_O_K, ArgKind::Pointer},
+        {"v", ATTNPROTO_BUF_LINEAR_O_V, ArgKind::Pointer},
+        {"states", ATTNPROTO_BUF_LINEAR_O_STATES, ArgKind::Pointer},
+        {"o", ATTNPROTO_BUF_LINEAR_O_O, ArgKind::Pointer},
+    }},
     {"rope", {
         {"params", ATTNPROTO_BUF_PARAMS, ArgKind::Bytes},
         {"x", ATTNPROTO_BUF_ROPE_X, ArgKind::Pointer},
@@ -101,6 +133,9 @@ const std::vector<FunctionConstantSpec> kFunctionConstants = {
     {"ROPE", ATTNPROTO_FC_ROPE, MTLDataTypeBool},
     {"ALIBI", ATTNPROTO_FC_ALIBI, MTLDataTypeBool},
     {"GQA_GROUP", ATTNPROTO_FC_GQA_GROUP, MTLDataTypeInt},
+    {"BLOCK_SIZE", ATTNPROTO_FC_BLOCK_SIZE, MTLDataTypeInt},
+    {"PARTITION_SIZE", ATTNPROTO_FC_PARTITION_SIZE, MTLDataTypeInt},
+    {"CHUNK_SIZE", ATTNPROTO_FC_CHUNK_SIZE, MTLDataTypeInt},
 };
 
 const KernelSignature* find_signature(const std::string& kernel)
@@ -535,6 +570,28 @@ private:
         if (key.name == "flash_attention") {
             k->required_threadgroup_bytes = metal_flash_threadgroup_bytes(key);
             k->required_threads = ATTNPROTO_FLASH_THREADS(unsigned(constant_or_throw(key, "BLOCK_R")));
+        } else if (key.name == "paged_attention") {
+            k->required_threadgroup_bytes = metal_paged_threadgroup_bytes(key);
+            k->required_threads = ATTNPROTO_PAGED_THREADS;
+        } else if (key.name == "linear_chunk_h" || key.name == "linear_chunk_o") {
+            const bool h = key.name == "linear_chunk_h";
+            const int64_t d64 = constant_or_throw(key, "HEAD_DIM");
+            const int64_t chunk = constant_or_throw(key, "CHUNK_SIZE");
+            if (d64 < ATTNPROTO_LINEAR_H_COLS || d64 % ATTNPROTO_LINEAR_H_COLS || d64 > ATTNPROTO_LINEAR_MAX_HEAD_DIM ||
+                chunk < ATTNPROTO_LINEAR_SUB || chunk % ATTNPROTO_LINEAR_SUB || chunk > ATTNPROTO_LINEAR_MAX_CHUNK) {
+                throw BackendError("metal: " + key.canonical() + ": HEAD_DIM must be a multiple of 32 in [32, 128] "
+                                   "and CHUNK_SIZE a multiple of 32 in [32, 256]");
+            }
+            const unsigned d = unsigned(d64);
+            const size_t elem_bytes = 2;  // FP16 and BF16
+            k->required_threadgroup_bytes = h ? ATTNPROTO_LINEAR_H_TG_BYTES(size_t(d), elem_bytes)
+                                              : ATTNPROTO_LINEAR_O_TG_BYTES(size_t(d), elem_bytes);
+            k->required_threads = h ? ATTNPROTO_LINEAR_H_THREADS(d) : ATTNPROTO_LINEAR_O_THREADS;
+        } else if (key.name == "paged_reduce") {
+            // The weights scale with the run-time partition count: the launch brings at least
+            // one partition's worth; the kernel is written for exactly this many threads.
+            k->required_threadgroup_bytes = ATTNPROTO_PAGED_REDUCE_TG_BYTES(1);
+            k->required_threads = ATTNPROTO_PAGED_REDUCE_THREADS;
         }
 
         const double t_load = now_ms();
@@ -773,6 +830,31 @@ size_t metal_flash_threadgroup_bytes(const KernelKey& key)
     }
     const size_t elem_bytes = 2;  // FP16 and BF16
     const size_t bytes = ATTNPROTO_FLASH_TG_BYTES(size_t(d), size_t(br), size_t(bc), elem_bytes);
+    if (bytes > ATTNPROTO_TG_MEMORY_LIMIT) {
+        throw BackendError("metal: " + key.canonical() + " needs " + std::to_string(bytes) +
+                           " bytes of threadgroup memory; the limit is " + std::to_string(ATTNPROTO_TG_MEMORY_LIMIT));
+    }
+    return bytes;
+}
+
+size_t metal_paged_threadgroup_bytes(const KernelKey& key)
+{
+    const int64_t d = constant_or_throw(key, "HEAD_DIM");
+    const int64_t bs = constant_or_throw(key, "BLOCK_SIZE");
+    const int64_t part = constant_or_throw(key, "PARTITION_SIZE");
+    const int64_t group = constant_or_throw(key, "GQA_GROUP");
+    const int64_t dtype = constant_or_throw(key, "DTYPE");
+    if (dtype != ATTNPROTO_DTYPE_F16 && dtype != ATTNPROTO_DTYPE_BF16) {
+        throw BackendError("metal: " + key.canonical() + ": DTYPE must be ATTNPROTO_DTYPE_F16 or _BF16");
+    }
+    if (d <= 0 || d % ATTNPROTO_FRAG || d > ATTNPROTO_PAGED_MAX_HEAD_DIM || bs <= 0 || bs % ATTNPROTO_FRAG ||
+        bs > ATTNPROTO_PAGED_MAX_BLOCK_SIZE || part < bs || part % bs || group < 1 ||
+        group > ATTNPROTO_PAGED_MAX_GROUP) {
+        throw BackendError("metal: " + key.canonical() + ": HEAD_DIM (multiple of 8, <= 256), BLOCK_SIZE (multiple "
+                           "of 8, <= 128), PARTITION_SIZE (multiple of BLOCK_SIZE) or GQA_GROUP (1..8) out of range");
+    }
+    const size_t elem_bytes = 2;  // FP16 and BF16
+    const size_t bytes = ATTNPROTO_PAGED_TG_BYTES(size_t(d), size_t(bs), size_t(group), elem_bytes);
     if (bytes > ATTNPROTO_TG_MEMORY_LIMIT) {
         throw BackendError("metal: " + key.canonical() + " needs " + std::to_string(bytes) +
                            " bytes of threadgroup memory; the limit is " + std::to_string(ATTNPROTO_TG_MEMORY_LIMIT));

@@ -349,8 +349,11 @@ def smoke_specs() -> list[MetalSpec]:
 
 def specs_in_use() -> list[MetalSpec]:
     """Every Metal specialisation attnproto uses, without duplicates, in a stable order."""
+    from . import metal_linear_specs, metal_paged_specs  # noqa: PLC0415  (they import this module)
+
     seen: dict[str, MetalSpec] = {}
-    for spec in proto1_specs() + proto7_specs() + proto4_specs() + rope_specs() + smoke_specs():
+    for spec in (proto1_specs() + proto7_specs() + proto4_specs() + rope_specs() + smoke_specs()
+                 + metal_paged_specs.proto3_specs() + metal_linear_specs.proto6_specs()):
         seen.setdefault(spec.canonical(), spec)
     return list(seen.values())
 

@@ -14,7 +14,7 @@ __all__ = ["run", "summary_table"]
 
 
 @experiment("proto3", C.PROTOTYPE, "paged KV decode: block size, paging overhead, split-KV, GQA packing vs torch",
-            backends=("cpu", "cuda"))
+            backends=("cpu", "cuda", "metal"))
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: decode is a pure read of K and V, so a kernel that gathers pages row by row
     through a cp.async ring (the page ids fetched one tile ahead) reads at the speed of a
@@ -29,7 +29,8 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     (32, 8), (64, 8), (32, 32) x context 1K-128K x batch 1-256 (K+V <= 16 GiB), with the SDPA
     anchors. Split sweep: B = 1 and 8 at 32K, partitions 1-128 and auto. Packing: packed vs one
     head per CTA. Bandwidth against a pure-read ceiling (torch.sum over 4 GiB) measured first;
-    every output checked against cuDNN's at full size. Sweep (cpu): numpy paged_forward vs
+    every output checked against cuDNN's at full size. Sweep (metal): ``metal.run_metal``
+    (statically checked on Linux, not run there). Sweep (cpu): numpy paged_forward vs
     flash_forward, blocks 1/16/64, context 256 and 1024, against FP64.
     """
     if ctx.backend == "cuda":
@@ -42,6 +43,10 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
         rows = budget_map(runner)
         runner.write_notes()
         return ExperimentResult(runner.records, findings_of(ctx, runner.records, rows), summary=budget_table(rows))
+    if ctx.backend == "metal":
+        from .metal import run_metal  # noqa: PLC0415
+
+        return run_metal(ctx)
     from .cpu import run_cpu  # noqa: PLC0415
 
     return run_cpu(ctx)

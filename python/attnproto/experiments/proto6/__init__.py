@@ -75,7 +75,7 @@ __all__ = [
 
 @experiment("proto6", PROTOTYPE,
             "chunked causal linear attention: chunk size x N x head dim, crossover vs softmax, FLA anchor",
-            backends=("cpu", "cuda"))
+            backends=("cpu", "cuda", "metal"))
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: chunked causal linear attention (tensor cores, FP32 state) costs
     O(N D^2) and is memory-bound, so it overtakes causal softmax attention
@@ -97,9 +97,17 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     shapes, FLA chunk_simple_gla (chunk 64) on the same inputs. Correctness:
     float16/bfloat16/float32 x head dims x chunks (+ decay) at N = 1000 and
     bfloat16 at N = 64K against the FP64 recurrent reference.
+    Sweep (metal): float16, batch 1 x 8 heads, two passes (linear_chunk_h + linear_chunk_o; no
+    fused kernel: its D x D FP32 state is over 32 KB at D=128), chunk 32/64/128/256 x N 1K..64K x
+    head dim 64/128, each specialisation gated against the FP64 recurrence; our Prototype 1 causal
+    flash kernel up to N = 16K as the softmax baseline (statically checked on Linux, not run there).
     Sweep (cpu, reduced): attnproto.cpu in numpy, batch 1 x 2 heads, N 256..2K
     (quick: 128, 256), softmax baseline attnproto.cpu.flash_forward.
     """
     if ctx.backend == "cuda":
         return run_cuda(ctx)
+    if ctx.backend == "metal":
+        from .metal import run_metal  # noqa: PLC0415  (loads the Metal op only when asked)
+
+        return run_metal(ctx)
     return run_cpu(ctx)
