@@ -27,9 +27,11 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     (torch SDPA cuDNN and flash on contiguous K/V with enable_gqa, gather + SDPA, compiled
     flex_attention over torch's paged helper at one point). Scale sweep: block 16, heads
     (32, 8), (64, 8), (32, 32) x context 1K-128K x batch 1-256 (K+V <= 16 GiB), with the SDPA
-    anchors. Split sweep: B = 1 and 8 at 32K, partitions 1-128 and auto. Packing: packed vs one
-    head per CTA. Bandwidth against a pure-read ceiling (torch.sum over 4 GiB) measured first;
-    every output checked against cuDNN's at full size. Sweep (metal): ``metal.run_metal``
+    anchors. Split sweep: B = 1 at context 1K, 4K and 32K and B = 8 at 32K, partitions 1-128
+    and auto. Tile sweep: warps x keys per warp x stages at B = 32 (4K, 16K; block 16 and
+    contiguous) and B = 1 (32K). Packing: packed vs one head per CTA. Bandwidth against a
+    pure-read ceiling (shaders/cuda/read_ceiling.cu over 4 GiB) measured first; every output
+    checked against cuDNN's at full size. Sweep (metal): ``metal.run_metal``
     (statically checked on Linux, not run there). Sweep (cpu): numpy paged_forward vs
     flash_forward, blocks 1/16/64, context 256 and 1024, against FP64.
     """
