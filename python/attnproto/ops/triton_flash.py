@@ -18,11 +18,15 @@ family is used, so ``import attnproto`` never needs triton.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import triton
 import triton.language as tl
+
+from .dsl_tiles import SMEM_LIMIT_SM90, TritonConfig, configs, default_config, shared_bytes_estimate
+
+__all__ = ["HEAD_DIMS", "DTYPES", "TritonConfig", "aot_compile", "attn_fwd", "attn_fwd_autotuned", "configs",
+           "default_config", "descriptor", "grid_for", "launch_args", "shared_bytes_estimate"]
 
 #: log2(e): the scores are scaled by scale * log2(e) so that exp(x) = exp2(x * log2(e)).
 LOG2E = math.log2(math.e)
@@ -30,54 +34,8 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 HEAD_DIMS: Tuple[int, ...] = (64, 128)
 DTYPES: Tuple[str, ...] = ("float16", "bfloat16")
-ELEMENT_BYTES = 2
-#: Hopper's opt-in shared memory per block (bytes): configs that would need more are pruned.
-SMEM_LIMIT_SM90 = 227 * 1024
 #: ln(2) inside the kernel (a jit function reads module globals only as constexprs).
 _LN2 = tl.constexpr(LN2)
-#: The autotune space (the strong author's usual Hopper grid).
-BLOCK_MS: Tuple[int, ...] = (64, 128)
-BLOCK_NS: Tuple[int, ...] = (64, 128)
-WARPS: Tuple[int, ...] = (4, 8)
-STAGES: Tuple[int, ...] = (2, 3, 4)
-#: The grid's second axis (batch x heads) is a CUDA y dimension.
-MAX_GRID_Y = 65535
-
-
-@dataclass(frozen=True)
-class TritonConfig:
-    """One point of the autotune space."""
-
-    block_m: int
-    block_n: int
-    warps: int
-    stages: int
-
-    def triton_config(self) -> "triton.Config":
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n},
-                             num_warps=self.warps, num_stages=self.stages)
-
-
-def shared_bytes_estimate(cfg: TritonConfig, head_dim: int) -> int:
-    """Shared memory the pipelined loop holds: ``stages`` K and V tiles plus the Q tile.
-
-    An upper-bound estimate for pruning (Triton decides the final layout; the compiled
-    kernel's own figure is in its metadata, ``compiled_stats``)."""
-    kv = 2 * cfg.stages * cfg.block_n * head_dim * ELEMENT_BYTES
-    return kv + cfg.block_m * head_dim * ELEMENT_BYTES
-
-
-def configs(head_dim: int, smem_limit: int = SMEM_LIMIT_SM90) -> List[TritonConfig]:
-    """The autotune space for ``head_dim``: every combination whose shared memory fits."""
-    out = [TritonConfig(m, n, w, s) for m in BLOCK_MS for n in BLOCK_NS for w in WARPS for s in STAGES]
-    return [c for c in out if shared_bytes_estimate(c, head_dim) <= smem_limit]
-
-
-def default_config(head_dim: int) -> TritonConfig:
-    """The fixed tile of a call without autotuning: 128-row query blocks (one per 8 warps, the
-    wgmma M of two warpgroups), 64-key blocks (a D=128 pipeline of 3 stages fits), 3 stages."""
-    del head_dim  # the same tile fits both head dims
-    return TritonConfig(block_m=128, block_n=64, warps=8, stages=3)
 
 
 @triton.jit

@@ -1,0 +1,116 @@
+"""Prototype 5's static phase (every backend, no GPU needed): each kernel compiled cold for
+sm_90a, its generated code read (PTX target and matrix instructions, SASS by class,
+registers, spills, shared memory), its lines of source and its compile time.
+
+Kernels: the Triton family's default tile (Triton's compile API), and our wgmma and mma
+families at their chosen tiles for the sweep's largest N (NVRTC), per head dim and mask.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Tuple
+
+from ...ops import chooser, families
+from ...ops.problem import DeviceSpec, ProblemSpec
+from ..registry import ExperimentContext
+from . import codegen
+from .common import ARCH, DTYPE, HAND_WRITTEN, SOURCES, STATIC_PHASE
+
+
+def _problem(head_dim: int, causal: bool, seq: int) -> ProblemSpec:
+    return ProblemSpec(1, 1, 1, seq, seq, head_dim, DTYPE, causal)
+
+
+def _nvrtc_compile(fam: Any, spec: ProblemSpec) -> Tuple[Any, Any, Any]:
+    """(compile_once, tile label, dynamic shared bytes) of a hand-written family at its chosen tile."""
+    from ...backend import native  # noqa: PLC0415
+
+    nat = native()
+    cfg, _ = chooser.family_choice(fam, spec, DeviceSpec.for_arch(ARCH.rstrip("a")))
+    consts = fam.constants(cfg, spec)
+
+    def once() -> Tuple[bytes, str]:
+        cubin = nat.cuda_compile(fam.kernel_name, consts, ARCH)[0]
+        ptx = nat.cuda_compile(fam.kernel_name, consts, ARCH, "ptx")[0]
+        return bytes(cubin), bytes(ptx).decode(errors="replace")
+
+    return once, fam.config_label(cfg), fam.shared_bytes(cfg, spec)
+
+
+def _triton_compile(spec: ProblemSpec) -> Tuple[Any, Any, Any]:
+    from ...ops import triton_flash  # noqa: PLC0415
+
+    fam = families.get("triton")
+    cfg, _ = fam.default_config(spec, DeviceSpec.for_arch(ARCH.rstrip("a")))
+    shared = {}
+
+    def once() -> Tuple[bytes, str]:
+        with codegen.cold_triton_cache() as tmp:
+            saved = os.environ.get("TRITON_CACHE_DIR")
+            os.environ["TRITON_CACHE_DIR"] = tmp
+            try:
+                k = triton_flash.aot_compile(cfg, spec.head_dim, spec.causal, spec.dtype)
+            finally:
+                if saved is None:
+                    os.environ.pop("TRITON_CACHE_DIR", None)
+                else:
+                    os.environ["TRITON_CACHE_DIR"] = saved
+        shared["bytes"] = int(k.metadata.shared)
+        return bytes(k.asm["cubin"]), str(k.asm["ptx"])
+
+    return once, fam.config_label(cfg), shared
+
+
+def source_lines() -> Dict[str, int]:
+    """Lines of kernel source of each kernel (code lines: no blanks, comments or docstrings)."""
+    from ...backend import shader_dir  # noqa: PLC0415
+
+    root = shader_dir()
+    out = {name: codegen.cuda_source_lines(root / rel, root) for name, rel in SOURCES.items()}
+    if not families.get("triton").supports_spec(_problem(64, False, 64), DeviceSpec.for_arch("sm_90"))[0]:
+        return out
+    from ...ops import triton_flash  # noqa: PLC0415
+
+    out["triton"] = codegen.python_source_lines(triton_flash.attn_fwd, triton_flash._inner)
+    return out
+
+
+def static_records(ctx: ExperimentContext, head_dims: Tuple[int, ...], seq: int) -> Tuple[List[dict], Dict[str, str]]:
+    """One record per (kernel, head dim, causal): generated-code metrics, timing = cold compiles."""
+    lines = source_lines()
+    records, skipped = [], {}
+    device = DeviceSpec.for_arch(ARCH.rstrip("a"))
+    for d in head_dims:
+        for causal in (False, True):
+            spec = _problem(d, causal, seq)
+            kernels = []
+            for name in ("triton",) + HAND_WRITTEN:
+                ok, why = families.get(name).supports_spec(spec, device)
+                if not ok:
+                    skipped[name] = why
+                    continue
+                kernels.append(name)
+            for name in kernels:
+                if name == "triton":
+                    once, label, shared = _triton_compile(spec)
+                else:
+                    once, label, shared = _nvrtc_compile(families.get(name), spec)
+                cubin, ptx, ms = codegen.timed_compiles(once)
+                dyn = shared["bytes"] if isinstance(shared, dict) else shared
+                ptx_info = codegen.ptx_stats(ptx)
+                metrics = {**codegen.cubin_stats(cubin), "dynamic_shared_bytes": float(dyn),
+                           "ptx_wgmma_count": float(ptx_info["ptx_wgmma"]),
+                           "ptx_mma_sync_count": float(ptx_info["ptx_mma_sync"]),
+                           "ptx_tma_count": float(ptx_info["ptx_tma"]), "source_lines_count": float(lines[name]),
+                           "compile_ms": float(sorted(ms)[len(ms) // 2])}
+                config = {"phase": STATIC_PHASE, "kernel": name, "tile": label, "head_dim": d, "causal": causal,
+                          "dtype": DTYPE, "arch": ARCH, "ptx_target": ptx_info["ptx_target"],
+                          "compiler": "triton" if name == "triton" else "nvrtc"}
+                records.append(ctx.record(config, metrics, _compile_timing(ms)))
+    return records, skipped
+
+
+def _compile_timing(ms: List[float]) -> Any:
+    from ... import lab  # noqa: PLC0415
+
+    return lab.timing(ms, clock="host")
