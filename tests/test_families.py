@@ -50,8 +50,8 @@ def test_names_are_unique_and_every_family_is_complete():
         assert fam.backend in BACKENDS and fam.label and fam.kernel_name and fam.config_keys
         assert fam.test_head_dims and all(fam.rules.head_dim_ok(d) for d in fam.test_head_dims)
         assert families.get(fam.name) is fam
-    assert [f.name for f in families.for_backend("cuda")] == ["wgmma", "mma", "triton"]
-    assert [f.name for f in families.FAMILIES if f.dsl] == ["triton"]
+    assert [f.name for f in families.for_backend("cuda")] == ["wgmma", "mma", "triton", "helion"]
+    assert [f.name for f in families.FAMILIES if f.dsl] == ["triton", "helion"]
 
 
 def test_unknown_family_names_the_argument():

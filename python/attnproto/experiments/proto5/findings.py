@@ -22,6 +22,11 @@ def _by(records: Sequence[dict], phase: str) -> Dict[tuple, dict]:
     return out
 
 
+def _n(x: float) -> int:
+    """A count or size stored as a float metric, printed exactly."""
+    return int(round(x))
+
+
 def _cv(recs: Sequence[dict]) -> float:
     return max(r["timing"]["cv"] for r in recs)
 
@@ -41,13 +46,13 @@ def static_findings(ctx: ExperimentContext, records: Sequence[dict]) -> List[Fin
                 prototype=PROTOTYPE, slug=f"{dsl}-codegen-d{d}-{'causal' if causal else 'full'}",
                 title=f"{dsl} D={d} {mask}: generated SASS against our wgmma kernel",
                 claim=(f"{dsl}'s kernel ({r['config']['tile']}) {uses} the Hopper tensor-core path: "
-                       f"{fmt(m['hgmma_count'], 'HGMMA')} and {fmt(m['hmma_count'], 'HMMA')} in its SASS against our wgmma "
-                       f"kernel's {fmt(o['hgmma_count'], 'HGMMA')} ({ours['config']['tile']}); {fmt(m['sass_instructions_count'])} "
-                       f"instructions against {fmt(o['sass_instructions_count'])} ({fmt_ratio(m['sass_instructions_count'] / o['sass_instructions_count'])}), "
-                       f"{fmt(m['registers_regs'])} registers against {fmt(o['registers_regs'])}, {fmt(m['local_bytes'])} B "
-                       f"of local (spill) memory against {fmt(o['local_bytes'])}, {fmt(m['dynamic_shared_bytes'])} B "
-                       f"of dynamic shared memory against {fmt(o['dynamic_shared_bytes'])}; TMA in PTX: "
-                       f"{fmt(m['ptx_tma_count'])} against {fmt(o['ptx_tma_count'])}"),
+                       f"{fmt(_n(m['hgmma_count']), 'HGMMA')} and {fmt(_n(m['hmma_count']), 'HMMA')} in its SASS against our wgmma "
+                       f"kernel's {fmt(_n(o['hgmma_count']), 'HGMMA')} ({ours['config']['tile']}); {fmt(_n(m['sass_instructions_count']))} "
+                       f"instructions against {fmt(_n(o['sass_instructions_count']))} ({fmt_ratio(m['sass_instructions_count'] / o['sass_instructions_count'])}), "
+                       f"{fmt(_n(m['registers_regs']))} registers against {fmt(_n(o['registers_regs']))}, {fmt(_n(m['local_bytes']))} B "
+                       f"of local (spill) memory against {fmt(_n(o['local_bytes']))}, {fmt(_n(m['dynamic_shared_bytes']))} B "
+                       f"of dynamic shared memory against {fmt(_n(o['dynamic_shared_bytes']))}; TMA in PTX: "
+                       f"{fmt(_n(m['ptx_tma_count']))} against {fmt(_n(o['ptx_tma_count']))}"),
                 evidence={f"{dsl}_hgmma_count": m["hgmma_count"], "wgmma_hgmma_count": o["hgmma_count"],
                           f"{dsl}_sass_instructions_count": m["sass_instructions_count"],
                           "wgmma_sass_instructions_count": o["sass_instructions_count"], f"{dsl}_registers_regs": m["registers_regs"],
@@ -71,7 +76,7 @@ def static_findings(ctx: ExperimentContext, records: Sequence[dict]) -> List[Fin
         out.append(ctx.finding(
             prototype=PROTOTYPE, slug=f"{dsl}-source-and-compile-time",
             title=f"{dsl}: lines of kernel source and cold compile time against our wgmma kernel",
-            claim=(f"{dsl}'s attention kernel is {fmt(lines)} lines of code against {fmt(w_lines)} for our wgmma "
+            claim=(f"{dsl}'s attention kernel is {fmt(_n(lines))} lines of code against {fmt(_n(w_lines))} for our wgmma "
                    f"kernel and its headers ({fmt_ratio(lines / w_lines)}); a cold compile for "
                    f"{size[0][1]['config']['arch']} takes a median {fmt(ms, 'ms')} against NVRTC's {fmt(w_ms, 'ms')}"),
             evidence={f"{dsl}_source_lines_count": lines, "wgmma_source_lines_count": w_lines, f"{dsl}_compile_ms": ms,

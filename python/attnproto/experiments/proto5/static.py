@@ -2,7 +2,8 @@
 sm_90a, its generated code read (PTX target and matrix instructions, SASS by class,
 registers, spills, shared memory), its lines of source and its compile time.
 
-Kernels: the Triton family's default tile (Triton's compile API), and our wgmma and mma
+Kernels: the DSL families' default tile (Triton's compile API; Helion's code generation, then
+Triton's), and our wgmma and mma
 families at their chosen tiles for the sweep's largest N (NVRTC), per head dim and mask.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ...ops import chooser, families
 from ...ops.problem import DeviceSpec, ProblemSpec
 from ..registry import ExperimentContext
 from . import codegen
-from .common import ARCH, DTYPE, HAND_WRITTEN, SOURCES, STATIC_PHASE
+from .common import ARCH, DSL_FAMILIES, DTYPE, HAND_WRITTEN, SOURCES, STATIC_PHASE
 
 
 def _problem(head_dim: int, causal: bool, seq: int) -> ProblemSpec:
@@ -37,19 +38,25 @@ def _nvrtc_compile(fam: Any, spec: ProblemSpec) -> Tuple[Any, Any, Any]:
     return once, fam.config_label(cfg), fam.shared_bytes(cfg, spec)
 
 
-def _triton_compile(spec: ProblemSpec) -> Tuple[Any, Any, Any]:
-    from ...ops import triton_flash  # noqa: PLC0415
-
-    fam = families.get("triton")
+def _dsl_compile(name: str, spec: ProblemSpec) -> Tuple[Any, Any, Any]:
+    """(compile_once, tile label, shared bytes holder) of a DSL family's default tile: Triton's
+    compile API on the Triton kernel, or Helion's code generation then Triton's."""
+    fam = families.get(name)
     cfg, _ = fam.default_config(spec, DeviceSpec.for_arch(ARCH.rstrip("a")))
     shared = {}
+    if name == "triton":
+        from ...ops import triton_flash as module  # noqa: PLC0415
+    else:
+        from ...ops import helion_flash as module  # noqa: PLC0415
 
     def once() -> Tuple[bytes, str]:
         with codegen.cold_triton_cache() as tmp:
             saved = os.environ.get("TRITON_CACHE_DIR")
             os.environ["TRITON_CACHE_DIR"] = tmp
+            if name == "helion":
+                module.fixed_kernel.cache_clear()  # a new Helion kernel object: its codegen runs again
             try:
-                k = triton_flash.aot_compile(cfg, spec.head_dim, spec.causal, spec.dtype)
+                k = module.aot_compile(cfg, spec.head_dim, spec.causal, spec.dtype)
             finally:
                 if saved is None:
                     os.environ.pop("TRITON_CACHE_DIR", None)
@@ -67,11 +74,16 @@ def source_lines() -> Dict[str, int]:
 
     root = shader_dir()
     out = {name: codegen.cuda_source_lines(root / rel, root) for name, rel in SOURCES.items()}
-    if not families.get("triton").supports_spec(_problem(64, False, 64), DeviceSpec.for_arch("sm_90"))[0]:
-        return out
-    from ...ops import triton_flash  # noqa: PLC0415
+    usable = {name for name in DSL_FAMILIES
+              if families.get(name).supports_spec(_problem(64, False, 64), DeviceSpec.for_arch("sm_90"))[0]}
+    if "triton" in usable:
+        from ...ops import triton_flash  # noqa: PLC0415
 
-    out["triton"] = codegen.python_source_lines(triton_flash.attn_fwd, triton_flash._inner)
+        out["triton"] = codegen.python_source_lines(triton_flash.attn_fwd, triton_flash._inner)
+    if "helion" in usable:
+        from ...ops import helion_flash  # noqa: PLC0415
+
+        out["helion"] = codegen.python_source_lines(helion_flash.attention)
     return out
 
 
@@ -84,15 +96,15 @@ def static_records(ctx: ExperimentContext, head_dims: Tuple[int, ...], seq: int)
         for causal in (False, True):
             spec = _problem(d, causal, seq)
             kernels = []
-            for name in ("triton",) + HAND_WRITTEN:
+            for name in DSL_FAMILIES + HAND_WRITTEN:
                 ok, why = families.get(name).supports_spec(spec, device)
                 if not ok:
                     skipped[name] = why
                     continue
                 kernels.append(name)
             for name in kernels:
-                if name == "triton":
-                    once, label, shared = _triton_compile(spec)
+                if name in DSL_FAMILIES:
+                    once, label, shared = _dsl_compile(name, spec)
                 else:
                     once, label, shared = _nvrtc_compile(families.get(name), spec)
                 cubin, ptx, ms = codegen.timed_compiles(once)
@@ -105,7 +117,7 @@ def static_records(ctx: ExperimentContext, head_dims: Tuple[int, ...], seq: int)
                            "compile_ms": float(sorted(ms)[len(ms) // 2])}
                 config = {"phase": STATIC_PHASE, "kernel": name, "tile": label, "head_dim": d, "causal": causal,
                           "dtype": DTYPE, "arch": ARCH, "ptx_target": ptx_info["ptx_target"],
-                          "compiler": "triton" if name == "triton" else "nvrtc"}
+                          "compiler": name if name in DSL_FAMILIES else "nvrtc"}
                 records.append(ctx.record(config, metrics, _compile_timing(ms)))
     return records, skipped
 
