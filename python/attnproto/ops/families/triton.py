@@ -118,6 +118,8 @@ class TritonLaunch:
         k = self.compiled
         if k is None:
             return {}
+        if getattr(k, "n_regs", None) is None and hasattr(k, "_init_handles"):
+            k._init_handles()  # noqa: SLF001 - Triton loads the module (and reads its registers) lazily
         return {"registers": int(k.n_regs), "local_bytes": int(k.n_spills), "shared_bytes": int(k.metadata.shared)}
 
 
