@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from ...findings import fmt
 from ..registry import ExperimentContext, ExperimentError, ExperimentResult, experiment
-from .common import HEAD_DIMS, ITERS, PROTOTYPE, QUICK_ITERS, QUICK_SEQ_LENS, SEQ_LENS
+from .common import (
+    HEAD_DIMS,
+    ITERS,
+    PROTOTYPE,
+    QUICK_ITERS,
+    QUICK_SEQ_LENS,
+    QUICK_STATIC_HEAD_DIMS,
+    QUICK_STATIC_MASKS,
+    SEQ_LENS,
+)
 from .findings import measured_findings, ratio_rows, static_findings
 from .static import static_records
 
@@ -32,7 +41,7 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     Sweep (every backend, static): for D in {64, 128} x causal/non-causal, bfloat16, the DSL
     kernels' default tile (Triton's compile API, target cuda sm_90; Helion's code generation
     first) and our wgmma and mma kernels at their chosen tiles for the sweep's largest N
-    (16K; quick: 4K) (NVRTC, sm_90a), each compiled cold twice:
+    (16K; quick: 4K) (NVRTC, sm_90a), each compiled cold twice (quick: D = 128, causal only):
     PTX target and wgmma/mma.sync/TMA counts, SASS instructions by class and HGMMA/HMMA
     (cuobjdump, on PATH or shipped with triton), registers, stack, local (spill) bytes,
     shared memory, lines of kernel source, compile time.
@@ -47,7 +56,8 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     if ctx.backend not in ("cpu", "cuda"):
         raise ExperimentError(f"proto5 has no {ctx.backend} path")
     seq_lens = QUICK_SEQ_LENS if ctx.quick else SEQ_LENS
-    records, skipped = static_records(ctx, HEAD_DIMS, max(seq_lens))
+    static_dims, masks = (QUICK_STATIC_HEAD_DIMS, QUICK_STATIC_MASKS) if ctx.quick else (HEAD_DIMS, (False, True))
+    records, skipped = static_records(ctx, static_dims, max(seq_lens), masks)
     findings = static_findings(ctx, records)
     notes = dict(skipped)
     if ctx.backend == "cuda":

@@ -8,6 +8,9 @@ DTYPE = "bfloat16"
 HEAD_DIMS = (64, 128)
 SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
 QUICK_SEQ_LENS = (1024, 4096)
+#: The quick static phase (CI's `attnproto run all --quick`): one head dim, causal only (its
+#: kernels hold both the unmasked and the masked loop): every compile is a second or more.
+QUICK_STATIC_HEAD_DIMS, QUICK_STATIC_MASKS = (128,), (True,)
 #: The arch every static compile targets (what the H200 runs: wgmma needs the "a" features).
 ARCH = "sm_90a"
 #: The hand-written families the DSL kernels are measured against.
@@ -24,5 +27,5 @@ GOOD_ENOUGH_RATIO = 0.9
 TERA, MS = 1e12, 1e-3
 
 __all__ = ["ARCH", "DSL_FAMILIES", "DTYPE", "GOOD_ENOUGH_RATIO", "HAND_WRITTEN", "HEAD_DIMS", "HIDDEN", "ITERS",
-           "MEASURED_PHASE", "MS", "PROTOTYPE", "QUICK_ITERS", "QUICK_SEQ_LENS", "SEQ_LENS", "SOURCES",
-           "STATIC_PHASE", "TERA", "TOKENS", "WARMUP"]
+           "MEASURED_PHASE", "MS", "PROTOTYPE", "QUICK_ITERS", "QUICK_SEQ_LENS", "QUICK_STATIC_HEAD_DIMS",
+           "QUICK_STATIC_MASKS", "SEQ_LENS", "SOURCES", "STATIC_PHASE", "TERA", "TOKENS", "WARMUP"]

@@ -87,13 +87,15 @@ def source_lines() -> Dict[str, int]:
     return out
 
 
-def static_records(ctx: ExperimentContext, head_dims: Tuple[int, ...], seq: int) -> Tuple[List[dict], Dict[str, str]]:
-    """One record per (kernel, head dim, causal): generated-code metrics, timing = cold compiles."""
+def static_records(ctx: ExperimentContext, head_dims: Tuple[int, ...], seq: int,
+                   masks: Tuple[bool, ...] = (False, True)) -> Tuple[List[dict], Dict[str, str]]:
+    """One record per (kernel, head dim, causal in ``masks``): generated-code metrics, timing =
+    cold compiles."""
     lines = source_lines()
     records, skipped = [], {}
     device = DeviceSpec.for_arch(ARCH.rstrip("a"))
     for d in head_dims:
-        for causal in (False, True):
+        for causal in masks:
             spec = _problem(d, causal, seq)
             kernels = []
             for name in DSL_FAMILIES + HAND_WRITTEN:
