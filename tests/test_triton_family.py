@@ -183,9 +183,11 @@ def test_auto_never_chooses_a_dsl_family_even_when_its_table_entry_is_fastest():
 
 # ------------------------------------------------------------------ on the GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", tfam.DTYPES)
-@pytest.mark.parametrize("causal", (False, True))
-def test_autotuned_kernel_matches_fp64_on_the_gpu(cuda, dtype, causal):
+@pytest.mark.parametrize("head_dim", tfam.HEAD_DIMS)
+def test_autotuned_kernel_matches_fp64_on_the_gpu(cuda, head_dim):
+    """Whatever tile triton.autotune picks is right (bfloat16, causal with Nq > Nkv: both loops,
+    rows without keys). One autotuning compiles every tile, so one mask and dtype here; the
+    default tile runs every dtype, mask and variant in tests/test_families.py."""
     import torch
 
     from sdpa_baseline import sdpa
@@ -193,7 +195,8 @@ def test_autotuned_kernel_matches_fp64_on_the_gpu(cuda, dtype, causal):
     if int(cuda.info["compute_major"]) < 9:
         pytest.skip("the Triton family needs Hopper (TMA descriptors)")
     rng = np.random.default_rng()
-    for d in tfam.HEAD_DIMS:
+    dtype, causal = "bfloat16", True
+    for d in (head_dim,):
         q, k, v = lab.gate_inputs(rng, (2, 4, 2, 333, 301), d, dtype)
         qt, kt, vt = (torch.from_numpy(x).to("cuda", getattr(torch, dtype)) for x in (q, k, v))
         out = torch.full_like(qt, float("nan"))
