@@ -22,6 +22,20 @@ def _problem(head_dim: int, causal: bool, seq: int) -> ProblemSpec:
     return ProblemSpec(1, 1, 1, seq, seq, head_dim, DTYPE, causal)
 
 
+def nvrtc_missing() -> str:
+    """Why our kernels cannot be compiled here ("" when NVRTC and the native module are present)."""
+    from ...backend import BackendUnavailable, native  # noqa: PLC0415
+
+    try:
+        nat = native()
+        if not hasattr(nat, "cuda_compile"):
+            return "this build has no CUDA backend"
+        nat.cuda_nvrtc_version()
+    except (BackendUnavailable, ImportError, RuntimeError, OSError) as exc:
+        return f"NVRTC unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return ""
+
+
 def _nvrtc_compile(fam: Any, spec: ProblemSpec) -> Tuple[Any, Any, Any]:
     """(compile_once, tile label, dynamic shared bytes) of a hand-written family at its chosen tile."""
     from ...backend import native  # noqa: PLC0415
@@ -94,12 +108,15 @@ def static_records(ctx: ExperimentContext, head_dims: Tuple[int, ...], seq: int,
     lines = source_lines()
     records, skipped = [], {}
     device = DeviceSpec.for_arch(ARCH.rstrip("a"))
+    no_nvrtc = nvrtc_missing()
     for d in head_dims:
         for causal in masks:
             spec = _problem(d, causal, seq)
             kernels = []
             for name in DSL_FAMILIES + HAND_WRITTEN:
                 ok, why = families.get(name).supports_spec(spec, device)
+                if ok and name in HAND_WRITTEN and no_nvrtc:
+                    ok, why = False, no_nvrtc
                 if not ok:
                     skipped[name] = why
                     continue
