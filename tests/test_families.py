@@ -50,7 +50,8 @@ def test_names_are_unique_and_every_family_is_complete():
         assert fam.backend in BACKENDS and fam.label and fam.kernel_name and fam.config_keys
         assert fam.test_head_dims and all(fam.rules.head_dim_ok(d) for d in fam.test_head_dims)
         assert families.get(fam.name) is fam
-    assert [f.name for f in families.for_backend("cuda")] == ["wgmma", "mma"]
+    assert [f.name for f in families.for_backend("cuda")] == ["wgmma", "mma", "triton", "helion"]
+    assert [f.name for f in families.FAMILIES if f.dsl] == ["triton", "helion"]
 
 
 def test_unknown_family_names_the_argument():
@@ -72,7 +73,7 @@ def test_sweep_space_round_trips_through_records(fam):
                 assert fam.config_label(cfg).startswith(fam.name)
 
 
-@pytest.mark.parametrize("fam", families.for_backend("cuda"), ids=lambda f: f.name)
+@pytest.mark.parametrize("fam", [f for f in families.for_backend("cuda") if not f.dsl], ids=lambda f: f.name)
 def test_every_cuda_specialisation_is_compiled_by_ci(fam):
     """`kernels compile` (CI) and `kernels precompile` cover each family's list, which covers its
     sweep, its defaults and the shipped table's tiles."""

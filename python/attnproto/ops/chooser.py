@@ -10,7 +10,8 @@ committed results disagree. Where two committed devices share an arch, the newes
 
 Choosing for a call with head dim D, query length Nq, on a device of arch A:
 
-1. the families of the device's backend that support the call (``supports()``);
+1. the families of the device's backend that support the call (``supports()``), DSL
+   families (``Family.dsl``) excluded: they run by name only;
 2. the table's head dim: D if tabulated, else the next larger one (its tiles hold at
    least as much), else the largest; its length band: the smallest tabulated N >= Nq,
    else the largest; its dtype: the call's, else the other 16-bit type (same element
@@ -228,6 +229,8 @@ def _candidates(problem: Union[FlashProblem, ProblemSpec], device: DeviceSpec) -
 
     ok, refused, reasons = [], [], []
     for fam in families.for_backend(device.backend):
+        if fam.dsl:
+            continue  # DSL families run by name only (Family.dsl); Prototype 5 measures them
         good, why = (fam.supports(problem, device) if isinstance(problem, FlashProblem)
                      else fam.supports_spec(problem, device))
         if good:

@@ -62,9 +62,10 @@ class Bench:
 
 def candidates(device: DeviceSpec, dtype: str, head_dim: int, causal: bool) -> list[tuple[Any, Any]]:
     """(family, config) of every registered family of the device's backend that supports the
-    head dim, times its sweep space."""
+    head dim, times its sweep space (DSL families excluded: Prototype 5 measures them)."""
     spec = ProblemSpec(1, 1, 1, 1, 1, head_dim, dtype, causal)
-    return [(fam, cfg) for fam in families.for_backend(device.backend) if fam.supports_spec(spec, device)[0]
+    return [(fam, cfg) for fam in families.for_backend(device.backend)
+            if not fam.dsl and fam.supports_spec(spec, device)[0]
             for cfg in fam.sweep_space(head_dim, causal, dtype, device)]
 
 

@@ -9,19 +9,22 @@ binary's arguments (tools/bench_args.py), the Prototype 1 sweep and the correctn
 test over families x dtypes x head dims x variants (tests/test_families.py).
 
 Order matters where nothing was measured: ``kernel="auto"`` falls back to the first
-family of the backend that supports the call (wgmma before mma on Hopper).
+family of the backend that supports the call (wgmma before mma on Hopper). DSL families
+(``Family.dsl``: triton, helion) are never chosen by ``kernel="auto"``: Prototype 5 measures them.
 """
 from __future__ import annotations
 
 from typing import List, Tuple
 
-from . import cpu, metal, mma, wgmma
+from . import cpu, helion, metal, mma, triton, wgmma
 from .base import Family, FamilyDtypeUnsupported, FamilyUnsupported, unsupported_error
 
 #: Every family, by backend, in fallback order.
 FAMILIES: Tuple[Family, ...] = (
     wgmma.FAMILY,
     mma.FAMILY,
+    triton.FAMILY,
+    helion.FAMILY,
     metal.FAMILY,
     cpu.FAMILY,
 )

@@ -80,6 +80,10 @@ class Family:
     test_head_dims: Tuple[int, ...] = ()
     #: Record/table keys of one config (besides "kernel" and "family").
     config_keys: Tuple[str, ...] = ()
+    #: The DSL whose compiler generates this family's kernel ("" for the project's hand-written
+    #: kernels). DSL families compile through their DSL (no NVRTC specialisations, no benchmark
+    #: binary) and stay out of ``kernel="auto"`` and the Prototype 1 sweep: Prototype 5 measures them.
+    dsl: str = ""
 
     # ------------------------------------------------------------ support
     def supports_spec(self, spec: ProblemSpec, device: DeviceSpec) -> Tuple[bool, str]:
