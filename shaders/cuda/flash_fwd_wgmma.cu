@@ -681,7 +681,7 @@ flash_fwd_wgmma(const AttentionParams p,
     extern __shared__ unsigned char smem_raw[];
     // The host sizes the launch from the same formula; a mismatch would corrupt
     // memory, so refuse to run instead (as for a paged kernel without its pool arguments).
-    if (hopper::dynamic_smem_bytes() < kSmemBytes || p.head_dim != HEAD_DIM || p.block_size != PAGE_SIZE) __trap();
+    if (ap::dynamic_smem_size() < kSmemBytes || p.head_dim != HEAD_DIM || p.block_size != PAGE_SIZE) __trap();
     if (kPaged && (block_table == nullptr || context_lens == nullptr || p.max_blocks_per_seq == 0 || p.num_blocks == 0))
         __trap();
     const u32 raw = hopper::smem_u32(smem_raw);

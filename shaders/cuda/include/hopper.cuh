@@ -28,12 +28,6 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
     return r;
 }
 
-__device__ __forceinline__ u32 dynamic_smem_bytes() {
-    u32 r;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(r));
-    return r;
-}
-
 // ---------------------------------------------------------------- mbarrier
 __device__ __forceinline__ void mbar_init(u32 bar, u32 arrivals) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(arrivals) : "memory");
