@@ -27,24 +27,35 @@ SMALL_N = 77        # not a multiple of any tile
 SMALL_NKV = 45      # Nq != Nkv, with causal: some query rows see no key
 
 
+#: Contexts of the paged workloads: one token, a short tail, more than one key tile.
+PAGED_CTX = (1, SMALL_NKV, SMALL_N + 100)
+
+
+def _small_pool(torch, page: int):
+    """A bf16 pool [blocks, page, 2 kv heads, 128] for PAGED_CTX behind a scattered host table
+    int32 [B, max blocks used] (one spare block); returns (k, v, table, blocks used per sequence,
+    blocks in the pool)."""
+    used = [-(-c // page) for c in PAGED_CTX]
+    nb = sum(used) + 1
+    k = torch.randn(nb, page, 2, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    ids = torch.randperm(nb)
+    table = torch.zeros(len(PAGED_CTX), max(used), dtype=torch.int32)
+    for b, u in enumerate(used):
+        table[b, :u] = ids[sum(used[:b]):sum(used[:b]) + u].to(torch.int32)
+    return k, v, table, used, nb
+
+
 def paged_prefill(torch) -> None:
     """The wgmma kernel over a paged pool at every block size: mixed short contexts, a scattered
     table, and one table entry out of the pool (its rows become NaN; nothing outside is read)."""
     from attnproto.ops import paged_prefill_wgmma as pp
 
-    ctx = (1, SMALL_NKV, SMALL_N + 100)
     for page in pp.PAGE_SIZES:
-        used = [-(-c // page) for c in ctx]
-        nb = sum(used) + 1
-        k = torch.randn(nb, page, 2, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        table = torch.zeros(len(ctx), max(used), dtype=torch.int32)
-        ids = torch.randperm(nb)
-        for b, u in enumerate(used):
-            table[b, :u] = ids[sum(used[:b]):sum(used[:b]) + u].to(torch.int32)
+        k, v, table, used, nb = _small_pool(torch, page)
         table[2, used[2] - 1] = nb + 3
-        lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
-        q = torch.randn(len(ctx), 4, SMALL_NKV, 128, device="cuda", dtype=torch.bfloat16)
+        lens = torch.tensor(PAGED_CTX, dtype=torch.int32, device="cuda")
+        q = torch.randn(len(PAGED_CTX), 4, SMALL_NKV, 128, device="cuda", dtype=torch.bfloat16)
         for causal in (False, True):
             pp.prepare_paged_prefill_wgmma(q, k, v, table.cuda(), lens, causal=causal).launch()
         torch.cuda.synchronize()
@@ -130,17 +141,11 @@ def paged_decode(torch) -> None:
     from attnproto.ops import paged
     from attnproto.ops.paged_problem import PAGE_SIZES
 
-    ctx = (1, SMALL_NKV, SMALL_N + 100)
+    ctx = PAGED_CTX
     for page in PAGE_SIZES:
-        used = [-(-c // page) for c in ctx]
-        nb = sum(used) + 1
-        k = torch.randn(nb, page, 2, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        ids = torch.randperm(nb)
-        table = torch.zeros(len(ctx), max(used), dtype=torch.int32)
-        for b, u in enumerate(used):
-            table[b, :u] = ids[sum(used[:b]):sum(used[:b]) + u].to(torch.int32)
+        k, v, table, used, nb = _small_pool(torch, page)
         table = table.cuda()
+        last = int(table[2, used[2] - 1])
         lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
         new = torch.randn(len(ctx), 2, 1, 128, device="cuda", dtype=torch.bfloat16)
         paged.append_kv(new, new, k, v, table, lens - 1)
@@ -153,7 +158,7 @@ def paged_decode(torch) -> None:
                 table[2, used[2] - 1] = nb + 3       # out of the pool after the check
                 plan.launch()
                 torch.cuda.synchronize()
-                table[2, used[2] - 1] = int(ids[sum(used) - 1])
+                table[2, used[2] - 1] = last
         print(f"ran paged decode + append block_size={page} D=128", flush=True)
     kc = torch.randn(len(ctx), 2, max(ctx), 64, device="cuda", dtype=torch.float16)
     q = torch.randn(len(ctx), 4, 1, 64, device="cuda", dtype=torch.float16)

@@ -27,17 +27,13 @@ Tensor = torch.Tensor
 NAMESPACE = "attnproto"
 
 
-def _current_stream() -> int:
-    return int(torch.cuda.current_stream().cuda_stream)
-
-
 @torch.library.custom_op(f"{NAMESPACE}::flash_attention", mutates_args=())
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float] = None
                     ) -> Tuple[Tensor, Tensor]:
     """Flash attention forward: (O like q, LSE float32 [B, Hq, Nq]); causal is bottom-right aligned."""
     if q.is_cuda:
         launch = _flash.prepare_forward(q, k, v, causal=causal, scale=scale)
-        return launch.launch(stream=_current_stream())
+        return launch.launch(stream=_paged.current_stream())
     o, lse = _flash.flash_forward(q, k, v, causal=causal, scale=scale)
     return torch.from_numpy(o).to(q.dtype), torch.from_numpy(lse)
 
@@ -51,11 +47,8 @@ def _(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float] = No
 def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
                  scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """Decode over a paged cache; q [B, Hq, D] or [B, Hq, Nq, D] (Nq <= 8)."""
-    if q.is_cuda:
-        squeeze = q.dim() == 3
-        plan = _paged.prepare_paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=scale)
-        o, lse = plan.launch(stream=_current_stream())
-        return (o.squeeze(2), lse.squeeze(2)) if squeeze else (o, lse)
+    if q.is_cuda:  # the front door launches on torch's current stream
+        return _paged.paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=scale)
     q4 = q.unsqueeze(2) if q.dim() == 3 else q
     # The numpy path reads [num_blocks, Hkv, block_size, D]: the same pool, permuted.
     o, lse = _cpu.paged_forward(q4, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), block_table,
@@ -75,10 +68,8 @@ def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
                   scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """A chunk of Nq new tokens per sequence (the last Nq of its context_lens[b] keys), causal
     bottom-right, over the paged cache (CUDA: the Hopper wgmma kernel)."""
-    if q.is_cuda:
-        o, lse = _paged.prepare_paged_prefill(q, k_cache, v_cache, block_table, context_lens,
-                                              scale=scale).launch(stream=_current_stream())
-        return o, lse
+    if q.is_cuda:  # the front door launches on torch's current stream
+        return _paged.paged_prefill(q, k_cache, v_cache, block_table, context_lens, scale=scale)
     o, lse = _cpu.paged_forward(q, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), block_table,
                                 context_lens, causal=True, scale=scale)
     return torch.from_numpy(o).to(q.dtype), torch.from_numpy(lse)
@@ -94,9 +85,8 @@ def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_
 def append_kv(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
               positions: Tensor) -> None:
     """Write the new tokens' K/V ([B, Hkv, T, D]) into their pages, at positions[b] + i."""
-    if k_new.is_cuda:
-        _paged.prepare_append_kv(k_new, v_new, k_cache, v_cache, block_table, positions).launch(
-            stream=_current_stream())
+    if k_new.is_cuda:  # the front door launches on torch's current stream
+        _paged.append_kv(k_new, v_new, k_cache, v_cache, block_table, positions)
         return
     _append_host(k_new, v_new, k_cache, v_cache, block_table, positions)
 

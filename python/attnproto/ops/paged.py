@@ -35,17 +35,19 @@ def _backend():
     return _b.get("cuda")
 
 
-def _stream() -> int:
+def current_stream() -> int:
+    """torch's current CUDA stream as a CUstream handle (what every paged launch defaults to)."""
     import torch  # noqa: PLC0415
 
     return int(torch.cuda.current_stream().cuda_stream)
 
 
-def _check_compute(backend: Any) -> None:
+def _check_compute(backend: Any, minimum: Tuple[int, int] = _fam.MIN_COMPUTE, what: str = "the paged kernels",
+                   name: str = "q") -> None:
     info = backend.info
     cc = (int(info.get("compute_major", 0)), int(info.get("compute_minor", 0)))
-    if cc < _fam.MIN_COMPUTE:
-        raise ValueError(f"q: the paged kernels need compute capability {_fam.MIN_COMPUTE[0]}.{_fam.MIN_COMPUTE[1]}+, "
+    if cc < minimum:
+        raise ValueError(f"{name}: {what} need compute capability {minimum[0]}.{minimum[1]}+, "
                          f"this GPU is {cc[0]}.{cc[1]}")
 
 
@@ -76,7 +78,7 @@ class DecodePlan:
 
     def launch(self, stream: Optional[int] = None) -> Tuple[Any, Any]:
         """Enqueue on ``stream`` (default: torch's current stream); no host synchronisation."""
-        s = _stream() if stream is None else stream
+        s = current_stream() if stream is None else stream
         for ln in self.launches:
             self.backend.launch(ln.kernel, ln.grid, ln.block, ln.args, ln.shared_bytes, stream=s)
         return self.out, self.lse
@@ -217,7 +219,7 @@ class PrefillPlan:
         """Enqueue on ``stream`` (default: torch's current stream); no host synchronisation."""
         pl = self.prepared
         pl.backend.launch(pl.kernel, pl.grid, pl.block, pl.args, pl.shared_bytes,
-                          stream=_stream() if stream is None else stream)
+                          stream=current_stream() if stream is None else stream)
         return pl.problem.out, pl.problem.lse
 
     def time(self, warmup: int = 4, iters: int = 50, flush_l2: bool = False) -> _lab.TimingStats:
@@ -242,10 +244,7 @@ def prepare_paged_prefill(q: Any, k_cache: Any, v_cache: Any, block_table: Any, 
 
     _v.check_bool(causal, "causal")
     backend = _backend()
-    info = backend.info
-    cc = (int(info.get("compute_major", 0)), int(info.get("compute_minor", 0)))
-    if cc < PREFILL_MIN_COMPUTE:
-        raise ValueError(f"q: paged prefill runs the Hopper wgmma kernel (sm_90+), this GPU is sm_{cc[0]}{cc[1]}")
+    _check_compute(backend, PREFILL_MIN_COMPUTE, "paged prefill (the Hopper wgmma kernel) and its TMA boxes")
     p = check_paged(q, k_cache, v_cache, block_table, context_lens, layout=layout, scale=scale, check=check)
     out, lse = _outputs(p, out, lse)
     # The kernel's tensor maps walk [num_blocks, block_size, Hkv, D]: an "hnd" pool as that view.
@@ -275,7 +274,7 @@ class AppendPlan:
     def launch(self, stream: Optional[int] = None) -> None:
         ln = self.launch_
         self.backend.launch(ln.kernel, ln.grid, ln.block, ln.args, ln.shared_bytes,
-                            stream=_stream() if stream is None else stream)
+                            stream=current_stream() if stream is None else stream)
 
     def time(self, warmup: int = 4, iters: int = 50, flush_l2: bool = False) -> _lab.TimingStats:
         ln = self.launch_
@@ -288,7 +287,7 @@ def prepare_append_kv(k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, block_
     """k_new/v_new ``[B, Hkv, T, D]`` (or ``[B, Hkv, D]``, T = 1): token i of sequence b goes to
     position ``positions[b] + i`` (int32 ``[B]``, on the device)."""
     backend = _backend()
-    _check_compute(backend)
+    _check_compute(backend, name="k_new")
     _v.check_bool(check, "check")
     ki = _v.tensor_info(k_new, "k_new")
     if ki.kind != "torch" or ki.device != "cuda":

@@ -2,7 +2,7 @@
 when split-KV pays, what GQA packing buys, and the recommendation (with the issue's targets)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from ...findings import Finding, fmt, fmt_pct
 from ...ops.families import paged_decode as fam

@@ -11,8 +11,9 @@ step can be captured in a CUDA graph.
 Partition rule (split-KV): without a split the grid has ``B * Hkv * group / heads`` CTAs. If
 that fills the ``TARGET_CTAS_PER_SM`` x SMs resident slots, one partition (no reduce).
 Otherwise the context is cut into the most partitions that still run in ONE wave (a second,
-mostly idle wave cost 1.4x at B = 8 in the first H200 sweep: 5 partitions against 4), but no
-partition gets fewer than ``MIN_PARTITION_KEYS`` keys (below that the per-CTA prologue, merge
+mostly idle wave only adds a tail: the split findings of results/nvidia-h200/proto3,
+"split-kv-b*", compare every count with this rule's), but no partition gets fewer than
+``MIN_PARTITION_KEYS`` keys (below that the per-CTA prologue, merge
 and the reduce's extra traffic outweigh the parallelism). Prototype 3 sweeps the partition count to measure both
 constants (finding "when split-KV pays").
 """
@@ -42,9 +43,9 @@ STAGE_RANGE = (2, 6)
 #: CTAs per SM the split aims for: two resident CTAs of the default tile (smem ~100 KB each at
 #: D = 128) keep four K/V tiles in flight per SM, enough to cover the latency of HBM.
 TARGET_CTAS_PER_SM = 2
-#: Fewest keys per partition (see the module doc): one default key tile. The H200 split sweep
-#: (B = 1, 32/8 heads, results/nvidia-h200/proto3) was fastest at 16 partitions of 64 keys at
-#: context 1K and of 256 at 4K, and at 32 of 1024 at 32K; a floor of 512 cost 1.6x at 1K.
+#: Fewest keys per partition (see the module doc): one default key tile. Chosen from the H200
+#: split sweep at B = 1 (findings split-kv-b1-n1024/-n4096/-n32768 in results/nvidia-h200/proto3,
+#: which give the best fixed count and this rule's ratio to it at each context).
 MIN_PARTITION_KEYS = 64
 #: Most partitions of one sequence (bounds the workspace and the reduce's loop).
 MAX_PARTITIONS = 1024
