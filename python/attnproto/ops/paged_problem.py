@@ -129,6 +129,20 @@ def check_index(x: Any, name: str, shape: Tuple[int, ...], q: Any) -> _v.TensorI
     return info
 
 
+def _cuda_query(q: Any, max_q_tokens: Optional[int]) -> Any:
+    """q as a torch CUDA tensor [B, Hq, Nq, D] ([B, Hq, D] gets Nq = 1), Nq within ``max_q_tokens``."""
+    qi = _v.tensor_info(q, "q")
+    if qi.kind != "torch" or qi.device != "cuda":
+        raise ValueError(f"q: the paged kernels take torch CUDA tensors, got a {qi.kind} on {qi.device} "
+                         f"(attnproto.cpu.paged_forward is the host path)")
+    if qi.ndim == 3:
+        q = q.unsqueeze(2)
+    seq_q = _v.tensor_info(q, "q").shape[2] if qi.ndim in (3, 4) else 0
+    if max_q_tokens is not None and seq_q > max_q_tokens:
+        raise ValueError(f"q: {seq_q} query tokens per sequence exceed {max_q_tokens} (decode; use paged_prefill)")
+    return q
+
+
 def check_paged(q: Any, k_cache: Any, v_cache: Any, block_table: Any, context_lens: Any, *,
                 layout: str = "nhd", scale: Optional[float] = None, max_q_tokens: Optional[int] = None,
                 check: bool = True) -> PagedProblem:
@@ -136,17 +150,10 @@ def check_paged(q: Any, k_cache: Any, v_cache: Any, block_table: Any, context_le
     type or dtype, ValueError for shapes, devices, strides, alignment and (``check``) values, each
     naming the argument. q is ``[B, Hq, Nq, D]`` (or ``[B, Hq, D]``, Nq = 1) on a CUDA device."""
     _v.check_bool(check, "check")
-    qi = _v.tensor_info(q, "q")
-    if qi.kind != "torch" or qi.device != "cuda":
-        raise ValueError(f"q: the paged kernels take torch CUDA tensors, got a {qi.kind} on {qi.device} "
-                         f"(attnproto.cpu.paged_forward is the host path)")
-    if qi.ndim == 3:
-        q = q.unsqueeze(2)
+    q = _cuda_query(q, max_q_tokens)
     qi = _v.check_tensor(q, "q", ndim=4, allowed_dtypes=DTYPES)
     _aligned(q, qi, (0, 1, 2))
     batch, num_heads, seq_q, head_dim = qi.shape
-    if max_q_tokens is not None and seq_q > max_q_tokens:
-        raise ValueError(f"q: {seq_q} query tokens per sequence exceed {max_q_tokens} (decode; use paged_prefill)")
     num_blocks, block_size, kv_heads, dim, ks, vs = check_cache(k_cache, v_cache, layout, q)
     if _v.dtype_name(k_cache.dtype) != qi.dtype:
         raise TypeError(f"k_cache: dtype {_v.dtype_name(k_cache.dtype)} does not match q dtype {qi.dtype}")
@@ -222,14 +229,8 @@ def check_contiguous(q: Any, k: Any, v: Any, context_lens: Any, *, scale: Option
                      max_q_tokens: Optional[int] = None) -> PagedProblem:
     """Decode over contiguous K/V ``[B, Hkv, N, D]`` with per-sequence lengths (the same kernel with
     its contiguous KV policy): the baseline that shows what paging costs."""
-    qi = _v.tensor_info(q, "q")
-    if qi.kind != "torch" or qi.device != "cuda":
-        raise ValueError(f"q: expected a torch CUDA tensor, got a {qi.kind} on {qi.device}")
-    if qi.ndim == 3:
-        q = q.unsqueeze(2)
+    q = _cuda_query(q, max_q_tokens)
     shape = _v.check_attention_inputs(q, k, v, allowed_dtypes=DTYPES, head_dims=HEAD_DIMS)
-    if max_q_tokens is not None and shape.seq_q > max_q_tokens:
-        raise ValueError(f"q: {shape.seq_q} query tokens per sequence exceed {max_q_tokens}")
     infos = []
     for x, name in ((q, "q"), (k, "k"), (v, "v")):
         _same_device(x, name, q)
