@@ -37,6 +37,8 @@ constexpr double kCausalFraction = 0.5;
 // TMA boxes of the wgmma kernel: 64 elements (128 bytes) of the head dim, 128-byte swizzle.
 constexpr uint32_t kTmaBoxCols = 64;
 constexpr int kTmaSwizzleBytes = 128;
+// flash_fwd_wgmma's variant buffers after the pool arguments: rope_cos, rope_sin, alibi_slopes.
+constexpr int kVariantBufferArgs = 3;
 
 [[noreturn]] void usage(const std::string& why) {
     std::fprintf(stderr, "attnproto_bench_flash: %s\n", why.c_str());
@@ -185,6 +187,9 @@ int main(int argc, char** argv) {
         if (tma) {  // flash_fwd_wgmma's block_table and context_lens: null for contiguous K/V (PAGE_SIZE=0)
             args.push_back(KernelArg::pointer(0));
             args.push_back(KernelArg::pointer(0));
+            // rope_cos, rope_sin, alibi_slopes: null (the bench times variants whose values live in
+            // AttentionParams only: computed RoPE, standard ALiBi; window and softcap stay 0 = none)
+            for (int i = 0; i < kVariantBufferArgs; ++i) args.push_back(KernelArg::pointer(0));
         }
         TimingStats t = be.time([&] { be.launch(*k, cfg, args); }, TimingOptions{int(warmup), int(iters), flush, 0.0});
         double flops = kMatmulsPerForward * kFlopsPerMac * double(batch) * heads * double(seq) * seq * d;

@@ -26,12 +26,15 @@ AP_FIELD(num_partitions, 44);
 AP_FIELD(partition_size, 48);
 AP_FIELD(chunk_size, 52);
 AP_FIELD(num_blocks, 56);
-AP_FIELD(reserved1, 60);
-AP_FIELD(q_stride, 64);
-AP_FIELD(k_stride, 88);
-AP_FIELD(v_stride, 112);
-AP_FIELD(o_stride, 136);
-AP_FIELD(lse_stride, 160);
+AP_FIELD(window, 60);
+AP_FIELD(softcap, 64);
+AP_FIELD(rope_offset, 68);
+AP_FIELD(rope_table_len, 72);
+AP_FIELD(q_stride, 80);
+AP_FIELD(k_stride, 104);
+AP_FIELD(v_stride, 128);
+AP_FIELD(o_stride, 152);
+AP_FIELD(lse_stride, 176);
 #undef AP_FIELD
 
 std::vector<FieldLayout> params_layout() {
@@ -39,7 +42,8 @@ std::vector<FieldLayout> params_layout() {
     return {AP_ROW(batch),          AP_ROW(num_heads),      AP_ROW(num_kv_heads),       AP_ROW(seq_q),
             AP_ROW(seq_kv),         AP_ROW(head_dim),       AP_ROW(scale),              AP_ROW(rope_theta),
             AP_ROW(alibi_max_bias), AP_ROW(block_size),     AP_ROW(max_blocks_per_seq), AP_ROW(num_partitions),
-            AP_ROW(partition_size), AP_ROW(chunk_size),     AP_ROW(num_blocks),          AP_ROW(reserved1),
+            AP_ROW(partition_size), AP_ROW(chunk_size),     AP_ROW(num_blocks),          AP_ROW(window),
+            AP_ROW(softcap),        AP_ROW(rope_offset),    AP_ROW(rope_table_len),
             AP_ROW(q_stride),       AP_ROW(k_stride),       AP_ROW(v_stride),           AP_ROW(o_stride),
             AP_ROW(lse_stride)};
 #undef AP_ROW

@@ -18,7 +18,7 @@ from attnproto.backend import native, shader_dir
 
 def test_params_layout_matches_header():
     nat = native()
-    assert nat.PARAMS_SIZE == params.PARAMS_DTYPE.itemsize == 176
+    assert nat.PARAMS_SIZE == params.PARAMS_DTYPE.itemsize == 192
     assert [tuple(r) for r in nat.params_layout()] == params.layout()
 
 
@@ -84,7 +84,7 @@ def test_launch_argument_packing_rejects_ambiguous_values():
     a = _pack(0, np.float32(0.5))
     assert isinstance(a, nat.Arg) and a.size == 4 and a.align == 4
     p = _pack(1, params.make_params(batch=1, num_heads=1, seq_q=1, head_dim=64))
-    assert p.size == 176 and p.align == 8
+    assert p.size == 192 and p.align == 8
     with pytest.raises(TypeError, match=r"args\[2\].*ambiguous"):
         _pack(2, 3)
     with pytest.raises(TypeError, match=r"args\[3\].*host numpy array"):

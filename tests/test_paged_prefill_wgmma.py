@@ -192,9 +192,11 @@ def test_prepare_argument_order_and_maps():
     launch = pp.prepare_paged_prefill_wgmma(q, k, v, table, ctx, scale=0.2, causal=True, out=out, lse=lse,
                                             backend=be)
     args = launch.args
-    assert len(args) == 8
+    assert len(args) == 11
     assert args[1:4] == ["map0", "map1", "map2"]
     assert args[4] is out and args[5] is lse and args[6] is table and args[7] is ctx
+    # rope_cos, rope_sin, alibi_slopes: the paged kernel is the base variant (null buffers)
+    assert [type(a) for a in args[8:]] == [np.uint64] * 3 and all(int(a) == 0 for a in args[8:])
     assert int(args[0]["block_size"]) == 1 and int(args[0]["seq_kv"]) == 80
     assert int(args[0]["num_blocks"]) == 90 and int(args[0]["max_blocks_per_seq"]) == 80
     q_map, k_map, v_map = be.maps

@@ -589,7 +589,7 @@ def cmd_explain_kernel(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     if args.json:
-        print(json.dumps({"device": device.__dict__ | {"compute": list(device.compute)}, "problem": spec.__dict__,
+        print(json.dumps({"device": device.__dict__ | {"compute": list(device.compute)}, "problem": spec.__dict__ | {"variant": spec.variant.label},
                           **verdict}, indent=2))
         return EXIT_OK
     mask = "causal" if spec.causal else "non-causal"

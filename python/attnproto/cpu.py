@@ -32,7 +32,7 @@ import numpy as np
 
 from . import validate as _v
 from .ref import DEFAULT_ALIBI_MAX_BIAS, DEFAULT_ROPE_THETA
-from .ref import _visible_matmul
+from .ref import _check_slopes, _visible_matmul, rope_style
 
 __all__ = [
     "CPU_DTYPES",
@@ -141,14 +141,20 @@ def _alibi_slopes32(num_heads: int, max_bias: float) -> Array:
     return np.exp2(exponent).astype(_F32)
 
 
-def _rope32(x: Array, theta: float, positions: Array) -> Array:
-    """Rotate-half RoPE in float32: a float32 inverse-frequency table, float32 angles."""
+def _rope32(x: Array, theta: float, positions: Array, style: str = "half") -> Array:
+    """RoPE in float32 (rotate-half, or GPT-J's interleaved pairs): a float32 inverse-frequency
+    table, float32 angles."""
     head_dim = x.shape[-1]
     if head_dim % 2:
         raise ValueError(f"q: RoPE needs an even head_dim, got {head_dim}")
     inv_freq = (theta ** (-2.0 * np.arange(head_dim // 2) / head_dim)).astype(_F32)
     angle = positions.astype(_F32)[:, None] * inv_freq[None, :]
     cos, sin = np.cos(angle), np.sin(angle)
+    if style == "interleaved":
+        out = np.empty_like(x)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out[..., 0::2], out[..., 1::2] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return out
     half = head_dim // 2
     x1, x2 = x[..., :half], x[..., half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -261,11 +267,16 @@ def _contiguous_loader(k: Array, v: Array) -> KVLoader:
 
 
 def _head_slopes(alibi: bool, num_heads: int, num_kv_heads: int,
-                 max_bias: float) -> Optional[Array]:
+                 max_bias: float, slopes: Any = None) -> Optional[Array]:
     if not alibi:
+        if slopes is not None:
+            raise ValueError("alibi_slopes: given without alibi=True")
         return None
-    max_bias = _check_real(max_bias, "alibi_max_bias")
-    return _alibi_slopes32(num_heads, max_bias).reshape(num_kv_heads, num_heads // num_kv_heads)
+    if slopes is not None:
+        m = _check_slopes(_v.to_host_numpy(slopes, "alibi_slopes"), num_heads).astype(_F32)
+    else:
+        m = _alibi_slopes32(num_heads, _check_real(max_bias, "alibi_max_bias"))
+    return m.reshape(num_kv_heads, num_heads // num_kv_heads)
 
 
 def _check_window_softcap(window: Any, softcap: Any) -> Tuple[Optional[int], Optional[float]]:
@@ -280,9 +291,13 @@ def flash_forward(q: Any, k: Any, v: Any, *, block_r: int, block_c: int, causal:
                   scale: Optional[float] = None, alibi: bool = False,
                   alibi_max_bias: float = DEFAULT_ALIBI_MAX_BIAS, rope: bool = False,
                   rope_theta: float = DEFAULT_ROPE_THETA, p_dtype: Optional[str] = None,
-                  window: Optional[int] = None, softcap: Optional[float] = None
+                  window: Optional[int] = None, softcap: Optional[float] = None,
+                  rope_offset: int = 0, alibi_slopes: Any = None
                   ) -> Tuple[Array, Array]:
     """FlashAttention-2 forward, tiled block_r x block_c; returns (O, LSE) float32.
+
+    ``rope`` (True/"half" or "interleaved"), ``rope_offset`` and ``alibi_slopes`` follow
+    :func:`attnproto.ref.attention`.
 
     ``window`` (a left sliding window of W tokens) and ``softcap`` (Gemma 2's
     cap * tanh(score / cap)) follow :func:`attnproto.ref.attention`.
@@ -298,14 +313,16 @@ def flash_forward(q: Any, k: Any, v: Any, *, block_r: int, block_c: int, causal:
     block_r = _v.check_positive_int(block_r, "block_r")
     block_c = _v.check_positive_int(block_c, "block_c")
     scale = _v.check_scale(scale, shape.head_dim)
-    _check_flags(alibi=alibi, rope=rope)
+    _check_flags(alibi=alibi)
+    style = rope_style(rope)
+    rope_offset = _v.check_nonnegative_int(rope_offset, "rope_offset")
     p_dtype = _check_p_dtype(p_dtype)
-    slopes = _head_slopes(alibi, shape.num_heads, shape.num_kv_heads, alibi_max_bias)
+    slopes = _head_slopes(alibi, shape.num_heads, shape.num_kv_heads, alibi_max_bias, alibi_slopes)
     q32, k32, v32 = _load(q, "q"), _load(k, "k"), _load(v, "v")
-    if rope:
+    if style is not None:
         theta = _check_real(rope_theta, "rope_theta", positive=True)
-        q32 = _rope32(q32, theta, np.arange(shape.seq_q) + (shape.seq_kv - shape.seq_q))
-        k32 = _rope32(k32, theta, np.arange(shape.seq_kv))
+        q32 = _rope32(q32, theta, np.arange(shape.seq_q) + (rope_offset + shape.seq_kv - shape.seq_q), style)
+        k32 = _rope32(k32, theta, np.arange(shape.seq_kv) + rope_offset, style)
     window, softcap = _check_window_softcap(window, softcap)
     o, lse = _flash_core(_group_q(q32, shape.num_kv_heads), _contiguous_loader(k32, v32),
                          shape.seq_kv, key_offset=0, seq_kv_total=shape.seq_kv, scale=scale,

@@ -29,7 +29,10 @@ PARAMS_DTYPE = np.dtype(
         ("partition_size", "<u4"),
         ("chunk_size", "<u4"),
         ("num_blocks", "<u4"),
-        ("reserved1", "<u4"),
+        ("window", "<u4"),
+        ("softcap", "<f4"),
+        ("rope_offset", "<u4"),
+        ("rope_table_len", "<u4"),
         ("q_stride", "<i8", (3,)),
         ("k_stride", "<i8", (3,)),
         ("v_stride", "<i8", (3,)),
@@ -103,6 +106,10 @@ def make_params(
     partition_size: int = 0,
     chunk_size: int = 0,
     num_blocks: int = 0,
+    window: int = 0,
+    softcap: float = 0.0,
+    rope_offset: int = 0,
+    rope_table_len: int = 0,
 ) -> np.void:
     """Build one AttentionParams value (a numpy structured scalar of PARAMS_DTYPE)."""
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -113,6 +120,7 @@ def make_params(
         ("seq_kv", seq_kv), ("head_dim", head_dim), ("block_size", block_size),
         ("max_blocks_per_seq", max_blocks_per_seq), ("num_partitions", num_partitions),
         ("partition_size", partition_size), ("chunk_size", chunk_size), ("num_blocks", num_blocks),
+        ("window", window), ("rope_offset", rope_offset), ("rope_table_len", rope_table_len),
     ):
         p[name] = _u32(name, value)
     if p["num_kv_heads"] == 0 or p["num_heads"] % p["num_kv_heads"]:
@@ -125,6 +133,10 @@ def make_params(
     p["scale"] = scale
     p["rope_theta"] = float(rope_theta)
     p["alibi_max_bias"] = float(alibi_max_bias)
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap < 0.0:
+        raise ValueError(f"softcap: must be finite and >= 0 (0 = none), got {softcap}")
+    p["softcap"] = softcap
     p["q_stride"] = _strides("q_stride", q_stride, 3)
     p["k_stride"] = _strides("k_stride", k_stride, 3)
     p["v_stride"] = _strides("v_stride", v_stride, 3)

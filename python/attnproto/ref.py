@@ -87,6 +87,8 @@ __all__ = [
     "softmax",
     "rope",
     "rope_frequencies",
+    "rope_style",
+    "ROPE_STYLES",
     "alibi_slopes",
     "alibi_bias",
     "causal_mask",
@@ -197,17 +199,35 @@ def rope_frequencies(head_dim: int, theta: float = DEFAULT_ROPE_THETA) -> np.nda
     return theta ** (-2.0 * np.arange(head_dim // 2, dtype=np.float64) / head_dim)
 
 
-def rope(x: ArrayLike, theta: float = DEFAULT_ROPE_THETA,
-         positions: Optional[ArrayLike] = None) -> np.ndarray:
-    """Rotate-half RoPE of ``x`` [..., N, D] in float64.
+#: RoPE pairings: "half" (GPT-NeoX / Llama: element i with i + D/2) and "interleaved"
+#: (GPT-J: element 2i with 2i + 1); ``True`` means "half".
+ROPE_STYLES = ("half", "interleaved")
 
-    Pair (i, i + D/2) at position p is rotated by p * theta^(-2i/D).
+
+def rope_style(rope: Any, name: str = "rope") -> Optional[str]:
+    """The RoPE pairing a ``rope`` argument asks for: None (no RoPE), "half" or "interleaved"."""
+    if rope is None or rope is False:
+        return None
+    if rope is True:
+        return "half"
+    if isinstance(rope, str) and rope in ROPE_STYLES:
+        return rope
+    raise ValueError(f"{name}: expected False/None, True, 'half' or 'interleaved', got {rope!r}")
+
+
+def rope(x: ArrayLike, theta: float = DEFAULT_ROPE_THETA,
+         positions: Optional[ArrayLike] = None, style: str = "half") -> np.ndarray:
+    """RoPE of ``x`` [..., N, D] in float64.
+
+    style "half": pair (i, i + D/2) at position p is rotated by p * theta^(-2i/D);
+    "interleaved": pair (2i, 2i + 1) by the same angle.
     ``positions`` (default 0..N-1) broadcasts against [..., N].
     """
-    return _apply_rope(to_float64(x, "x"), theta, positions)
+    return _apply_rope(to_float64(x, "x"), theta, positions, rope_style(style, "style"))
 
 
-def _apply_rope(x: np.ndarray, theta: float, positions: Optional[ArrayLike]) -> np.ndarray:
+def _apply_rope(x: np.ndarray, theta: float, positions: Optional[ArrayLike],
+                style: str = "half") -> np.ndarray:
     if x.ndim < 2:
         raise ValueError(f"x: expected [..., N, D], got shape {x.shape}")
     seq, head_dim = x.shape[-2], x.shape[-1]
@@ -218,6 +238,11 @@ def _apply_rope(x: np.ndarray, theta: float, positions: Optional[ArrayLike]) -> 
         raise ValueError(f"positions: last dimension must be N={seq}, got shape {pos.shape}")
     angle = pos[..., None] * freqs
     cos, sin = np.cos(angle), np.sin(angle)
+    if style == "interleaved":
+        out = np.empty_like(x)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out[..., 0::2], out[..., 1::2] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return out
     half = head_dim // 2
     x1, x2 = x[..., :half], x[..., half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -269,16 +294,30 @@ def _check_softcap(cap: Any) -> float:
 
 
 def alibi_bias(num_heads: int, seq_q: int, seq_kv: int,
-               max_bias: float = DEFAULT_ALIBI_MAX_BIAS) -> np.ndarray:
-    """-slope_h |pos_q - pos_k|, float64 [num_heads, Nq, Nkv]."""
+               max_bias: float = DEFAULT_ALIBI_MAX_BIAS,
+               slopes: Optional[ArrayLike] = None) -> np.ndarray:
+    """-slope_h |pos_q - pos_k|, float64 [num_heads, Nq, Nkv]; ``slopes`` [num_heads] replaces
+    the standard ones (:func:`alibi_slopes`)."""
     seq_q, seq_kv = _check_lengths(seq_q, seq_kv)
     dist = np.abs(_query_positions(seq_q, seq_kv)[:, None] - np.arange(seq_kv)[None, :])
-    return -alibi_slopes(num_heads, max_bias)[:, None, None] * dist[None].astype(np.float64)
+    m = alibi_slopes(num_heads, max_bias) if slopes is None else _check_slopes(slopes, num_heads)
+    return -m[:, None, None] * dist[None].astype(np.float64)
+
+
+def _check_slopes(slopes: ArrayLike, num_heads: int) -> np.ndarray:
+    """Caller-given ALiBi slopes: finite, one per query head (float64)."""
+    m = to_float64(slopes, "alibi_slopes")
+    if m.shape != (num_heads,):
+        raise ValueError(f"alibi_slopes: expected shape ({num_heads},) (one slope per query head), got {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise ValueError("alibi_slopes: every slope must be finite")
+    return m
 
 
 def _scores(q: np.ndarray, k: np.ndarray, scale: float, causal: bool, alibi: bool,
             alibi_max_bias: float, window: Optional[int] = None,
-            softcap: Optional[float] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+            softcap: Optional[float] = None,
+            alibi_slopes: Optional[ArrayLike] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Masked, biased scores [B, Hq, Nq, Nkv] (K already expanded to Hq heads) and the
     visibility mask [Nq, Nkv] (None: every key visible). Masked scores are -inf whatever
     q and k hold there (policy step 1). Order: scale, soft cap, ALiBi bias, mask."""
@@ -288,7 +327,7 @@ def _scores(q: np.ndarray, k: np.ndarray, scale: float, causal: bool, alibi: boo
         if softcap is not None:
             s = softcap_scores(s, softcap)
         if alibi:
-            s = s + alibi_bias(q.shape[1], seq_q, seq_kv, alibi_max_bias)[None]
+            s = s + alibi_bias(q.shape[1], seq_q, seq_kv, alibi_max_bias, alibi_slopes)[None]
     visible = causal_mask(seq_q, seq_kv) if causal else None
     if window is not None:
         win = window_mask(seq_q, seq_kv, window)
@@ -369,30 +408,38 @@ def _prepare(q: ArrayLike, k: ArrayLike, v: ArrayLike, causal: Any, scale: Any,
 # ---------------------------------------------------------------------- attention
 def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, scale: Optional[float] = None,
               causal: bool = False, alibi: bool = False,
-              alibi_max_bias: float = DEFAULT_ALIBI_MAX_BIAS, rope: bool = False,
+              alibi_max_bias: float = DEFAULT_ALIBI_MAX_BIAS, rope: Union[bool, str] = False,
               rope_theta: float = DEFAULT_ROPE_THETA, return_lse: bool = False,
-              window: Optional[int] = None, softcap: Optional[float] = None
+              window: Optional[int] = None, softcap: Optional[float] = None,
+              rope_offset: int = 0, alibi_slopes: Optional[ArrayLike] = None
               ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """softmax(scale Q K^T + bias, masked) V in float64; O [B, Hq, Nq, D] (and LSE [B, Hq, Nq]).
 
-    With ``rope`` Q row i is rotated at position i + Nkv - Nq and K row j at j. ``window``:
+    With ``rope`` (True or "half": rotate-half, "interleaved": GPT-J pairs) Q row i is
+    rotated at position rope_offset + i + Nkv - Nq and K row j at rope_offset + j.
+    ``alibi_slopes`` [Hq] replaces the standard slopes of ``alibi``. ``window``:
     a left sliding window of that many tokens (query i sees keys j > i + Nkv - Nq - window;
     with ``causal`` also j <= i + Nkv - Nq). ``softcap``: scores become
     softcap * tanh(score / softcap) before the ALiBi bias and the mask (Gemma 2).
     """
+    style = rope_style(rope)
     q, k, v, shape, scale = _prepare(q, k, v, causal, scale,
-                                     ((alibi, "alibi"), (rope, "rope"), (return_lse, "return_lse")))
+                                     ((alibi, "alibi"), (return_lse, "return_lse")))
+    rope_offset = _v.check_nonnegative_int(rope_offset, "rope_offset")
+    if alibi_slopes is not None and not alibi:
+        raise ValueError("alibi_slopes: given without alibi=True")
     if alibi:
         alibi_max_bias = _check_max_bias(alibi_max_bias)
     if window is not None:
         window = _v.check_positive_int(window, "window")
     if softcap is not None:
         softcap = _check_softcap(softcap)
-    if rope:
-        offset = shape.seq_kv - shape.seq_q
-        q = _apply_rope(q, rope_theta, np.arange(shape.seq_q) + offset)
-        k = _apply_rope(k, rope_theta, None)
-    s, visible = _scores(q, _expand_kv(k, shape.group), scale, causal, alibi, alibi_max_bias, window, softcap)
+    if style is not None:
+        offset = rope_offset + shape.seq_kv - shape.seq_q
+        q = _apply_rope(q, rope_theta, np.arange(shape.seq_q) + offset, style)
+        k = _apply_rope(k, rope_theta, np.arange(shape.seq_kv) + rope_offset, style)
+    s, visible = _scores(q, _expand_kv(k, shape.group), scale, causal, alibi, alibi_max_bias, window, softcap,
+                         alibi_slopes)
     o, lse = _attend(s, _expand_kv(v, shape.group), visible)
     return (o, lse) if return_lse else o
 

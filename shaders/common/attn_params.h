@@ -3,9 +3,10 @@
 //
 // Every kernel receives an AttentionParams by value (CUDA: kernel parameter;
 // Metal: a constant buffer at index ATTNPROTO_PARAMS_BUFFER_INDEX). The layout is
-// fixed: 64 bytes of 32-bit fields followed by 64-bit strides; the host
+// fixed: 80 bytes of 32-bit fields followed by 64-bit strides; the host
 // asserts the offsets in C++ (csrc/params.cpp) and Python checks them against
-// attnproto.params.PARAMS_DTYPE.
+// attnproto.params.PARAMS_DTYPE. (80 bytes of 32-bit fields since the Prototype 7
+// variants: window, softcap and the RoPE position fields.)
 //
 // Tensor layouts (all strides in ELEMENTS, the head_dim axis always contiguous):
 //   Q   [batch, num_heads,    seq_q,  head_dim]   strides q_stride = {b, h, token}
@@ -35,10 +36,10 @@ typedef float    ap_f32;
 // Buffer index of the parameter block in Metal kernels (MSL [[buffer(n)]]).
 #define ATTNPROTO_PARAMS_BUFFER_INDEX 0
 // Size in bytes of AttentionParams; asserted by the host and by Python.
-#define ATTNPROTO_PARAMS_SIZE 176
+#define ATTNPROTO_PARAMS_SIZE 192
 
 struct AttentionParams {
-    // ---- problem shape (32-bit, bytes 0..55) ----
+    // ---- problem shape and variant values (32-bit, bytes 0..79) ----
     ap_u32 batch;              // B: sequences in the batch
     ap_u32 num_heads;          // Hq: query heads
     ap_u32 num_kv_heads;       // Hkv: key/value heads; Hq % Hkv == 0, GQA group = Hq / Hkv
@@ -54,8 +55,11 @@ struct AttentionParams {
     ap_u32 partition_size;     // two-phase (V2) attention: KV tokens per partition
     ap_u32 chunk_size;         // linear attention: tokens per chunk
     ap_u32 num_blocks;         // paged KV: blocks in the pool; kernels check every table entry against it
-    ap_u32 reserved1;          // padding to 64 bytes; must be 0
-    // ---- strides in elements (64-bit, bytes 64..175) ----
+    ap_u32 window;             // sliding window (WINDOW variants): query at position p sees keys j > p - window; 0 = none
+    ap_f32 softcap;            // logit soft cap (SOFTCAP variants): score -> softcap * tanh(score / softcap); 0 = none
+    ap_u32 rope_offset;        // RoPE: position of key 0 (query i sits at rope_offset + i + seq_kv - seq_q)
+    ap_u32 rope_table_len;     // RoPE with a cos/sin table: rows of the float32 [rope_table_len, D/2] tables
+    // ---- strides in elements (64-bit, bytes 80..191) ----
     ap_i64 q_stride[3];        // Q: {batch, head, token}
     ap_i64 k_stride[3];        // K: {batch or block, kv head, token}
     ap_i64 v_stride[3];        // V: {batch or block, kv head, token}

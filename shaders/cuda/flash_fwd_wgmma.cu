@@ -76,6 +76,16 @@
 // the V rows >= ctx of the one key block that crosses ctx (its first step, before P V;
 // boxes past ctx are not loaded at all and are zeroed with them).
 //
+// Variants (shaders/cuda/include/variants.cuh; Prototype 7). Soft cap and ALiBi transform the
+// scores in the consumers' softmax step (ScoreMod); the sliding window is a third mask beside
+// the key count and the causal diagonal, and key blocks wholly left of every row's window are
+// never loaded (the producer and the consumers walk [first_block, n_blocks)). RoPE: the three
+// idle warps of the producer warpgroup ("rope warps") rotate the Q tile once per CTA and every
+// K tile as it lands, in shared memory, between the TMA's full barrier and a second "ready"
+// barrier the consumers wait on (q_ready, k_ready[]); their writes reach the tensor cores'
+// async proxy through fence.proxy.async before they arrive. Paged K/V is stored already
+// rotated (RoPE is applied where K is written), so PAGE_SIZE > 0 with ROPE is refused.
+//
 // Kernel arguments, in order:
 //   p             AttentionParams (paged: seq_kv = max_blocks_per_seq * PAGE_SIZE, the
 //                 capacity; block_size = PAGE_SIZE; max_blocks_per_seq = table columns, also
@@ -85,12 +95,16 @@
 //   o, lse        outputs
 //   block_table   int32 [B, max_blocks_per_seq] (paged; null for contiguous K/V)
 //   context_lens  int32 [B] (paged; null for contiguous K/V)
+//   rope_cos, rope_sin  float32 [p.rope_table_len, D/2] (ROPE_TABLE = 1; else null)
+//   alibi_slopes  float32 [Hq] (ALIBI = 2; else null)
 //
 // Constants (all required): HEAD_DIM, BLOCK_R, BLOCK_C, STAGES, CONSUMER_WG,
-// CAUSAL, DTYPE (0 = float16, 1 = bfloat16), PAGE_SIZE (0 = contiguous K/V).
+// CAUSAL, DTYPE (0 = float16, 1 = bfloat16), PAGE_SIZE (0 = contiguous K/V), and the
+// variant constants ROPE, ROPE_TABLE, ALIBI, WINDOW, SOFTCAP (variants.cuh).
 #include "common/attn_params.h"
 #include "cuda/include/common.cuh"   // ap::fmax_nan, ap::quiet_nan
 #include "cuda/include/hopper.cuh"
+#include "cuda/include/variants.cuh"
 
 #ifndef HEAD_DIM
 #error "HEAD_DIM must be defined"
@@ -139,8 +153,14 @@ constexpr int kColBlocks = HEAD_DIM / kColsPerBlock;
 // registers, i.e. 512 per thread-slot of a 128-thread warpgroup: with two
 // consumer warpgroups 24 (producer) + 2 x 240 = 504 <= 512. The producer only
 // keeps loop counters and coordinates; 24 is the architectural minimum.
-constexpr u32 kProducerRegs = 24;
-constexpr u32 kConsumerRegs = 240;
+// RoPE variants: the rope warps of the producer warpgroup rotate a 16-byte chunk pair in
+// registers. D <= 128: 56 for them, 224 for the consumers (2 x 224 + 56 = 504; ptxas reports
+// no spills either side). D = 256: the consumers need their 240 (at 224 their O accumulator
+// spills), so the producer takes only the 8 registers left (32 + 2 x 240 = 512) and the rope
+// warps spill a few words (ptxas: <= 92 bytes), off the tensor cores' critical path.
+constexpr bool kWideHead = HEAD_DIM > 128;
+constexpr u32 kProducerRegs = !variant::kRope ? 24 : (kWideHead ? 32 : 56);
+constexpr u32 kConsumerRegs = (variant::kRope && !kWideHead) ? 224 : 240;
 constexpr u32 kRegisterFileSlots = 65536 / kWarpgroupThreads;
 // setmaxnreg is used with two or more consumer warpgroups: with one, the launch
 // bound of 256 threads already gives every thread the 255-register maximum.
@@ -159,6 +179,9 @@ static_assert(!kUseSetmaxnreg || kProducerRegs + CONSUMER_WG * kConsumerRegs <= 
 static_assert(PAGE_SIZE == 0 || PAGE_SIZE == 1 || PAGE_SIZE == 8 || PAGE_SIZE == 16 || PAGE_SIZE == 32 ||
               PAGE_SIZE == 64 || PAGE_SIZE == 128 || PAGE_SIZE == 256,
               "PAGE_SIZE must be 0 (contiguous K/V) or a paged-KV block size of 1, 8, 16, 32, 64, 128 or 256 tokens");
+static_assert(!(kPaged && variant::kRope),
+              "ROPE with PAGE_SIZE > 0: paged K is stored already rotated (RoPE where K is written, "
+              "paged_rope_append); rotate Q there too and run the paged kernel with ROPE=0");
 
 // ---- K/V addressing ----
 __host__ __device__ constexpr int gcd_int(int a, int b) { return b == 0 ? a : gcd_int(b, a % b); }
@@ -193,7 +216,8 @@ constexpr u32 kOffK = kOffQ + kQTileBytes;
 constexpr u32 kOffV = kOffK + STAGES * kKVTileBytes;
 constexpr u32 kOffBarriers = kOffV + STAGES * kKVTileBytes;
 constexpr u32 kBarrierBytes = 8;                                   // one mbarrier (b64)
-constexpr u32 kNumBarriers = 1 + 4 * STAGES;                       // q_full, k_full[], v_full[], k_empty[], v_empty[]
+// q_full, k_full[], v_full[], k_empty[], v_empty[]; RoPE adds q_ready and k_ready[] (rotated tiles)
+constexpr u32 kNumBarriers = 1 + 4 * STAGES + (variant::kRope ? 1 + STAGES : 0);
 constexpr u32 kOffMeta = kOffBarriers + kNumBarriers * kBarrierBytes;
 constexpr u32 kOffMetaCtx = kOffMeta;                             // paged: the sequence's key count (int)
 constexpr u32 kOffMetaFirstBad = kOffMeta + 4;                     // paged: first key of a bad page (int)
@@ -222,7 +246,9 @@ struct Tile {
     int head;
     int kv_head;
     int seq_kv;      // keys of the sequence (paged: its context length, clamped)
-    int n_blocks;    // key blocks processed: [0, n_blocks), walked from the last
+    int n_blocks;    // key blocks processed: [first_block, n_blocks), walked from the last
+    int first_block; // 0, or with WINDOW the first key block any row of the tile sees
+    int n_iters;     // n_blocks - first_block (0: the tile sees no key)
 };
 
 // The CTA's query rows and (batch, head); the key extent is set by set_key_extent.
@@ -244,6 +270,8 @@ __device__ __forceinline__ Tile tile_of_block(const AttentionParams& p) {
     t.kv_head = t.head / (int)(p.num_heads / p.num_kv_heads);
     t.seq_kv = 0;
     t.n_blocks = 0;
+    t.first_block = 0;
+    t.n_iters = 0;
     return t;
 }
 
@@ -256,6 +284,10 @@ __device__ __forceinline__ void set_key_extent(Tile& t, const AttentionParams& p
         const int last_key = t.m_block * BLOCK_R + BLOCK_R - 1 + seq_kv - (int)p.seq_q;
         t.n_blocks = last_key < 0 ? 0 : min(kv_blocks, last_key / BLOCK_C + 1);
     }
+    // WINDOW: the tile's first row sees keys > its position - window; blocks left of that are skipped.
+    const int first_key = variant::first_visible_key(t.m_block * BLOCK_R + seq_kv - (int)p.seq_q, (int)p.window);
+    t.first_block = min(first_key / BLOCK_C, t.n_blocks);
+    t.n_iters = t.n_blocks - t.first_block;
 }
 
 // The paged pool as the producer sees it (null / zero for contiguous K/V).
@@ -267,11 +299,16 @@ struct PagedPool {
 
 struct Barriers {
     u32 q_full;
-    u32 base;  // four arrays of STAGES barriers: k_full, v_full, k_empty, v_empty
+    u32 base;  // four arrays of STAGES barriers: k_full, v_full, k_empty, v_empty (RoPE: then q_ready, k_ready[])
     __device__ __forceinline__ u32 k_full(int s) const { return base + kBarrierBytes * s; }
     __device__ __forceinline__ u32 v_full(int s) const { return base + kBarrierBytes * (STAGES + s); }
     __device__ __forceinline__ u32 k_empty(int s) const { return base + kBarrierBytes * (2 * STAGES + s); }
     __device__ __forceinline__ u32 v_empty(int s) const { return base + kBarrierBytes * (3 * STAGES + s); }
+    __device__ __forceinline__ u32 q_ready() const { return base + kBarrierBytes * (4 * STAGES); }
+    __device__ __forceinline__ u32 k_ready(int s) const { return base + kBarrierBytes * (4 * STAGES + 1 + s); }
+    // What the consumers wait on: the TMA's barriers, or (RoPE) the rope warps' ready barriers.
+    __device__ __forceinline__ u32 q_use() const { return variant::kRope ? q_ready() : q_full; }
+    __device__ __forceinline__ u32 k_use(int s) const { return variant::kRope ? k_ready(s) : k_full(s); }
 };
 
 // Ring position of the it-th key block walked by a CTA.
@@ -378,7 +415,7 @@ __device__ __forceinline__ void producer(const Tile& t, u32 smem, const Barriers
                                          const hopper::TensorMap* tm_v) {
     // Nothing to load for a tile that sees no key (the consumers do not wait
     // either); a copy still in flight when the CTA retires would be undefined.
-    if (t.n_blocks == 0) return;
+    if (t.n_iters == 0) return;
     const bool leader = threadIdx.x == 0;
     if (leader) {
         hopper::tma_prefetch_descriptor(tm_q);
@@ -393,7 +430,7 @@ __device__ __forceinline__ void producer(const Tile& t, u32 smem, const Barriers
     }
     KvAddress<kPaged> kv(t, pool, smem + kOffMetaFirstBad);
     kv.fetch(t.n_blocks - 1);
-    for (int it = 0; it < t.n_blocks; ++it) {
+    for (int it = 0; it < t.n_iters; ++it) {
         const int n = t.n_blocks - 1 - it;
         const int stage = stage_of(it);
         // A fresh barrier is in phase 0: waiting for parity 1 passes on the first lap.
@@ -409,7 +446,99 @@ __device__ __forceinline__ void producer(const Tile& t, u32 smem, const Barriers
         if (leader) hopper::mbar_arrive_expect_tx(bars.v_full(stage), tile.bytes);
         if constexpr (kPaged) __syncwarp();
         kv.load(v_dst, tm_v, bars.v_full(stage), n, tile);
-        if (n > 0) kv.fetch(n - 1);
+        if (n > t.first_block) kv.fetch(n - 1);
+    }
+}
+
+// ---- RoPE in shared memory (the rope warps: warps 1-3 of the producer warpgroup) ----
+constexpr int kRopeThreads = kWarpgroupThreads - kWarpLanes;
+constexpr int kChunkBytes = 16;                              // one swizzle chunk: 8 16-bit elements
+constexpr int kChunkElems = kChunkBytes / kElemBytes;
+constexpr int kChunksPerRow = HEAD_DIM / kChunkElems;
+constexpr int kChunksPerColBlock = hopper::kSwizzleRowBytes / kChunkBytes;
+static_assert(!variant::kRope || (HEAD_DIM / 2) % kChunkElems == 0,
+              "rotate-half RoPE pairs whole 16-byte chunks: D/2 must be a multiple of 8");
+
+// Shared address of 16-byte chunk j (elements [8j, 8j + 8)) of row r of a tile whose column
+// blocks are kColBlockBytes apart: the 128-byte swizzle XORs the chunk index with r % 8.
+template <u32 kColBlockBytes>
+__device__ __forceinline__ u32 chunk_addr(u32 tile, int r, int j) {
+    const int cb = j / kChunksPerColBlock;
+    const int in_row = (j % kChunksPerColBlock) ^ (r % hopper::kSwizzleAtomRows);
+    return tile + cb * kColBlockBytes + (u32)r * hopper::kSwizzleRowBytes + (u32)in_row * kChunkBytes;
+}
+
+// Rotates rows [0, valid) of a tile; row r is at position pos0 + r. Rotate-half: a unit is
+// chunk j < D/16 and its partner j + D/16 (pairs (i, i + D/2)); interleaved: one chunk (four
+// pairs (2i, 2i + 1)). Rows >= valid (zero fill past N) are left alone.
+template <int kRows, u32 kColBlockBytes>
+__device__ __forceinline__ void rope_tile(u32 tile, int valid, int pos0, const variant::Rope& rope, int tid) {
+    constexpr int kUnitsPerRow = variant::kInterleaved ? kChunksPerRow : kChunksPerRow / 2;
+    for (int u = tid; u < kRows * kUnitsPerRow; u += kRopeThreads) {
+        const int r = u / kUnitsPerRow;
+        const int j = u % kUnitsPerRow;
+        const int pos = pos0 + r;
+        if (r >= valid || !rope.in_range(pos)) continue;
+        if constexpr (variant::kInterleaved) {
+            const u32 a = chunk_addr<kColBlockBytes>(tile, r, j);
+            u32 w[4];
+            hopper::ld_shared_v4(a, w);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x1, x2, c, sn;
+                variant::unpack2<kBF16>(w[e], x1, x2);
+                rope.cos_sin(pos, j * 4 + e, c, sn);
+                variant::rotate(x1, x2, c, sn);
+                w[e] = hopper::pack2<kBF16>(x1, x2);
+            }
+            hopper::st_shared_v4(a, w);
+        } else {
+            const u32 a1 = chunk_addr<kColBlockBytes>(tile, r, j);
+            const u32 a2 = chunk_addr<kColBlockBytes>(tile, r, j + kChunksPerRow / 2);
+            u32 w1[4], w2[4];
+            hopper::ld_shared_v4(a1, w1);
+            hopper::ld_shared_v4(a2, w2);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x1[2], x2[2];
+                variant::unpack2<kBF16>(w1[e], x1[0], x1[1]);
+                variant::unpack2<kBF16>(w2[e], x2[0], x2[1]);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float c, sn;
+                    rope.cos_sin(pos, j * kChunkElems + 2 * e + h, c, sn);
+                    variant::rotate(x1[h], x2[h], c, sn);
+                }
+                w1[e] = hopper::pack2<kBF16>(x1[0], x1[1]);
+                w2[e] = hopper::pack2<kBF16>(x2[0], x2[1]);
+            }
+            hopper::st_shared_v4(a1, w1);
+            hopper::st_shared_v4(a2, w2);
+        }
+    }
+    // the generic-proxy writes become visible to the wgmma reads (async proxy) of the tile
+    hopper::fence_proxy_async_shared();
+}
+
+// The rope warps: rotate Q once, then each K tile between its full and ready barriers.
+__device__ __forceinline__ void rope_warps(const AttentionParams& p, const Tile& t, u32 smem, const Barriers& bars,
+                                           const float* rope_cos, const float* rope_sin) {
+    if (t.n_iters == 0) return;
+    const int tid = (int)threadIdx.x - kWarpLanes;
+    variant::Rope rope;
+    rope.init(p, rope_cos, rope_sin);
+    const int q_row0 = t.m_block * BLOCK_R;
+    hopper::mbar_wait(bars.q_full, 0);
+    rope_tile<BLOCK_R, kQColBlockBytes>(smem + kOffQ, (int)p.seq_q - q_row0,
+                                        rope.offset + q_row0 + t.seq_kv - (int)p.seq_q, rope, tid);
+    hopper::mbar_arrive(bars.q_ready());
+    for (int it = 0; it < t.n_iters; ++it) {
+        const int n = t.n_blocks - 1 - it;
+        const int stage = stage_of(it);
+        hopper::mbar_wait(bars.k_full(stage), phase_of(it));
+        rope_tile<BLOCK_C, kKVColBlockBytes>(smem + kOffK + stage * kKVTileBytes, t.seq_kv - n * BLOCK_C,
+                                             rope.offset + n * BLOCK_C, rope, tid);
+        hopper::mbar_arrive(bars.k_ready(stage));
     }
 }
 
@@ -420,7 +549,10 @@ struct Consumer {
     int quad_col;     // first of the thread's two adjacent columns in each 8-column chunk
     int diag;         // query i sees keys j <= i + diag (bottom-right aligned)
     int seq_kv;
-    float scale_log2; // softmax scale folded with log2(e): exp(x * scale) = exp2(x * scale_log2)
+    float scale_log2; // multiplier of the exp2 argument: scale * log2(e), or 1 where ScoreMod made the
+                      // scores log2-domain logits already
+    int window;       // WINDOW: query at position p sees keys > p - window
+    variant::ScoreMod mod;  // soft cap and ALiBi (kScoreMod)
     float m_run[2];   // running row max of the scaled scores (log2 domain)
     float l_run[2];   // this thread's partial row sums of exp2(...)
 };
@@ -460,9 +592,21 @@ __device__ __forceinline__ void issue_pv(float (&o)[kORegs], const u32 (&pa)[kPC
 // exp2(m_old - m_new) by which O must be rescaled before P V is added.
 __device__ __forceinline__ void softmax_block(Consumer& c, float (&s)[kSRegs], int n, float (&alpha)[2]) {
     const int col0 = n * BLOCK_C;
+    if constexpr (variant::kScoreMod) {
+#pragma unroll
+        for (int j = 0; j < BLOCK_C / 8; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    s[4 * j + 2 * h + e] = c.mod.logit_log2(s[4 * j + 2 * h + e], c.row[h] + c.diag,
+                                                            col0 + 8 * j + c.quad_col + e);
+    }
     const bool crosses_end = col0 + BLOCK_C > c.seq_kv;
     const bool crosses_diag = kCausal && (col0 + BLOCK_C - 1 > c.wg_row0 + c.diag);
-    if (crosses_end || crosses_diag) {
+    // WINDOW: some row of the warpgroup (the last sees the most recent keys) has keys of this block left of its window
+    const bool crosses_window = variant::kWindow && col0 <= c.wg_row0 + kRowsPerConsumer - 1 + c.diag - c.window;
+    if (crosses_end || crosses_diag || crosses_window) {
 #pragma unroll
         for (int j = 0; j < BLOCK_C / 8; ++j) {
 #pragma unroll
@@ -470,7 +614,8 @@ __device__ __forceinline__ void softmax_block(Consumer& c, float (&s)[kSRegs], i
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int col = col0 + 8 * j + c.quad_col + e;
-                    const bool masked = col >= c.seq_kv || (kCausal && col > c.row[h] + c.diag);
+                    const bool masked = col >= c.seq_kv || (kCausal && col > c.row[h] + c.diag) ||
+                                        variant::outside_window(c.row[h] + c.diag, col, c.window);
                     if (masked) s[4 * j + 2 * h + e] = hopper::neg_inf();
                 }
             }
@@ -552,7 +697,7 @@ __device__ __forceinline__ void rescale_o(float (&o)[kORegs], const float (&alph
 // issued, and P_it is packed only after wait_group 0.
 __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t, u32 smem, const Barriers& bars,
                                          int consumer_wg, unsigned short* __restrict__ o_out,
-                                         float* __restrict__ lse_out) {
+                                         float* __restrict__ lse_out, const float* __restrict__ alibi_slopes) {
     const int tid = (int)threadIdx.x % kWarpgroupThreads;
     const int warp = tid / 32;
     const int lane = tid % 32;
@@ -563,7 +708,9 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
     c.quad_col = 2 * (lane % 4);
     c.diag = t.seq_kv - (int)p.seq_q;
     c.seq_kv = t.seq_kv;
-    c.scale_log2 = p.scale * 1.4426950408889634f;  // log2(e)
+    c.scale_log2 = variant::kScoreMod ? 1.f : p.scale * variant::kLog2e;
+    c.window = (int)p.window;
+    c.mod.init(p, t.head, alibi_slopes);
     c.m_run[0] = c.m_run[1] = hopper::neg_inf();
     c.l_run[0] = c.l_run[1] = 0.f;
 
@@ -571,15 +718,15 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
 #pragma unroll
     for (int i = 0; i < kORegs; ++i) o[i] = 0.f;
 
-    if (t.n_blocks > 0) {
+    if (t.n_iters > 0) {
         const u64 desc_q = hopper::make_desc_kmajor(smem + kOffQ + consumer_wg * kConsumerQOffset);
         float s[kSRegs];
         u32 pa[kPChunks][4];
         float alpha[2];
-        hopper::mbar_wait(bars.q_full, 0);
+        hopper::mbar_wait(bars.q_use(), 0);
 
         // step 0: S_0 and its softmax (O is still zero: no rescale needed)
-        hopper::mbar_wait(bars.k_full(stage_of(0)), phase_of(0));
+        hopper::mbar_wait(bars.k_use(stage_of(0)), phase_of(0));
         issue_qk(s, desc_q, smem + kOffK + stage_of(0) * kKVTileBytes);
         hopper::wgmma_wait<0>();
         hopper::reg_fence_array(s);
@@ -595,10 +742,10 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
             }
         }
 
-        for (int it = 1; it < t.n_blocks; ++it) {
+        for (int it = 1; it < t.n_iters; ++it) {
             const int stage = stage_of(it);
             const int prev = stage_of(it - 1);
-            hopper::mbar_wait(bars.k_full(stage), phase_of(it));
+            hopper::mbar_wait(bars.k_use(stage), phase_of(it));
             issue_qk(s, desc_q, smem + kOffK + stage * kKVTileBytes);
             rescale_o(o, alpha);
             hopper::mbar_wait(bars.v_full(prev), phase_of(it - 1));
@@ -614,9 +761,9 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
         }
 
         // last P V
-        const int last = stage_of(t.n_blocks - 1);
+        const int last = stage_of(t.n_iters - 1);
         rescale_o(o, alpha);
-        hopper::mbar_wait(bars.v_full(last), phase_of(t.n_blocks - 1));
+        hopper::mbar_wait(bars.v_full(last), phase_of(t.n_iters - 1));
         issue_pv(o, pa, smem + kOffV + last * kKVTileBytes);
         hopper::wgmma_wait<0>();
         hopper::reg_fence_array(o);
@@ -642,10 +789,12 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
         // A row with no key writes O = 0 exactly (selected, whatever a masked V put in o)
         // and LSE = -inf.
         // (A paged sequence may have no key at all: ctx = 0.)
-        const bool has_key = c.seq_kv > 0 && (!kCausal || c.row[h] + c.diag >= 0);
+        // WINDOW: the row's keys are [first_visible_key, last_key]; it may see none.
+        const int last_key = kCausal ? min(c.row[h] + c.diag, c.seq_kv - 1) : c.seq_kv - 1;
+        const bool has_key = c.seq_kv > 0 && last_key >= variant::first_visible_key(c.row[h] + c.diag, c.window) &&
+                             (!kCausal || c.row[h] + c.diag >= 0);
         // A row whose visible keys [0, last_key] reach a bad page (or whose sequence had a
         // bad context length) is NaN: its result would silently miss keys otherwise.
-        const int last_key = kCausal ? min(c.row[h] + c.diag, c.seq_kv - 1) : c.seq_kv - 1;
         const bool poisoned = kPaged && first_bad <= last_key;
         const float inv = has_key ? 1.f / l : 0.f;
         const float lse_ok = l > 0.f ? (c.m_run[h] + hopper::fast_log2(l)) * ln2
@@ -676,13 +825,21 @@ flash_fwd_wgmma(const AttentionParams p,
                 unsigned short* __restrict__ o,
                 float* __restrict__ lse,
                 const int* __restrict__ block_table,
-                const int* __restrict__ context_lens) {
+                const int* __restrict__ context_lens,
+                const float* __restrict__ rope_cos,
+                const float* __restrict__ rope_sin,
+                const float* __restrict__ alibi_slopes) {
     using namespace fwd;
     extern __shared__ unsigned char smem_raw[];
     // The host sizes the launch from the same formula; a mismatch would corrupt
     // memory, so refuse to run instead (as for a paged kernel without its pool arguments).
     if (ap::dynamic_smem_size() < kSmemBytes || p.head_dim != HEAD_DIM || p.block_size != PAGE_SIZE) __trap();
     if (kPaged && (block_table == nullptr || context_lens == nullptr || p.max_blocks_per_seq == 0 || p.num_blocks == 0))
+        __trap();
+    // A variant without the buffer or value it reads (the host checks all of these).
+    if ((variant::kRopeTable && (rope_cos == nullptr || rope_sin == nullptr)) ||
+        (ALIBI == variant::kAlibiSlopes && alibi_slopes == nullptr) || (variant::kWindow && p.window == 0) ||
+        (variant::kSoftcap && !(p.softcap > 0.f)))
         __trap();
     const u32 raw = hopper::smem_u32(smem_raw);
     const u32 smem = (raw + hopper::kSwizzleAtomBytes - 1) & ~(hopper::kSwizzleAtomBytes - 1);
@@ -702,6 +859,10 @@ flash_fwd_wgmma(const AttentionParams p,
             hopper::mbar_init(bars.k_empty(s), kConsumerThreads);  // every consumer thread arrives
             hopper::mbar_init(bars.v_empty(s), kConsumerThreads);
         }
+        if constexpr (variant::kRope) {
+            hopper::mbar_init(bars.q_ready(), kRopeThreads);  // every rope thread arrives
+            for (int s = 0; s < STAGES; ++s) hopper::mbar_init(bars.k_ready(s), kRopeThreads);
+        }
         hopper::mbar_init_fence();
     }
     const u32 meta_ctx = smem + kOffMetaCtx;
@@ -720,8 +881,10 @@ flash_fwd_wgmma(const AttentionParams p,
     if (warpgroup == 0) {
         if constexpr (kUseSetmaxnreg) hopper::setmaxnreg_dec<kProducerRegs>();
         if (threadIdx.x < kProducerLanes) producer(t, smem, bars, pool, &tm_q, &tm_k, &tm_v);
+        if constexpr (variant::kRope)
+            if (threadIdx.x >= kWarpLanes) rope_warps(p, t, smem, bars, rope_cos, rope_sin);
     } else {
         if constexpr (kUseSetmaxnreg) hopper::setmaxnreg_inc<kConsumerRegs>();
-        consumer(p, t, smem, bars, warpgroup - 1, o, lse);
+        consumer(p, t, smem, bars, warpgroup - 1, o, lse, alibi_slopes);
     }
 }

@@ -118,13 +118,14 @@ def _select(problem: FlashProblem, device: DeviceSpec, kernel: Any, config: Any)
 
 def prepare_forward(q: Any, k: Any, v: Any, *, causal: bool = False, scale: Optional[float] = None,
                     kernel: str = AUTO, config: Any = None, out: Any = None, lse: Any = None,
-                    backend: Any = None):
+                    backend: Any = None, **variant: Any):
     """Check inputs once, choose, allocate, compile: the launch to run or replay (what benchmarks time).
 
     The launch has ``launch()``, ``time(warmup, iters, flush_l2)`` (lab.TimingStats),
-    ``family``, ``config`` and ``reason``.
+    ``family``, ``config`` and ``reason``. ``variant``: rope, rope_theta, rope_offset,
+    rope_table, alibi, alibi_max_bias, window, softcap (:mod:`attnproto.ops.variants`).
     """
-    problem = check_flash_inputs(q, k, v, causal=causal, scale=scale, out=out, lse=lse)
+    problem = check_flash_inputs(q, k, v, causal=causal, scale=scale, out=out, lse=lse, **variant)
     be, device = _resolve_backend(problem, backend)
     family, cfg, reason = _select(problem, device, kernel, config)
     launch = family.prepare(problem, cfg, be)
@@ -134,23 +135,25 @@ def prepare_forward(q: Any, k: Any, v: Any, *, causal: bool = False, scale: Opti
 
 def flash_forward(q: Any, k: Any, v: Any, *, causal: bool = False, scale: Optional[float] = None,
                   kernel: str = AUTO, config: Any = None, out: Any = None, lse: Any = None,
-                  backend: Any = None) -> Tuple[Any, Any]:
+                  backend: Any = None, **variant: Any) -> Tuple[Any, Any]:
     """softmax(scale Q K^T, masked) V; returns (O, LSE). See the module doc.
 
     ``scale`` defaults to 1/sqrt(D) and must be positive; ``out``/``lse`` are written in
-    place when given. CUDA launches are asynchronous on the backend's stream.
+    place when given. CUDA launches are asynchronous on the backend's stream. ``variant``:
+    RoPE / ALiBi / sliding window / soft cap keywords (:func:`prepare_forward`).
     """
     return prepare_forward(q, k, v, causal=causal, scale=scale, kernel=kernel, config=config, out=out,
-                           lse=lse, backend=backend).launch()
+                           lse=lse, backend=backend, **variant).launch()
 
 
 def time_flash_forward(q: Any, k: Any, v: Any, *, causal: bool = False, scale: Optional[float] = None,
                        kernel: str = AUTO, config: Any = None, out: Any = None, lse: Any = None,
                        backend: Any = None, warmup: int = 4, iters: int = 50,
-                       flush_l2: bool = False) -> _lab.TimingStats:
+                       flush_l2: bool = False, **variant: Any) -> _lab.TimingStats:
     """Timed launches of the same call (device events on GPUs, wall clock on the CPU)."""
     return prepare_forward(q, k, v, causal=causal, scale=scale, kernel=kernel, config=config, out=out,
-                           lse=lse, backend=backend).time(warmup=warmup, iters=iters, flush_l2=flush_l2)
+                           lse=lse, backend=backend, **variant).time(warmup=warmup, iters=iters,
+                                                                     flush_l2=flush_l2)
 
 
 def explain(spec: ProblemSpec, device: DeviceSpec) -> dict:

@@ -87,11 +87,13 @@ def _check_config(config: WgmmaConfig, head_dim: int) -> None:
                          f"over the {HOPPER_SMEM_OPTIN}-byte Hopper limit; lower stages or block_c")
 
 
-def shared_bytes(config: WgmmaConfig, head_dim: int) -> int:
+def shared_bytes(config: WgmmaConfig, head_dim: int, variant: Any = None) -> int:
     """Dynamic shared memory of one CTA; mirrors kSmemBytes in flash_fwd_wgmma.cu."""
     q_tile = config.block_r * head_dim * ELEMENT_BYTES
     kv_tile = config.block_c * head_dim * ELEMENT_BYTES
     barriers = (1 + 4 * config.stages) * BARRIER_BYTES   # q_full + k/v full + k/v empty per stage
+    if variant is not None and variant.rope is not None:
+        barriers += (1 + config.stages) * BARRIER_BYTES  # RoPE: q_ready + k_ready per stage (rotated tiles)
     return q_tile + 2 * config.stages * kv_tile + barriers + META_BYTES + SMEM_ALIGN_SLACK
 
 
@@ -140,13 +142,26 @@ CONTIGUOUS = 0
 
 
 def constants(config: WgmmaConfig, head_dim: int, causal: bool, dtype: str,
-              page_size: int = CONTIGUOUS) -> dict[str, int]:
-    """Named constants (NVRTC -D macros) of one specialisation."""
+              page_size: int = CONTIGUOUS, variant: Any = None) -> dict[str, int]:
+    """Named constants (NVRTC -D macros) of one specialisation; ``variant`` an
+    :class:`attnproto.ops.variants.Variant` (None: the base kernel)."""
+    from .variants import BASE  # noqa: PLC0415  (variants imports nothing of this module)
+
     return {
         "HEAD_DIM": int(head_dim), "BLOCK_R": config.block_r, "BLOCK_C": int(config.block_c),
         "STAGES": int(config.stages), "CONSUMER_WG": int(config.consumer_wg),
         "CAUSAL": int(bool(causal)), "DTYPE": DTYPE_CODES[dtype], "PAGE_SIZE": int(page_size),
+        **(variant or BASE).constants(),
     }
+
+
+def variant_args(values: Any) -> list:
+    """The kernel's variant buffer arguments after the pool arguments: rope_cos, rope_sin,
+    alibi_slopes (null pointers where the variant does not read them)."""
+    null = np.uint64(0)
+    if values is None:
+        return [null, null, null]
+    return [null if x is None else x for x in (values.rope_cos, values.rope_sin, values.alibi_slopes)]
 
 
 # ---- the Prototype 1 sweep of this kernel ----
@@ -226,10 +241,11 @@ def prepare(problem: Any, cfg: WgmmaConfig, backend: Any) -> Any:
         strides = _tma_strides(info.shape, info.strides, name)
         maps.append(backend.tensor_map(x, tdt, [d, seq, heads, b], strides, [SWIZZLE_COLS, rows, 1, 1],
                                        SWIZZLE_BYTES, False))
-    kern = backend.kernel(KERNEL_NAME, **constants(cfg, d, problem.causal, s.dtype))
+    kern = backend.kernel(KERNEL_NAME, **constants(cfg, d, problem.causal, s.dtype, CONTIGUOUS, problem.variant))
     return PreparedLaunch(backend, kern, (grid_x, 1, 1), (cfg.threads, 1, 1),
-                          [flash_params(problem), *maps, problem.out, problem.lse, *CONTIGUOUS_POOL_ARGS],
-                          shared_bytes(cfg, d), problem, cfg, family="wgmma")
+                          [flash_params(problem), *maps, problem.out, problem.lse, *CONTIGUOUS_POOL_ARGS,
+                           *variant_args(problem.values)],
+                          shared_bytes(cfg, d, problem.variant), problem, cfg, family="wgmma")
 
 
 def flash_forward_wgmma(q: Any, k: Any, v: Any, **kwargs: Any):

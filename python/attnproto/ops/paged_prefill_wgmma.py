@@ -185,7 +185,7 @@ def prepare_paged_prefill_wgmma(q: Any, k_cache: Any, v_cache: Any, block_table:
     tm_v = be.tensor_map(v_cache, tdt, list(layout.pool_dims), list(layout.v_strides_bytes), box,
                          fw.SWIZZLE_BYTES, False)
     kern = be.kernel(fw.KERNEL_NAME, **layout.constants)
-    args = [layout.params, tm_q, tm_k, tm_v, out, lse, block_table, context_lens]
+    args = [layout.params, tm_q, tm_k, tm_v, out, lse, block_table, context_lens, *fw.variant_args(None)]
     hkv = int(k_cache.shape[2])
     shape = _v.AttentionShape(b, hq, hkv, nq, layout.capacity, d, layout.dtype, "cuda")
     problem = FlashProblem(q, k_cache, v_cache, out, lse, shape, bool(causal), scale, tuple(q.stride())[:3],

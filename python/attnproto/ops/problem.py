@@ -25,6 +25,7 @@ import numpy as np
 from .. import lab as _lab
 from .. import params as _params
 from .. import validate as _v
+from . import variants as _variants
 
 __all__ = [
     "AUTO",
@@ -63,11 +64,14 @@ class ProblemSpec:
     head_dim: int
     dtype: str
     causal: bool
+    #: The compile-time variant (RoPE, ALiBi, window, softcap); the base kernel by default.
+    variant: _variants.Variant = _variants.BASE
 
     @classmethod
-    def from_shape(cls, shape: _v.AttentionShape, causal: bool) -> "ProblemSpec":
+    def from_shape(cls, shape: _v.AttentionShape, causal: bool,
+                   variant: _variants.Variant = _variants.BASE) -> "ProblemSpec":
         return cls(shape.batch, shape.num_heads, shape.num_kv_heads, shape.seq_q, shape.seq_kv,
-                   shape.head_dim, shape.dtype, bool(causal))
+                   shape.head_dim, shape.dtype, bool(causal), variant)
 
 
 @dataclass(frozen=True)
@@ -165,10 +169,12 @@ class FlashProblem:
     lse_stride: Tuple[int, int]
     location: str = CUDA
     infos: Dict[str, _v.TensorInfo] = field(default_factory=dict, compare=False, repr=False)
+    variant: _variants.Variant = _variants.BASE
+    values: _variants.VariantValues = field(default_factory=_variants.VariantValues, compare=False, repr=False)
 
     @property
     def spec(self) -> ProblemSpec:
-        return ProblemSpec.from_shape(self.shape, self.causal)
+        return ProblemSpec.from_shape(self.shape, self.causal, self.variant)
 
     def pointer(self, name: str) -> int:
         """Device address of q/k/v/out/lse (CUDA problems only)."""
@@ -193,8 +199,12 @@ def _v_first_tensor(q: Any) -> Any:
 
 def check_flash_inputs(q: Any, k: Any, v: Any, *, causal: bool = False,
                        scale: Optional[float] = None, out: Any = None,
-                       lse: Any = None) -> FlashProblem:
+                       lse: Any = None, **variant: Any) -> FlashProblem:
     """The one input check of the flash front door; allocates missing CUDA outputs.
+
+    ``variant``: the keywords of :func:`attnproto.ops.variants.check_variant` (rope, rope_theta,
+    rope_offset, rope_table, alibi, alibi_max_bias, window, softcap); any other name is a
+    TypeError.
 
     TypeError for a non-tensor, a dtype no family takes or mixed dtypes; ValueError for
     rank, shape, head count (Hq % Hkv), head_dim mismatch, device, stride, a
@@ -202,9 +212,14 @@ def check_flash_inputs(q: Any, k: Any, v: Any, *, causal: bool = False,
     the argument. Family-specific rules (dtype subset, head dims, alignment, arch) are
     checked by the family's ``supports()``.
     """
+    unknown = sorted(set(variant) - set(_variants.KEYWORDS))
+    if unknown:
+        raise TypeError(f"{unknown[0]}: not an argument of the flash front door (variant arguments: "
+                        f"{', '.join(_variants.KEYWORDS)})")
     location = _location(_v_first_tensor(q))
     shape = _v.check_attention_inputs(q, k, v, causal=causal, allowed_dtypes=FRONT_DOOR_DTYPES,
                                       contiguous_last_dim=location == CUDA)
+    var, values = _variants.check_variant(q, shape, location, **variant)
     scale = _v.check_scale(scale, shape.head_dim)
     if scale <= 0.0:
         raise ValueError(f"scale: must be positive (the kernels keep the running max of unscaled "
@@ -251,7 +266,7 @@ def check_flash_inputs(q: Any, k: Any, v: Any, *, causal: bool = False,
                 raise TypeError(f"lse: host calls write into numpy arrays, got {type(lse).__name__}")
     return FlashProblem(q, k, v, out, lse, shape, bool(causal), scale, infos["q"].strides[:3],
                         infos["k"].strides[:3], infos["v"].strides[:3], tuple(o_strides), tuple(lse_strides),
-                        location, infos)
+                        location, infos, var, values)
 
 
 def flash_params(problem: FlashProblem):
@@ -261,7 +276,7 @@ def flash_params(problem: FlashProblem):
         batch=s.batch, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, seq_q=s.seq_q,
         seq_kv=s.seq_kv, head_dim=s.head_dim, scale=problem.scale, q_stride=problem.q_stride,
         k_stride=problem.k_stride, v_stride=problem.v_stride, o_stride=problem.o_stride,
-        lse_stride=problem.lse_stride)
+        lse_stride=problem.lse_stride, **problem.values.params())
 
 
 @dataclass

@@ -90,6 +90,17 @@ __device__ __forceinline__ void st_shared_zero16(u32 addr) {
     asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(addr), "r"(0u) : "memory");
 }
 
+// 16 bytes at a 16-byte aligned shared address, as four 32-bit words.
+__device__ __forceinline__ void ld_shared_v4(u32 addr, u32 (&w)[4]) {
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(addr) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_v4(u32 addr, const u32 (&w)[4]) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
+                 :: "r"(addr), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
+}
+
 __device__ __forceinline__ void st_shared_s32(u32 addr, int v) {
     asm volatile("st.shared.s32 [%0], %1;\n" :: "r"(addr), "r"(v) : "memory");
 }
@@ -149,6 +160,7 @@ template <int kN> __device__ __forceinline__ void reg_fence_array(float (&r)[kN]
 constexpr u64 kDescSwizzle128B = 1ull << 62;
 constexpr u32 kSwizzleRowBytes = 128;    // one swizzled row: 64 x 16-bit elements
 constexpr u32 kSwizzleAtomBytes = 1024;  // 8 rows of 128 bytes: the swizzle period
+constexpr int kSwizzleAtomRows = 8;      // rows of one swizzle period (16-byte chunk c of row r sits at c ^ (r % 8))
 
 __device__ __forceinline__ u64 make_desc(u32 smem_addr, u32 leading_bytes, u32 stride_bytes) {
     return (u64)((smem_addr & 0x3FFFFu) >> 4)

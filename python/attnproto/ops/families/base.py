@@ -21,13 +21,18 @@ Which family and tiles ``kernel="auto"`` picks is :mod:`attnproto.ops.chooser`'s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Sequence, Tuple
 
 import numpy as np
 
 from ..problem import CUDA, DeviceSpec, FlashProblem, ProblemSpec, Rules
 
 Spec = Tuple[str, Dict[str, int]]
+
+#: The front-door argument behind each variant feature (what a refusal names).
+_FEATURE_ARGUMENT = {"rope_half": "rope", "rope_interleaved": "rope", "rope_table": "rope_table",
+                     "rope_computed": "rope_table", "alibi_standard": "alibi", "alibi_slopes": "alibi",
+                     "window": "window", "softcap": "softcap"}
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,20 @@ class Family:
     #: kernels). DSL families compile through their DSL (no NVRTC specialisations, no benchmark
     #: binary) and stay out of ``kernel="auto"`` and the Prototype 1 sweep: Prototype 5 measures them.
     dsl: str = ""
+    #: The variant features (attnproto.ops.variants.FEATURES) the family's kernels take; a call
+    #: asking for another is refused naming its argument.
+    variant_features: FrozenSet[str] = frozenset()
 
     # ------------------------------------------------------------ support
+    def variant_support(self, spec: ProblemSpec) -> Tuple[bool, str]:
+        """(True, "") or (False, reason naming the variant argument) for ``spec.variant``."""
+        for feature in spec.variant.features():
+            if feature not in self.variant_features:
+                arg = _FEATURE_ARGUMENT.get(feature, feature)
+                takes = ", ".join(sorted(self.variant_features)) or "no variant"
+                return False, f"{arg}: variant '{feature}' is not supported by {self.name} (it takes {takes})"
+        return True, ""
+
     def supports_spec(self, spec: ProblemSpec, device: DeviceSpec) -> Tuple[bool, str]:
         """(True, "") or (False, reason) for a problem described without tensors."""
         r = self.rules
@@ -100,6 +117,9 @@ class Family:
             return False, f"q: dtype {spec.dtype} not supported by {self.name} (expected {', '.join(r.dtypes)})"
         if not r.head_dim_ok(spec.head_dim):
             return False, f"q: head_dim {spec.head_dim} not supported by {self.name} (expected {r.head_dim_text()})"
+        ok, why = self.variant_support(spec)
+        if not ok:
+            return ok, why
         return self.extra_support(spec, device)
 
     def extra_support(self, spec: ProblemSpec, device: DeviceSpec) -> Tuple[bool, str]:

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from ... import cpu as _cpu
+from .. import variants as _variants
 from ..problem import HOST, DeviceSpec, FlashProblem, HostLaunch, ProblemSpec, Rules
 from .base import Family, Tile, as_tile
 
@@ -29,6 +30,8 @@ class CpuFamily(Family):
     #: Head dims the contract tests and the sanitizer exercise (an odd one where the family takes it).
     test_head_dims = (32, 64, 80)
     config_keys = ("block_r", "block_c")
+    #: Every Prototype 7 variant (the numpy loop applies them as the GPU kernels do).
+    variant_features = frozenset(_variants.FEATURES)
 
     def sweep_space(self, head_dim: int, causal: bool, dtype: str, device: DeviceSpec) -> List[Any]:
         return [CpuTile(r, c) for r, c in SWEEP_TILES]
@@ -48,7 +51,8 @@ class CpuFamily(Family):
     def prepare(self, problem: FlashProblem, config: Any, backend: Any) -> HostLaunch:
         def run():
             return _cpu.flash_forward(problem.q, problem.k, problem.v, block_r=config.block_r,
-                                      block_c=config.block_c, causal=problem.causal, scale=problem.scale)
+                                      block_c=config.block_c, causal=problem.causal, scale=problem.scale,
+                                      **problem.values.host_kwargs(problem.variant))
         return HostLaunch(run=run, problem=problem, config=config, family=self.name)
 
     def run_host(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool, dtype: str,

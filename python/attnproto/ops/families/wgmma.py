@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from .. import flash_wgmma as _fw
+from .. import variants as _variants
 from ..problem import CUDA, DeviceSpec, FlashProblem, ProblemSpec, Rules
 from .base import Family, Spec, unique
 from .cuda_host import run_cuda_host
@@ -32,6 +33,9 @@ class WgmmaFamily(Family):
     #: Head dims the contract tests and the sanitizer exercise (an odd one where the family takes it).
     test_head_dims = _fw.HEAD_DIMS
     config_keys = ("block_r", "block_c", "consumer_wg", "stages")
+    #: Every Prototype 7 variant: soft cap / ALiBi in the softmax step, the window as a mask with
+    #: skipped key blocks, RoPE by the producer warpgroup's rope warps (flash_fwd_wgmma.cu).
+    variant_features = frozenset(_variants.FEATURES)
 
     def extra_support(self, spec: ProblemSpec, device: DeviceSpec) -> Tuple[bool, str]:
         if device.compute[0] != MIN_COMPUTE[0]:
@@ -63,10 +67,10 @@ class WgmmaFamily(Family):
         return f"wgmma {config.block_r}x{config.block_c} wg{config.consumer_wg} s{config.stages}"
 
     def constants(self, config: Any, spec: ProblemSpec) -> Dict[str, int]:
-        return _fw.constants(config, spec.head_dim, spec.causal, spec.dtype)
+        return _fw.constants(config, spec.head_dim, spec.causal, spec.dtype, _fw.CONTIGUOUS, spec.variant)
 
     def shared_bytes(self, config: Any, spec: ProblemSpec) -> int:
-        return _fw.shared_bytes(config, spec.head_dim)
+        return _fw.shared_bytes(config, spec.head_dim, spec.variant)
 
     def specialisations(self) -> List[Spec]:
         """FA3's defaults for both dtypes and masks, the bf16 sweep, the measured table's tiles,
