@@ -482,7 +482,7 @@ __device__ __forceinline__ void rope_tile(u32 tile, int valid, int pos0, const v
         if constexpr (variant::kInterleaved) {
             const u32 a = chunk_addr<kColBlockBytes>(tile, r, j);
             u32 w[4];
-            hopper::ld_shared_v4(a, w);
+            ap::ld_shared_v4(a, w);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 float x1, x2, c, sn;
@@ -491,13 +491,13 @@ __device__ __forceinline__ void rope_tile(u32 tile, int valid, int pos0, const v
                 variant::rotate(x1, x2, c, sn);
                 w[e] = hopper::pack2<kBF16>(x1, x2);
             }
-            hopper::st_shared_v4(a, w);
+            ap::st_shared_v4(a, w);
         } else {
             const u32 a1 = chunk_addr<kColBlockBytes>(tile, r, j);
             const u32 a2 = chunk_addr<kColBlockBytes>(tile, r, j + kChunksPerRow / 2);
             u32 w1[4], w2[4];
-            hopper::ld_shared_v4(a1, w1);
-            hopper::ld_shared_v4(a2, w2);
+            ap::ld_shared_v4(a1, w1);
+            ap::ld_shared_v4(a2, w2);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 float x1[2], x2[2];
@@ -512,8 +512,8 @@ __device__ __forceinline__ void rope_tile(u32 tile, int valid, int pos0, const v
                 w1[e] = hopper::pack2<kBF16>(x1[0], x1[1]);
                 w2[e] = hopper::pack2<kBF16>(x2[0], x2[1]);
             }
-            hopper::st_shared_v4(a1, w1);
-            hopper::st_shared_v4(a2, w2);
+            ap::st_shared_v4(a1, w1);
+            ap::st_shared_v4(a2, w2);
         }
     }
     // the generic-proxy writes become visible to the wgmma reads (async proxy) of the tile

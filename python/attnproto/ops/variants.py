@@ -31,6 +31,7 @@ from .. import validate as _v
 __all__ = [
     "BASE",
     "FEATURES",
+    "VARIANT_SPECIALISATIONS",
     "Variant",
     "VariantValues",
     "check_variant",
@@ -102,6 +103,20 @@ class Variant:
 
 
 BASE = Variant()
+
+#: The variants every flash family that takes them compiles ahead at its default tiles (CI compile,
+#: precompile, sanitizer): each feature alone, Llama's and Gemma 2's combinations, and everything at once.
+VARIANT_SPECIALISATIONS = (
+    Variant(rope="half"),
+    Variant(rope="half", rope_source="table"),
+    Variant(rope="interleaved"),
+    Variant(alibi="standard"),
+    Variant(alibi="slopes"),
+    Variant(window=True),
+    Variant(softcap=True),
+    Variant(rope="half", rope_source="table", window=True, softcap=True),                  # Gemma 2
+    Variant(rope="interleaved", rope_source="table", alibi="slopes", window=True, softcap=True),
+)
 
 
 @dataclass(frozen=True)

@@ -90,17 +90,6 @@ __device__ __forceinline__ void st_shared_zero16(u32 addr) {
     asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(addr), "r"(0u) : "memory");
 }
 
-// 16 bytes at a 16-byte aligned shared address, as four 32-bit words.
-__device__ __forceinline__ void ld_shared_v4(u32 addr, u32 (&w)[4]) {
-    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(addr) : "memory");
-}
-
-__device__ __forceinline__ void st_shared_v4(u32 addr, const u32 (&w)[4]) {
-    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
-                 :: "r"(addr), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
-}
-
 __device__ __forceinline__ void st_shared_s32(u32 addr, int v) {
     asm volatile("st.shared.s32 [%0], %1;\n" :: "r"(addr), "r"(v) : "memory");
 }

@@ -74,7 +74,8 @@ class WgmmaFamily(Family):
 
     def specialisations(self) -> List[Spec]:
         """FA3's defaults for both dtypes and masks, the bf16 sweep, the measured table's tiles,
-        and paged prefill (every block size at the default tiles, both dtypes and masks)."""
+        paged prefill (every block size at the default tiles, both dtypes and masks) and the
+        Prototype 7 variants (variants.VARIANT_SPECIALISATIONS at the default tiles, bf16, both masks)."""
         from .. import chooser  # noqa: PLC0415
 
         out: List[Spec] = []
@@ -86,6 +87,9 @@ class WgmmaFamily(Family):
                         for c in _fw.sweep_space(d)]
         out += chooser.table_specialisations(self)
         out += paged_specialisations()
+        out += [(self.kernel_name, _fw.constants(_fw.default_config(d, causal), d, causal, chooser.SWEEP_DTYPE,
+                                                 _fw.CONTIGUOUS, var))
+                for var in _variants.VARIANT_SPECIALISATIONS for d in _fw.HEAD_DIMS for causal in (False, True)]
         return unique(out)
 
     def prepare(self, problem: FlashProblem, config: Any, backend: Any) -> Any:
