@@ -153,13 +153,15 @@ constexpr int kColBlocks = HEAD_DIM / kColsPerBlock;
 // registers, i.e. 512 per thread-slot of a 128-thread warpgroup: with two
 // consumer warpgroups 24 (producer) + 2 x 240 = 504 <= 512. The producer only
 // keeps loop counters and coordinates; 24 is the architectural minimum.
-// RoPE variants: the rope warps of the producer warpgroup rotate a 16-byte chunk pair in
-// registers. D <= 128: 56 for them, 224 for the consumers (2 x 224 + 56 = 504; ptxas reports
-// no spills either side). D = 256: the consumers need their 240 (at 224 their O accumulator
-// spills), so the producer takes only the 8 registers left (32 + 2 x 240 = 512) and the rope
-// warps spill a few words (ptxas: <= 92 bytes), off the tensor cores' critical path.
+// RoPE variants: the rope warps of the producer warpgroup rotate in registers. setmaxnreg moves
+// registers only within the CTA's pool (PTX ISA, setmaxnreg: .inc blocks until the registers
+// released by .dec suffice), so the budgets must satisfy 128 (L - P) >= 128 CW (C - L) with L the
+// launch's per-thread count: P + 2 C <= 3 L = 504 for two consumer warpgroups (kLaunchRegs).
+// D <= 128: 56 for the rope warps, 224 for the consumers (ptxas: no spills either side).
+// D = 256: the consumers' O accumulator needs 240, which leaves the producer 24 (the rope warps
+// spill their recurrence state to local memory, off the tensor cores' critical path).
 constexpr bool kWideHead = HEAD_DIM > 128;
-constexpr u32 kProducerRegs = !variant::kRope ? 24 : (kWideHead ? 32 : 56);
+constexpr u32 kProducerRegs = (variant::kRope && !kWideHead) ? 56 : 24;
 constexpr u32 kConsumerRegs = (variant::kRope && !kWideHead) ? 224 : 240;
 constexpr u32 kRegisterFileSlots = 65536 / kWarpgroupThreads;
 // setmaxnreg is used with two or more consumer warpgroups: with one, the launch
@@ -174,8 +176,15 @@ static_assert(BLOCK_R == kRowsPerConsumer * CONSUMER_WG, "BLOCK_R must be 64 * C
 static_assert(BLOCK_C % kMmaK == 0 && BLOCK_C >= 64 && BLOCK_C <= 192,
               "BLOCK_C must be a multiple of 16 in [64, 192] (wgmma K of P.V; wgmma_ss specialisations)");
 static_assert(STAGES >= 2 && STAGES <= 8, "STAGES must be in [2, 8] (the consumer holds one K/V stage while the next is loading)");
+// Registers per thread at launch: the register file over the block's threads, in setmaxnreg's
+// granularity of 8 (168 for 384 threads).
+constexpr u32 kLaunchRegs = (65536u / (u32)kThreads) / 8u * 8u;
 static_assert(!kUseSetmaxnreg || kProducerRegs + CONSUMER_WG * kConsumerRegs <= kRegisterFileSlots,
               "setmaxnreg budgets exceed the register file");
+static_assert(!kUseSetmaxnreg ||
+              kWarpgroupThreads * (kLaunchRegs - kProducerRegs) >= kConsumerThreads * (kConsumerRegs - kLaunchRegs),
+              "setmaxnreg: the consumers ask for more registers than the producer releases (the pool is per CTA; "
+              "setmaxnreg.inc would wait forever)");
 static_assert(PAGE_SIZE == 0 || PAGE_SIZE == 1 || PAGE_SIZE == 8 || PAGE_SIZE == 16 || PAGE_SIZE == 32 ||
               PAGE_SIZE == 64 || PAGE_SIZE == 128 || PAGE_SIZE == 256,
               "PAGE_SIZE must be 0 (contiguous K/V) or a paged-KV block size of 1, 8, 16, 32, 64, 128 or 256 tokens");
@@ -468,52 +477,85 @@ __device__ __forceinline__ u32 chunk_addr(u32 tile, int r, int j) {
     return tile + cb * kColBlockBytes + (u32)r * hopper::kSwizzleRowBytes + (u32)in_row * kChunkBytes;
 }
 
-// Rotates rows [0, valid) of a tile; row r is at position pos0 + r. Rotate-half: a unit is
-// chunk j < D/16 and its partner j + D/16 (pairs (i, i + D/2)); interleaved: one chunk (four
-// pairs (2i, 2i + 1)). Rows >= valid (zero fill past N) are left alone.
+// One rope thread's share of a tile: a fixed column unit j of four pairs in rows r0, r0 +
+// kRopeRowStep, ... Interleaved: unit j is chunk j, pairs (2i, 2i + 1) for i in [4j, 4j + 4).
+// Rotate-half: unit j is the 8-byte half j % 2 of chunk j / 2 (< D/16) and the same half of its
+// partner chunk D/16 further, pairs (i, i + D/2) for i in [4j, 4j + 4). The cos/sin of the first
+// row come from the table (ROPE_TABLE) or fast_sincos; each next row's are the angle-addition
+// recurrence c' = c cos(step f) - s sin(step f), s' = s cos(step f) + c sin(step f) (4 FMAs per
+// pair, no special-function unit, which the consumers' exp2 keeps busy; float32 drift over the
+// <= 43 steps of a tile stays ~1e-6). Four pairs per unit keep the recurrence state in registers.
+constexpr int kPairsPerUnit = 4;
+constexpr int kUnitsPerRow = HEAD_DIM / 2 / kPairsPerUnit;
+constexpr int kRopeRowStep = kRopeThreads / kUnitsPerRow;
+constexpr u32 kHalfChunkBytes = kChunkBytes / 2;
+static_assert(!variant::kRope || kRopeThreads % kUnitsPerRow == 0,
+              "the rope threads must split evenly into column units (a fixed unit per thread)");
+
+struct RopeLane {
+    int j;                        // column unit
+    int r0;                       // first row
+    int i0;                       // first pair index of the unit
+    float step_c[kPairsPerUnit];  // cos / sin of kRopeRowStep * inv_freq
+    float step_s[kPairsPerUnit];
+
+    __device__ __forceinline__ RopeLane(const variant::Rope& rope, int tid)
+        : j(tid % kUnitsPerRow), r0(tid / kUnitsPerRow), i0(j * kPairsPerUnit) {
+#pragma unroll
+        for (int q = 0; q < kPairsPerUnit; ++q)
+            variant::fast_sincos((float)kRopeRowStep * rope.inv_freq(i0 + q), step_s[q], step_c[q]);
+    }
+};
+
+// Rotates rows [0, valid) of a tile whose row r sits at position pos0 + r; rows >= valid (zero
+// fill past N) are left alone and their positions never read.
 template <int kRows, u32 kColBlockBytes>
-__device__ __forceinline__ void rope_tile(u32 tile, int valid, int pos0, const variant::Rope& rope, int tid) {
-    constexpr int kUnitsPerRow = variant::kInterleaved ? kChunksPerRow : kChunksPerRow / 2;
-    for (int u = tid; u < kRows * kUnitsPerRow; u += kRopeThreads) {
-        const int r = u / kUnitsPerRow;
-        const int j = u % kUnitsPerRow;
-        const int pos = pos0 + r;
-        if (r >= valid || !rope.in_range(pos)) continue;
-        if constexpr (variant::kInterleaved) {
-            const u32 a = chunk_addr<kColBlockBytes>(tile, r, j);
-            u32 w[4];
-            ap::ld_shared_v4(a, w);
+__device__ __forceinline__ void rope_tile(u32 tile, int valid, int pos0, const variant::Rope& rope,
+                                          const RopeLane& lane) {
+    if (lane.r0 < valid) {
+        float c[kPairsPerUnit], sn[kPairsPerUnit], inv[kPairsPerUnit];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x1, x2, c, sn;
-                variant::unpack2<kBF16>(w[e], x1, x2);
-                rope.cos_sin(pos, j * 4 + e, c, sn);
-                variant::rotate(x1, x2, c, sn);
-                w[e] = hopper::pack2<kBF16>(x1, x2);
-            }
-            ap::st_shared_v4(a, w);
-        } else {
-            const u32 a1 = chunk_addr<kColBlockBytes>(tile, r, j);
-            const u32 a2 = chunk_addr<kColBlockBytes>(tile, r, j + kChunksPerRow / 2);
-            u32 w1[4], w2[4];
-            ap::ld_shared_v4(a1, w1);
-            ap::ld_shared_v4(a2, w2);
+        for (int q = 0; q < kPairsPerUnit; ++q) inv[q] = rope.inv_freq(lane.i0 + q);
+        rope.cos_sin<kPairsPerUnit>(pos0 + lane.r0, lane.i0, inv, c, sn);
+        for (int r = lane.r0; r < min(valid, kRows); r += kRopeRowStep) {
+            if constexpr (variant::kInterleaved) {
+                const u32 a = chunk_addr<kColBlockBytes>(tile, r, lane.j);
+                u32 w[4];
+                ap::ld_shared_v4(a, w);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x1[2], x2[2];
-                variant::unpack2<kBF16>(w1[e], x1[0], x1[1]);
-                variant::unpack2<kBF16>(w2[e], x2[0], x2[1]);
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    float c, sn;
-                    rope.cos_sin(pos, j * kChunkElems + 2 * e + h, c, sn);
-                    variant::rotate(x1[h], x2[h], c, sn);
+                for (int e = 0; e < 4; ++e) {
+                    float x1, x2;
+                    variant::unpack2<kBF16>(w[e], x1, x2);
+                    variant::rotate(x1, x2, c[e], sn[e]);
+                    w[e] = hopper::pack2<kBF16>(x1, x2);
                 }
-                w1[e] = hopper::pack2<kBF16>(x1[0], x1[1]);
-                w2[e] = hopper::pack2<kBF16>(x2[0], x2[1]);
+                ap::st_shared_v4(a, w);
+            } else {
+                const u32 half = (u32)(lane.j % 2) * kHalfChunkBytes;
+                const u32 a1 = chunk_addr<kColBlockBytes>(tile, r, lane.j / 2) + half;
+                const u32 a2 = chunk_addr<kColBlockBytes>(tile, r, lane.j / 2 + kChunksPerRow / 2) + half;
+                u32 w1[2], w2[2];
+                ap::ld_shared_v2(a1, w1);
+                ap::ld_shared_v2(a2, w2);
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float x1[2], x2[2];
+                    variant::unpack2<kBF16>(w1[e], x1[0], x1[1]);
+                    variant::unpack2<kBF16>(w2[e], x2[0], x2[1]);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) variant::rotate(x1[h], x2[h], c[2 * e + h], sn[2 * e + h]);
+                    w1[e] = hopper::pack2<kBF16>(x1[0], x1[1]);
+                    w2[e] = hopper::pack2<kBF16>(x2[0], x2[1]);
+                }
+                ap::st_shared_v2(a1, w1);
+                ap::st_shared_v2(a2, w2);
             }
-            ap::st_shared_v4(a1, w1);
-            ap::st_shared_v4(a2, w2);
+#pragma unroll
+            for (int q = 0; q < kPairsPerUnit; ++q) {
+                const float nc = c[q] * lane.step_c[q] - sn[q] * lane.step_s[q];
+                sn[q] = sn[q] * lane.step_c[q] + c[q] * lane.step_s[q];
+                c[q] = nc;
+            }
         }
     }
     // the generic-proxy writes become visible to the wgmma reads (async proxy) of the tile
@@ -527,17 +569,18 @@ __device__ __forceinline__ void rope_warps(const AttentionParams& p, const Tile&
     const int tid = (int)threadIdx.x - kWarpLanes;
     variant::Rope rope;
     rope.init(p, rope_cos, rope_sin);
+    const RopeLane lane(rope, tid);
     const int q_row0 = t.m_block * BLOCK_R;
     hopper::mbar_wait(bars.q_full, 0);
     rope_tile<BLOCK_R, kQColBlockBytes>(smem + kOffQ, (int)p.seq_q - q_row0,
-                                        rope.offset + q_row0 + t.seq_kv - (int)p.seq_q, rope, tid);
+                                        rope.offset + q_row0 + t.seq_kv - (int)p.seq_q, rope, lane);
     hopper::mbar_arrive(bars.q_ready());
     for (int it = 0; it < t.n_iters; ++it) {
         const int n = t.n_blocks - 1 - it;
         const int stage = stage_of(it);
         hopper::mbar_wait(bars.k_full(stage), phase_of(it));
         rope_tile<BLOCK_C, kKVColBlockBytes>(smem + kOffK + stage * kKVTileBytes, t.seq_kv - n * BLOCK_C,
-                                             rope.offset + n * BLOCK_C, rope, tid);
+                                             rope.offset + n * BLOCK_C, rope, lane);
         hopper::mbar_arrive(bars.k_ready(stage));
     }
 }
@@ -552,7 +595,7 @@ struct Consumer {
     float scale_log2; // multiplier of the exp2 argument: scale * log2(e), or 1 where ScoreMod made the
                       // scores log2-domain logits already
     int window;       // WINDOW: query at position p sees keys > p - window
-    variant::ScoreMod mod;  // soft cap and ALiBi (kScoreMod)
+    variant::ScoreMod<kCausal> mod;  // soft cap and ALiBi (kScoreMod)
     float m_run[2];   // running row max of the scaled scores (log2 domain)
     float l_run[2];   // this thread's partial row sums of exp2(...)
 };
@@ -593,14 +636,19 @@ __device__ __forceinline__ void issue_pv(float (&o)[kORegs], const u32 (&pa)[kPC
 __device__ __forceinline__ void softmax_block(Consumer& c, float (&s)[kSRegs], int n, float (&alpha)[2]) {
     const int col0 = n * BLOCK_C;
     if constexpr (variant::kScoreMod) {
+        // key positions relative to the warpgroup's first query position (ScoreMod, linear ALiBi)
+        const float key0 = (float)(col0 + c.quad_col - (c.wg_row0 + c.diag));
+        const float q_rel[2] = {(float)(c.row[0] - c.wg_row0), (float)(c.row[1] - c.wg_row0)};
 #pragma unroll
         for (int j = 0; j < BLOCK_C / 8; ++j)
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
+            for (int e = 0; e < 2; ++e) {
+                const float key = key0 + (float)(8 * j + e);
+                const float col = c.mod.col_bias(key);
 #pragma unroll
-                for (int e = 0; e < 2; ++e)
-                    s[4 * j + 2 * h + e] = c.mod.logit_log2(s[4 * j + 2 * h + e], c.row[h] + c.diag,
-                                                            col0 + 8 * j + c.quad_col + e);
+                for (int h = 0; h < 2; ++h)
+                    s[4 * j + 2 * h + e] = c.mod.logit_log2(s[4 * j + 2 * h + e], col, q_rel[h] - key);
+            }
     }
     const bool crosses_end = col0 + BLOCK_C > c.seq_kv;
     const bool crosses_diag = kCausal && (col0 + BLOCK_C - 1 > c.wg_row0 + c.diag);
@@ -797,7 +845,8 @@ __device__ __forceinline__ void consumer(const AttentionParams& p, const Tile& t
         // bad context length) is NaN: its result would silently miss keys otherwise.
         const bool poisoned = kPaged && first_bad <= last_key;
         const float inv = has_key ? 1.f / l : 0.f;
-        const float lse_ok = l > 0.f ? (c.m_run[h] + hopper::fast_log2(l)) * ln2
+        // (linear ALiBi dropped one constant per row from the logits: added back here)
+        const float lse_ok = l > 0.f ? (c.m_run[h] + hopper::fast_log2(l) + c.mod.row_shift_log2(c.row[h] - c.wg_row0)) * ln2
                                      : (has_key ? ap::quiet_nan() : hopper::neg_inf());
         const float lse = poisoned ? ap::quiet_nan() : lse_ok;
         const u32 nan_pair = hopper::pack2<kBF16>(ap::quiet_nan(), ap::quiet_nan());

@@ -68,19 +68,27 @@ rope_apply(const AttentionParams p, const ap::u16* x, ap::u16* out, const float*
     const long long ob = (long long)blockIdx.z * p.o_stride[0] + (long long)blockIdx.y * p.o_stride[1] +
                          (long long)row * p.o_stride[2];
     if constexpr (variant::kInterleaved) {
+        constexpr int kPairs = kChunkElems / 2;
+        float inv[kPairs], c[kPairs], s[kPairs];
+#pragma unroll
+        for (int q = 0; q < kPairs; ++q) inv[q] = rope.inv_freq(j * kPairs + q);
+        rope.cos_sin<kPairs>(pos, j * kPairs, inv, c, s);
         ap::u32 w[4];
         load16(x + xb + j * kChunkElems, w);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            float x1, x2, c, s;
+            float x1, x2;
             variant::unpack2<kBF16>(w[e], x1, x2);
-            rope.cos_sin(pos, j * 4 + e, c, s);
-            variant::rotate(x1, x2, c, s);
+            variant::rotate(x1, x2, c[e], s[e]);
             w[e] = ap::pack_half2<DTYPE>(x1, x2);
         }
         store16(out + ob + j * kChunkElems, w);
     } else {
         constexpr int kHalf = HEAD_DIM / 2;
+        float inv[kChunkElems], c[kChunkElems], s[kChunkElems];
+#pragma unroll
+        for (int q = 0; q < kChunkElems; ++q) inv[q] = rope.inv_freq(j * kChunkElems + q);
+        rope.cos_sin<kChunkElems>(pos, j * kChunkElems, inv, c, s);
         ap::u32 w1[4], w2[4];
         load16(x + xb + j * kChunkElems, w1);
         load16(x + xb + kHalf + j * kChunkElems, w2);
@@ -90,11 +98,7 @@ rope_apply(const AttentionParams p, const ap::u16* x, ap::u16* out, const float*
             variant::unpack2<kBF16>(w1[e], a[0], a[1]);
             variant::unpack2<kBF16>(w2[e], b[0], b[1]);
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                float c, s;
-                rope.cos_sin(pos, j * kChunkElems + 2 * e + h, c, s);
-                variant::rotate(a[h], b[h], c, s);
-            }
+            for (int h = 0; h < 2; ++h) variant::rotate(a[h], b[h], c[2 * e + h], s[2 * e + h]);
             w1[e] = ap::pack_half2<DTYPE>(a[0], a[1]);
             w2[e] = ap::pack_half2<DTYPE>(b[0], b[1]);
         }

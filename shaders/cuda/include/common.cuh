@@ -6,7 +6,7 @@
 //
 // Contents:
 //   types and constants    u16/u32/u64, kNegInf, kLog2e, kLn2
-//   shared memory          smem_u32 (generic -> shared-window address), ld/st.shared (b32, v4)
+//   shared memory          smem_u32 (generic -> shared-window address), ld/st.shared (b32, v2, v4)
 //   16-bit packing          pack_f16x2, pack_bf16x2, pack_half2<DTYPE>
 //   tensor-core operands    ldmatrix_x4, ldmatrix_x4_trans
 //   tensor-core math        mma_m16n8k16<DTYPE> (f32 accumulate, in place)
@@ -59,6 +59,14 @@ __device__ __forceinline__ void st_shared_b32(u32 addr, u32 value) {
 __device__ __forceinline__ void ld_shared_v4(u32 addr, u32 (&r)[4]) {
     asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+
+__device__ __forceinline__ void ld_shared_v2(u32 addr, u32 (&r)[2]) {
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_v2(u32 addr, const u32 (&r)[2]) {
+    asm volatile("st.shared.v2.b32 [%0], {%1, %2};" :: "r"(addr), "r"(r[0]), "r"(r[1]) : "memory");
 }
 
 __device__ __forceinline__ void st_shared_v4(u32 addr, const u32 (&r)[4]) {

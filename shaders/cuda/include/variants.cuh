@@ -66,27 +66,55 @@ constexpr bool kScoreMod = kAlibi || kSoftcap;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- logits transform: soft cap, then ALiBi (per query head) ----
+// tanh on the special-function unit (MUFU.TANH; max relative error 2^-10.99, PTX ISA): one
+// instruction where the accurate tanhf is a ~20-instruction branchy routine per score. The
+// kernels' error stays within the FP64 gate's bound (tests/test_variants_gpu.py).
+__device__ __forceinline__ float tanh_approx(float x) {
+    float r;
+    asm("tanh.approx.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+}
+
+// Under a causal mask every visible key j is at or left of the query (pos_q >= j), so the ALiBi
+// bias -slope (pos_q - j) = slope (j - ref) - slope (pos_q - ref) for any reference position ref:
+// the second term is one constant per row, which cancels in the softmax and is added back to
+// LSE (row_shift_log2); the first is one value per key column, shared by the thread's rows.
+// ref = the warpgroup's first query position keeps both terms small near the diagonal, where
+// the softmax mass is (positions are exact in float32 below 2^24). Without the causal mask the
+// bias is -slope |pos_q - j| per element.
+template <bool kCausalMask>
 struct ScoreMod {
-    float scale;        // softmax scale
-    float cap;          // soft cap (kSoftcap)
-    float inv_cap;
-    float slope;        // ALiBi slope of the thread's query head (kAlibi)
+    static constexpr bool kLinearAlibi = kAlibi && kCausalMask;
+    float scale_log2;       // scale * log2(e)
+    float scale_over_cap;   // scale / cap (kSoftcap)
+    float cap_log2;         // cap * log2(e) (kSoftcap)
+    float slope_log2;       // ALiBi slope of the thread's query head, times log2(e) (kAlibi)
 
     __device__ __forceinline__ void init(const AttentionParams& p, int head, const float* __restrict__ slopes) {
-        scale = p.scale;
-        cap = p.softcap;
-        inv_cap = kSoftcap ? 1.f / p.softcap : 0.f;
-        slope = 0.f;
+        scale_log2 = p.scale * kLog2e;
+        scale_over_cap = kSoftcap ? p.scale / p.softcap : 0.f;
+        cap_log2 = kSoftcap ? p.softcap * kLog2e : 0.f;
+        float slope = 0.f;
         if constexpr (ALIBI == kAlibiStandard)
             slope = exp2f(-p.alibi_max_bias * (float)(head + 1) / (float)p.num_heads);
         if constexpr (ALIBI == kAlibiSlopes) slope = __ldg(slopes + head);
+        slope_log2 = slope * kLog2e;
     }
-    // The log2-domain logit of raw score `s` (q.k) of a query at position q_pos and key `key`.
-    __device__ __forceinline__ float logit_log2(float s, int q_pos, int key) const {
-        float x = s * scale;
-        if constexpr (kSoftcap) x = cap * tanhf(x * inv_cap);
-        if constexpr (kAlibi) x -= slope * fabsf((float)(q_pos - key));
-        return x * kLog2e;
+    // Linear ALiBi: the bias of key column `key_minus_ref` (key - ref); 0 otherwise.
+    __device__ __forceinline__ float col_bias(float key_minus_ref) const {
+        return kLinearAlibi ? slope_log2 * key_minus_ref : 0.f;
+    }
+    // The log2-domain logit of raw score s (q.k). col: col_bias() of the key; q_minus_key: pos_q - key
+    // (read only by ALiBi without the causal mask).
+    __device__ __forceinline__ float logit_log2(float s, float col, float q_minus_key) const {
+        float x = kSoftcap ? cap_log2 * tanh_approx(s * scale_over_cap) : s * scale_log2;
+        if constexpr (kLinearAlibi) x += col;
+        else if constexpr (kAlibi) x = fmaf(-slope_log2, fabsf(q_minus_key), x);
+        return x;
+    }
+    // What linear ALiBi removed from the row at position q_pos (log2 domain): LSE adds it back.
+    __device__ __forceinline__ float row_shift_log2(int q_minus_ref) const {
+        return kLinearAlibi ? -slope_log2 * (float)q_minus_ref : 0.f;
     }
 };
 
@@ -101,6 +129,20 @@ __device__ __forceinline__ int first_visible_key(int q_pos0, int window) {
 }
 
 // ---- RoPE: cos/sin of pair i at position pos ----
+// Computed cos/sin: the float32 angle pos * inv_freq as torch / HF form it, reduced to
+// [-pi, pi] with a two-term 2*pi (Cody-Waite), then the special-function unit's sin and cos
+// (absolute error ~2^-21 on [-pi, pi], CUDA C Programming Guide, intrinsic functions): far below
+// the float32 angle's own rounding at large positions, and ~10x fewer instructions than sincosf.
+constexpr float kInvTwoPi = 0.15915494309189535f;
+constexpr float kTwoPiHi = 6.28318548202514648f;      // float(2 pi)
+constexpr float kTwoPiLo = -1.7484556e-07f;           // 2 pi - float(2 pi)
+
+__device__ __forceinline__ void fast_sincos(float angle, float& s, float& c) {
+    const float k = rintf(angle * kInvTwoPi);
+    const float r = fmaf(-k, kTwoPiLo, fmaf(-k, kTwoPiHi, angle));
+    __sincosf(r, &s, &c);
+}
+
 struct Rope {
     const float* __restrict__ cos_table;   // [table_len, D/2] (kRopeTable)
     const float* __restrict__ sin_table;
@@ -119,14 +161,23 @@ struct Rope {
     }
     // Positions outside the table are never read (the host checks rope_offset + Nkv <= table_len).
     __device__ __forceinline__ bool in_range(int pos) const { return !kRopeTable || (pos >= 0 && pos < table_len); }
-    __device__ __forceinline__ void cos_sin(int pos, int i, float& c, float& s) const {
+    __device__ __forceinline__ float inv_freq(int i) const { return exp2f((float)i * neg_log2_theta_over_half); }
+    // cos/sin of the kN consecutive pairs [i0, i0 + kN) at position pos (inv: their inv_freq, computed path).
+    template <int kN>
+    __device__ __forceinline__ void cos_sin(int pos, int i0, const float (&inv)[kN], float (&c)[kN], float (&s)[kN]) const {
         if constexpr (kRopeTable) {
-            c = __ldg(cos_table + (long long)pos * half + i);
-            s = __ldg(sin_table + (long long)pos * half + i);
+            static_assert(kN % 4 == 0, "table rows are read as float4");
+            const float4* ct = reinterpret_cast<const float4*>(cos_table + (long long)pos * half + i0);
+            const float4* st = reinterpret_cast<const float4*>(sin_table + (long long)pos * half + i0);
+#pragma unroll
+            for (int q = 0; q < kN / 4; ++q) {
+                const float4 cv = __ldg(ct + q), sv = __ldg(st + q);
+                c[4 * q] = cv.x; c[4 * q + 1] = cv.y; c[4 * q + 2] = cv.z; c[4 * q + 3] = cv.w;
+                s[4 * q] = sv.x; s[4 * q + 1] = sv.y; s[4 * q + 2] = sv.z; s[4 * q + 3] = sv.w;
+            }
         } else {
-            // float32 angle, as torch / HF compute it (inv_freq in float32, position as float)
-            const float inv_freq = exp2f((float)i * neg_log2_theta_over_half);
-            sincosf((float)pos * inv_freq, &s, &c);
+#pragma unroll
+            for (int q = 0; q < kN; ++q) fast_sincos((float)pos * inv[q], s[q], c[q]);
         }
     }
 };

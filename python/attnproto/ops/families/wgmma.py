@@ -19,6 +19,11 @@ from .cuda_host import run_cuda_host
 MIN_COMPUTE = (9, 0)
 # The kernel stores two output elements at once: 4-byte address and strides of O.
 OUT_ALIGN_BYTES = 2 * _fw.ELEMENT_BYTES
+# RoPE variants at D <= 128 give the consumer warpgroups 224 registers instead of 240 (the rope
+# warps take the rest, flash_fwd_wgmma.cu): key tiles wider than this spill the consumers (ptxas -v,
+# NVRTC 13.0: 40-540 bytes at 128 x 176), so the chooser skips measured tiles above it for them.
+ROPE_MAX_BLOCK_C = 128
+ROPE_NARROW_HEAD_DIM = 128
 
 
 class WgmmaFamily(Family):
@@ -58,6 +63,10 @@ class WgmmaFamily(Family):
         cfg = _fw.WgmmaConfig(block_c=int(values["block_c"]), stages=int(values["stages"]),
                               consumer_wg=int(values["consumer_wg"]))
         _fw._check_config(cfg, spec.head_dim)
+        if (spec.variant.rope is not None and spec.head_dim <= ROPE_NARROW_HEAD_DIM
+                and cfg.block_c > ROPE_MAX_BLOCK_C):
+            raise ValueError(f"config.block_c: {cfg.block_c} spills the consumers of a RoPE variant "
+                             f"(at most {ROPE_MAX_BLOCK_C} at D <= {ROPE_NARROW_HEAD_DIM})")
         return cfg
 
     def coerce_config(self, config: Any, spec: ProblemSpec, device: DeviceSpec) -> Any:
