@@ -32,7 +32,9 @@ __all__ = [
     "BASE",
     "FEATURES",
     "Variant",
+    "VARIANT_SPECIALISATIONS",
     "VariantValues",
+    "buffer_args",
     "check_variant",
     "rope_tables",
 ]
@@ -103,6 +105,24 @@ class Variant:
 
 BASE = Variant()
 
+#: The variants every CUDA flash family NVRTC-compiles in CI (its ``specialisations()``): each
+#: feature alone, Gemma 2 (rotate-half RoPE + window + soft cap) and everything at once (both
+#: cos/sin sources and both slope sources between the two). Llama's variant is rotate-half RoPE
+#: alone: its causal mask and GQA are not variant constants (the families compile it causal).
+VARIANT_SPECIALISATIONS: Tuple[Variant, ...] = (
+    Variant(rope="half"),
+    Variant(rope="interleaved"),
+    Variant(rope="half", rope_source="table"),
+    Variant(rope="interleaved", rope_source="table"),
+    Variant(alibi="standard"),
+    Variant(alibi="slopes"),
+    Variant(window=True),
+    Variant(softcap=True),
+    Variant(rope="half", window=True, softcap=True),
+    Variant(rope="half", rope_source="table", alibi="slopes", window=True, softcap=True),
+    Variant(rope="interleaved", alibi="standard", window=True, softcap=True),
+)
+
 
 @dataclass(frozen=True)
 class VariantValues:
@@ -133,6 +153,17 @@ class VariantValues:
                     alibi=variant.alibi is not None, alibi_max_bias=self.alibi_max_bias,
                     alibi_slopes=self.alibi_slopes if variant.alibi == "slopes" else None,
                     window=self.window or None, softcap=self.softcap or None)
+
+
+def buffer_args(values: Optional[VariantValues]) -> list:
+    """The variant buffer arguments the CUDA flash kernels take last: rope_cos, rope_sin,
+    alibi_slopes (null pointers where the variant reads none; all null for None)."""
+    import numpy as np  # noqa: PLC0415
+
+    null = np.uint64(0)
+    if values is None:
+        return [null, null, null]
+    return [null if x is None else x for x in (values.rope_cos, values.rope_sin, values.alibi_slopes)]
 
 
 def _finite(value: Any, name: str, *, positive: bool) -> float:
