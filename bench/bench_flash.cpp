@@ -7,8 +7,10 @@
 //       [--warmup 10] [--iters 100] [--flush-l2] [--tma]
 //
 // Kernel ABIs (shaders/cuda/flash_fwd_*.cu):
-//   default: (AttentionParams p, q, k, v, o, lse), grid (ceil(N / BLOCK_R), heads, batch)  [flash_fwd_mma]
-//   --tma:   (p, TMA map q, TMA map k, TMA map v, o, lse), 1-D grid of ceil(N / BLOCK_R) * heads * batch
+//   default: (AttentionParams p, q, k, v, o, lse, rope_cos, rope_sin, alibi_slopes), grid
+//            (ceil(N / BLOCK_R), heads, batch)                                           [flash_fwd_mma]
+//   --tma:   (p, TMA map q, TMA map k, TMA map v, o, lse, block_table, context_lens, rope_cos,
+//            rope_sin, alibi_slopes), 1-D grid of ceil(N / BLOCK_R) * heads * batch
 //            CTAs; 4-D maps over (D, N, H, B) with 128-byte swizzle, boxes of 64 x BLOCK_R (q) and
 //            64 x BLOCK_C (k, v)                                                           [flash_fwd_wgmma]
 // tools/bench_args.py prints the arguments of the best configuration per head dim
@@ -37,7 +39,8 @@ constexpr double kCausalFraction = 0.5;
 // TMA boxes of the wgmma kernel: 64 elements (128 bytes) of the head dim, 128-byte swizzle.
 constexpr uint32_t kTmaBoxCols = 64;
 constexpr int kTmaSwizzleBytes = 128;
-// flash_fwd_wgmma's variant buffers after the pool arguments: rope_cos, rope_sin, alibi_slopes.
+// The variant buffers both kernels take last (flash_fwd_wgmma after its pool arguments):
+// rope_cos, rope_sin, alibi_slopes.
 constexpr int kVariantBufferArgs = 3;
 
 [[noreturn]] void usage(const std::string& why) {
@@ -187,10 +190,10 @@ int main(int argc, char** argv) {
         if (tma) {  // flash_fwd_wgmma's block_table and context_lens: null for contiguous K/V (PAGE_SIZE=0)
             args.push_back(KernelArg::pointer(0));
             args.push_back(KernelArg::pointer(0));
-            // rope_cos, rope_sin, alibi_slopes: null (the bench times variants whose values live in
-            // AttentionParams only: computed RoPE, standard ALiBi; window and softcap stay 0 = none)
-            for (int i = 0; i < kVariantBufferArgs; ++i) args.push_back(KernelArg::pointer(0));
         }
+        // rope_cos, rope_sin, alibi_slopes: null (the bench times variants whose values live in
+        // AttentionParams only: computed RoPE, standard ALiBi; window and softcap stay 0 = none)
+        for (int i = 0; i < kVariantBufferArgs; ++i) args.push_back(KernelArg::pointer(0));
         TimingStats t = be.time([&] { be.launch(*k, cfg, args); }, TimingOptions{int(warmup), int(iters), flush, 0.0});
         double flops = kMatmulsPerForward * kFlopsPerMac * double(batch) * heads * double(seq) * seq * d;
         if (causal) flops *= kCausalFraction;

@@ -116,8 +116,9 @@ def test_derived_shapes():
 
 def test_constants_dict():
     cfg = C.FlashConfig(64, 128, 64, 4, 2, True, "float16")
+    base_variant = {"ROPE": 0, "ROPE_TABLE": 0, "ALIBI": 0, "WINDOW": 0, "SOFTCAP": 0}
     assert cfg.constants() == {"HEAD_DIM": 64, "BLOCK_R": 128, "BLOCK_C": 64, "WARPS": 4,
-                               "STAGES": 2, "CAUSAL": 1, "DTYPE": 0}
+                               "STAGES": 2, "CAUSAL": 1, "DTYPE": 0, **base_variant}
 
 
 @pytest.mark.parametrize("spelling, name", [("bfloat16", "bfloat16"), ("torch.bfloat16", "bfloat16"),

@@ -16,6 +16,7 @@ import pytest
 from attnproto import ref
 from attnproto.ops import configs as C
 from attnproto.ops import flash as F
+from attnproto.ops.variants import BASE
 from sdpa_baseline import MANTISSA_BITS, SDPA_FACTOR, sdpa
 
 pytestmark = pytest.mark.gpu
@@ -208,12 +209,13 @@ def test_illegal_combination_fails_to_compile_with_the_message(cuda):
     from attnproto.backend import native
 
     compile_error = native().KernelCompileError
+    base = BASE.constants()
     with pytest.raises(compile_error, match="shared memory"):
         cuda.kernel(C.KERNEL_NAME, HEAD_DIM=256, BLOCK_R=256, BLOCK_C=128, WARPS=16, STAGES=2,
-                    CAUSAL=0, DTYPE=1)
+                    CAUSAL=0, DTYPE=1, **base)
     with pytest.raises(compile_error, match=r"BLOCK_R must be a positive multiple of 16\*WARPS"):
         cuda.kernel(C.KERNEL_NAME, HEAD_DIM=64, BLOCK_R=96, BLOCK_C=64, WARPS=4, STAGES=2,
-                    CAUSAL=0, DTYPE=0)
+                    CAUSAL=0, DTYPE=0, **base)
     assert issubclass(compile_error, RuntimeError)
 
 

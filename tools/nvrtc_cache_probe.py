@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 
 from attnproto.backend import native
+from attnproto.ops import configs
 
-CONFIG = dict(HEAD_DIM=128, BLOCK_R=128, BLOCK_C=64, WARPS=4, STAGES=1, CAUSAL=0, DTYPE=1)
+CONFIG = configs.FlashConfig(128, 128, 64, 4, 1, False, "bfloat16").constants()
 REPEATS = 3
 
 

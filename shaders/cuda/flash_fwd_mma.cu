@@ -1,6 +1,8 @@
 // flash_fwd_mma.cu — Flash Attention forward, warp-level tensor cores (mma.sync, sm_80+).
 //
-// O = softmax(scale * Q K^T, masked) V and LSE = logsumexp(scale * Q K^T) (natural log).
+// O = softmax(scale * Q K^T, masked) V and LSE = logsumexp(scale * Q K^T) (natural log), with
+// the Prototype 7 variants (include/variants.cuh: RoPE, ALiBi, sliding window, soft cap) as
+// compile-time policies; semantics those of attnproto.ref.attention.
 //   Q [B, Hq, Nq, D], K/V [B, Hkv, Nkv, D], O like Q (FP16 or BF16, head_dim contiguous,
 //   other strides from AttentionParams); LSE float32 [B, Hq, Nq] (token stride 1).
 //   Query head h reads kv head h / (Hq / Hkv). Causal is bottom-right aligned: query i
@@ -9,7 +11,8 @@
 //
 // Launch: grid (ceil(Nq / BLOCK_R), Hq, B), block (WARPS * 32), dynamic shared memory
 // fa_mma::kSmemBytes = (BLOCK_R + 2 * STAGES * BLOCK_C) * row bytes (include/fa_mma.cuh), which
-// python/attnproto/ops/configs.py mirrors. Arguments: (p, q, k, v, o, lse).
+// python/attnproto/ops/configs.py mirrors. Arguments: (p, q, k, v, o, lse, rope_cos, rope_sin,
+// alibi_slopes); the last three are null where the variant reads none (traps if it needs one).
 // Every tensor base and every token/head/batch stride must be 16-byte aligned.
 //
 // Design (FA2-style):
@@ -33,6 +36,11 @@
 //   * Causal: query tiles in reverse order (heaviest first), tiles above the
 //     diagonal never loaded, a warp skips the math of tiles its rows cannot see,
 //     only tiles crossing the diagonal or the key tail are masked.
+//   * Variants (include/fa_mma.cuh): RoPE rotates the Q tile once per CTA in shared memory
+//     after its cp.async lands, and each K tile once it has landed (all threads, between two
+//     barriers); soft cap and ALiBi turn the scores into log2-domain logits before the mask;
+//     a window masks keys left of each row's window and key tiles left of the CTA's first
+//     row's window are never loaded.
 //   * Epilogue: O normalised, rounded, staged through the warp's own rows of the
 //     Q buffer, written with 16-byte stores (rows >= Nq skipped); LSE by one
 //     lane per row.
@@ -44,8 +52,11 @@
 
 extern "C" __global__ void __launch_bounds__(fa_mma::kThreads, 1)
 flash_fwd_mma(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u16* __restrict__ k,
-              const ap::u16* __restrict__ v, ap::u16* __restrict__ o, float* __restrict__ lse) {
+              const ap::u16* __restrict__ v, ap::u16* __restrict__ o, float* __restrict__ lse,
+              const float* __restrict__ rope_cos, const float* __restrict__ rope_sin,
+              const float* __restrict__ alibi_slopes) {
     const fa_mma::InlineStages stages{};
+    const fa_mma::VariantBuffers variant_buffers{rope_cos, rope_sin, alibi_slopes};
 #define FA_MMA_MASK_IN_SCORE 0
 #include "cuda/include/fa_mma_kernel_body.cuh"
 #undef FA_MMA_MASK_IN_SCORE

@@ -5,7 +5,8 @@
 // 3 extern stages resolved by nvJitLink from separately compiled LTO-IR.
 //
 // Named constants: those of flash_fwd_mma (HEAD_DIM, BLOCK_R, BLOCK_C, WARPS, STAGES,
-// CAUSAL, DTYPE; every legal combination there is legal here) plus STITCH_MODE.
+// CAUSAL, DTYPE; every legal combination there is legal here; the five variant constants, which
+// must be the base variant, all 0: include/fa_mma_stitch.cuh) plus STITCH_MODE.
 // Launch: exactly as flash_fwd_mma (grid, block, dynamic shared memory fa_mma::kSmemBytes).
 // Arguments: (p, q, k, v, o, lse, table_row); table_row selects the row of the mode-2
 // function table (0; out of range traps) and is ignored by the other modes.
@@ -52,6 +53,7 @@ flash_fwd_mma_stitch(const AttentionParams p, const ap::u16* __restrict__ q, con
     const fa_stitch::CallStages stages{};
 #define FA_MMA_MASK_IN_SCORE 1
 #endif
+    const fa_mma::VariantBuffers variant_buffers{};  // the base variant reads none
 #include "cuda/include/fa_mma_kernel_body.cuh"
 #undef FA_MMA_MASK_IN_SCORE
 }

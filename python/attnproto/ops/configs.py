@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import variants as _variants
+
 __all__ = [
     "KERNEL_NAME",
     "DTYPE_CODES",
@@ -164,8 +166,10 @@ class FlashConfig:
         q_frag_regs = self.m_tiles * (self.head_dim // MMA_K) * 4
         return self.acc_regs + q_frag_regs <= Q_IN_REGS_BUDGET
 
-    def constants(self) -> Dict[str, int]:
-        """Named constants of the KernelKey (become -DNAME=VALUE for NVRTC)."""
+    def constants(self, variant: Any = None) -> Dict[str, int]:
+        """Named constants of the KernelKey (become -DNAME=VALUE for NVRTC): the tiles and the
+        five variant constants every entry on ``include/fa_mma.cuh`` requires (``variant`` an
+        :class:`attnproto.ops.variants.Variant`; None: the base kernel, all five 0)."""
         return {
             "HEAD_DIM": self.head_dim,
             "BLOCK_R": self.block_r,
@@ -174,6 +178,7 @@ class FlashConfig:
             "STAGES": self.stages,
             "CAUSAL": int(self.causal),
             "DTYPE": DTYPE_CODES[self.dtype],
+            **(variant or _variants.BASE).constants(),
         }
 
     def grid(self, batch: int, num_heads: int, seq_q: int) -> Tuple[int, int, int]:

@@ -156,12 +156,10 @@ def constants(config: WgmmaConfig, head_dim: int, causal: bool, dtype: str,
 
 
 def variant_args(values: Any) -> list:
-    """The kernel's variant buffer arguments after the pool arguments: rope_cos, rope_sin,
-    alibi_slopes (null pointers where the variant does not read them)."""
-    null = np.uint64(0)
-    if values is None:
-        return [null, null, null]
-    return [null if x is None else x for x in (values.rope_cos, values.rope_sin, values.alibi_slopes)]
+    """The kernel's variant buffer arguments after the pool arguments (variants.buffer_args)."""
+    from .variants import buffer_args  # noqa: PLC0415
+
+    return buffer_args(values)
 
 
 # ---- the Prototype 1 sweep of this kernel ----

@@ -34,6 +34,7 @@ __all__ = [
     "VARIANT_SPECIALISATIONS",
     "Variant",
     "VariantValues",
+    "buffer_args",
     "check_variant",
     "rope_tables",
 ]
@@ -104,18 +105,22 @@ class Variant:
 
 BASE = Variant()
 
-#: The variants every flash family that takes them compiles ahead at its default tiles (CI compile,
-#: precompile, sanitizer): each feature alone, Llama's and Gemma 2's combinations, and everything at once.
-VARIANT_SPECIALISATIONS = (
+#: The variants every CUDA flash family NVRTC-compiles in CI (its ``specialisations()``): each
+#: feature alone, Gemma 2 (rotate-half RoPE + window + soft cap) and everything at once (both
+#: cos/sin sources and both slope sources between the two). Llama's variant is rotate-half RoPE
+#: alone: its causal mask and GQA are not variant constants (the families compile it causal).
+VARIANT_SPECIALISATIONS: Tuple[Variant, ...] = (
     Variant(rope="half"),
-    Variant(rope="half", rope_source="table"),
     Variant(rope="interleaved"),
+    Variant(rope="half", rope_source="table"),
+    Variant(rope="interleaved", rope_source="table"),
     Variant(alibi="standard"),
     Variant(alibi="slopes"),
     Variant(window=True),
     Variant(softcap=True),
-    Variant(rope="half", rope_source="table", window=True, softcap=True),                  # Gemma 2
-    Variant(rope="interleaved", rope_source="table", alibi="slopes", window=True, softcap=True),
+    Variant(rope="half", window=True, softcap=True),
+    Variant(rope="half", rope_source="table", alibi="slopes", window=True, softcap=True),
+    Variant(rope="interleaved", alibi="standard", window=True, softcap=True),
 )
 
 
@@ -148,6 +153,17 @@ class VariantValues:
                     alibi=variant.alibi is not None, alibi_max_bias=self.alibi_max_bias,
                     alibi_slopes=self.alibi_slopes if variant.alibi == "slopes" else None,
                     window=self.window or None, softcap=self.softcap or None)
+
+
+def buffer_args(values: Optional[VariantValues]) -> list:
+    """The variant buffer arguments the CUDA flash kernels take last: rope_cos, rope_sin,
+    alibi_slopes (null pointers where the variant reads none; all null for None)."""
+    import numpy as np  # noqa: PLC0415
+
+    null = np.uint64(0)
+    if values is None:
+        return [null, null, null]
+    return [null if x is None else x for x in (values.rope_cos, values.rope_sin, values.alibi_slopes)]
 
 
 def _finite(value: Any, name: str, *, positive: bool) -> float:
@@ -227,7 +243,9 @@ def check_variant(q: Any, shape: _v.AttentionShape, location: str, *, rope: Any 
         w = _v.check_positive_int(window, "window")
         if w > MAX_WINDOW:
             raise ValueError(f"window: {w} exceeds {MAX_WINDOW}")
-        values["window"] = w
+        # A window of Nkv or more hides no key (every query position is < Nkv); the clamp keeps the
+        # kernels' 32-bit position - window arithmetic far from overflow.
+        values["window"] = min(w, max(1, shape.seq_kv))
     if softcap is not None:
         values["softcap"] = _finite(softcap, "softcap", positive=True)
     variant = Variant(rope=style, rope_source=rope_source, alibi=alibi_mode, window=window is not None,

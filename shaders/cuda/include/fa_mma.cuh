@@ -20,9 +20,21 @@
 // flash_fwd_mma.cu (and so this header) several times in one translation unit with
 // `#define fa_mma fa_mma_<variant>` and different CAUSAL / DTYPE, and each inclusion must
 // define a fresh namespace. Everything here therefore lives in namespace fa_mma (renamable)
-// or is a preprocessor check; the two includes below carry their own guards.
+// or is a preprocessor check; the three includes below carry their own guards.
+//
+// Prototype 7 variants (include/variants.cuh: ROPE, ROPE_TABLE, ALIBI, WINDOW, SOFTCAP, all
+// required, the host passes every one: attnproto.ops.configs.FlashConfig.constants) enter
+// only through `if constexpr` on its policies, so the base variant (all five 0) compiles to
+// the kernel it was before they existed:
+//   * soft cap / ALiBi: apply_score_mod turns the raw scores into log2-domain logits
+//     (variant::ScoreMod) before the mask; the exp2 multiplier of the softmax becomes 1;
+//   * window: apply_mask also masks keys left of each row's window, and the kernel body never
+//     loads the key tiles left of its first row's window (time scales with the window);
+//   * RoPE: rope_tile rotates a tile in shared memory in place, Q once per CTA and each K
+//     tile after it lands (both pairings, both cos/sin sources, swizzled and padded rows).
 #include "common/attn_params.h"
 #include "cuda/include/common.cuh"
+#include "cuda/include/variants.cuh"
 
 #ifndef HEAD_DIM
 #error "HEAD_DIM must be defined"
@@ -139,6 +151,11 @@ static_assert(kDtype == ap::kDtypeF16 || kDtype == ap::kDtypeBF16, "DTYPE must b
 static_assert(kSmemBytes <= kSmemLimit,
               "shared memory (BLOCK_R + 2*STAGES*BLOCK_C rows of HEAD_DIM) exceeds the per-block "
               "opt-in limit of this architecture (227 KB on sm_90)");
+// RoPE rotates pairs in place in the shared tiles: rotate-half pairs chunk c with chunk
+// c + kChunksPerRow / 2 (elements i and i + D/2, 8 pairs per chunk pair, in either row
+// layout), interleaved pairs the two halves of each 32-bit word; both need whole chunks.
+static_assert(!variant::kRope || kChunksPerRow % 2 == 0,
+              "RoPE (rotate-half) pairs 16-byte chunk c with chunk c + HEAD_DIM/16: HEAD_DIM must be a multiple of 16");
 static_assert(kAccRegs <= kMaxAccRegs,
               "register budget: (BLOCK_R/WARPS) x (BLOCK_C + HEAD_DIM) / 32 accumulator floats per "
               "thread exceed 192; use more WARPS or a smaller BLOCK_R or BLOCK_C");
@@ -280,9 +297,10 @@ __device__ __forceinline__ void compute_scores(float (&s)[kMTiles][kSTiles][kAcc
     }
 }
 
-// -inf where key col > limit of the row (limit = last visible key).
+// -inf where key col > limit of the row (limit = last visible key) and, with a window
+// (variant::kWindow), where the key lies left of the row's window (`window` is unused otherwise).
 __device__ __forceinline__ void apply_mask(float (&s)[kMTiles][kSTiles][kAccPerTile], int row0,
-                                           int col0, int seq_kv, int causal_offset, int lane) {
+                                           int col0, int seq_kv, int causal_offset, int lane, int window) {
     const int g = lane / ap::kQuadSize;
     const int t = lane % ap::kQuadSize;
 #pragma unroll
@@ -297,9 +315,123 @@ __device__ __forceinline__ void apply_mask(float (&s)[kMTiles][kSTiles][kAccPerT
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int col = col0 + n * kMmaN + 2 * t + e;
-                    if (col > limit) s[m][n][2 * h + e] = ap::neg_inf();
+                    bool masked = col > limit;
+                    if constexpr (variant::kWindow)
+                        masked = masked || variant::outside_window(row + causal_offset, col, window);
+                    if (masked) s[m][n][2 * h + e] = ap::neg_inf();
                 }
             }
+        }
+    }
+}
+
+// Soft cap / ALiBi (variant::kScoreMod): raw scores -> log2-domain logits of (query position,
+// key), before the mask (a masked -inf must stay -inf, not become -cap). Rows start at
+// row0 (query positions row + causal_offset); the softmax then uses an exp2 multiplier of 1.
+__device__ __forceinline__ void apply_score_mod(float (&s)[kMTiles][kSTiles][kAccPerTile], int row0, int col0,
+                                                int causal_offset, int lane, const variant::ScoreMod<false>& mod) {
+    const int g = lane / ap::kQuadSize;
+    const int t = lane % ap::kQuadSize;
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int q_pos = row0 + m * kMmaM + g + h * (kMmaM / 2) + causal_offset;
+#pragma unroll
+            for (int n = 0; n < kSTiles; ++n) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    s[m][n][2 * h + e] = mod.logit_log2(s[m][n][2 * h + e], 0.0f,
+                                                        (float)(q_pos - (col0 + n * kMmaN + 2 * t + e)));
+            }
+        }
+    }
+}
+
+// The variant buffers of an entry's kernel arguments (null where the variant reads none);
+// entries without them (the Prototype 2 stitch, base variant only) pass an empty one.
+struct VariantBuffers {
+    const float* rope_cos = nullptr;      // float32 [rope_table_len, D/2] (ROPE_TABLE)
+    const float* rope_sin = nullptr;
+    const float* alibi_slopes = nullptr;  // float32 [Hq] (ALIBI = 2)
+};
+
+// Traps when a variant lacks the buffer or value it reads (the host checks all of these first):
+// a table shorter than the positions read, or a query position below 0, would read outside it.
+__device__ __forceinline__ void check_variant_inputs(const AttentionParams& p, const VariantBuffers& buffers) {
+    if constexpr (variant::kRopeTable) {
+        if (buffers.rope_cos == nullptr || buffers.rope_sin == nullptr ||
+            (long long)p.rope_offset + p.seq_kv > (long long)p.rope_table_len ||
+            (long long)p.rope_offset + p.seq_kv < (long long)p.seq_q)
+            ap::trap();
+    }
+    if constexpr (ALIBI == variant::kAlibiSlopes) {
+        if (buffers.alibi_slopes == nullptr) ap::trap();
+    }
+    if constexpr (variant::kWindow) {
+        if (p.window == 0) ap::trap();
+    }
+    if constexpr (variant::kSoftcap) {
+        if (!(p.softcap > 0.0f)) ap::trap();
+    }
+}
+
+// RoPE of rows [0, valid) of a ROWS-row tile in place (row r at position pos0 + r), by all
+// kThreads threads; the caller synchronises before and after. Rows >= valid (zero-filled past
+// N) are left alone. The rotation runs in float32 and rounds once back to 16 bits.
+//   rotate-half: a unit is chunk c < kChunksPerRow/2 with its partner c + kChunksPerRow/2,
+//                eight pairs (i, i + D/2), i = 8c .. 8c + 7;
+//   interleaved: a unit is one chunk, four pairs (2i, 2i + 1) in its four 32-bit words.
+// chunk_offset places the chunks in either row layout (XOR-swizzled or padded).
+template <int ROWS>
+__device__ __forceinline__ void rope_tile(u32 tile, int valid, int pos0, const variant::Rope& rope, int tid) {
+    constexpr bool kBF16 = kDtype == ap::kDtypeBF16;
+    constexpr int kHalfChunks = kChunksPerRow / 2;
+    constexpr int kUnitsPerRow = variant::kInterleaved ? kChunksPerRow : kHalfChunks;
+    constexpr int kWords = kChunkBytes / 4;   // 32-bit words (two elements each) per chunk
+    const int units = min(valid, ROWS) * kUnitsPerRow;
+    for (int u = tid; u < units; u += kThreads) {
+        const int r = u / kUnitsPerRow;
+        const int c = u % kUnitsPerRow;
+        const int pos = pos0 + r;
+        if constexpr (variant::kInterleaved) {
+            const u32 a = tile + chunk_offset(r, c);
+            u32 w[kWords];
+            float inv[kWords], cs[kWords], sn[kWords];
+#pragma unroll
+            for (int e = 0; e < kWords; ++e) inv[e] = rope.inv_freq(c * kWords + e);
+            rope.cos_sin<kWords>(pos, c * kWords, inv, cs, sn);
+            ap::ld_shared_v4(a, w);
+#pragma unroll
+            for (int e = 0; e < kWords; ++e) {
+                float x1, x2;
+                variant::unpack2<kBF16>(w[e], x1, x2);
+                variant::rotate(x1, x2, cs[e], sn[e]);
+                w[e] = ap::pack_half2<kDtype>(x1, x2);
+            }
+            ap::st_shared_v4(a, w);
+        } else {
+            const u32 a1 = tile + chunk_offset(r, c);
+            const u32 a2 = tile + chunk_offset(r, c + kHalfChunks);
+            u32 w1[kWords], w2[kWords];
+            float inv[kChunkElems], cs[kChunkElems], sn[kChunkElems];
+#pragma unroll
+            for (int e = 0; e < kChunkElems; ++e) inv[e] = rope.inv_freq(c * kChunkElems + e);
+            rope.cos_sin<kChunkElems>(pos, c * kChunkElems, inv, cs, sn);
+            ap::ld_shared_v4(a1, w1);
+            ap::ld_shared_v4(a2, w2);
+#pragma unroll
+            for (int e = 0; e < kWords; ++e) {
+                float x1[2], x2[2];
+                variant::unpack2<kBF16>(w1[e], x1[0], x1[1]);
+                variant::unpack2<kBF16>(w2[e], x2[0], x2[1]);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) variant::rotate(x1[h], x2[h], cs[2 * e + h], sn[2 * e + h]);
+                w1[e] = ap::pack_half2<kDtype>(x1[0], x1[1]);
+                w2[e] = ap::pack_half2<kDtype>(x2[0], x2[1]);
+            }
+            ap::st_shared_v4(a1, w1);
+            ap::st_shared_v4(a2, w2);
         }
     }
 }
@@ -376,7 +508,7 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[kMTiles][kOTiles][kAccP
 
 // ------------------------------------------------------------------ stage policy
 // The per-tile stages as include/fa_mma_kernel_body.cuh calls them (FA_MMA_MASK_IN_SCORE 0):
-// score (S = Q K^T), mask (only for tiles crossing the diagonal or the key tail), softmax
+// score (S = Q K^T), mask (only for tiles crossing the diagonal, the key tail or a window edge), softmax
 // (online softmax, O rescale, S -> P) and accumulate (O += P V). InlineStages force-inlines
 // them: the specialised production kernel.
 struct InlineStages {
@@ -386,8 +518,8 @@ struct InlineStages {
         compute_scores(s, q_frag, q_lanes, k_lanes);
     }
     __device__ __forceinline__ void mask(float (&s)[kMTiles][kSTiles][kAccPerTile], int row0, int col0, int seq_kv,
-                                         int causal_offset, int lane) const {
-        apply_mask(s, row0, col0, seq_kv, causal_offset, lane);
+                                         int causal_offset, int lane, int window) const {
+        apply_mask(s, row0, col0, seq_kv, causal_offset, lane, window);
     }
     __device__ __forceinline__ void softmax(float (&s)[kMTiles][kSTiles][kAccPerTile],
                                             float (&row_max)[kMTiles][2], float (&row_sum)[kMTiles][2],

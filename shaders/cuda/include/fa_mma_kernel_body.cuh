@@ -5,6 +5,7 @@
 //   entry(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u16* __restrict__ k,
 //         const ap::u16* __restrict__ v, ap::u16* __restrict__ o, float* __restrict__ lse, ...) {
 //       const <stage policy> stages{...};   // fa_mma::InlineStages or a dispatching policy
+//       const fa_mma::VariantBuffers variant_buffers{...};  // RoPE tables, ALiBi slopes (or {})
 //   #define FA_MMA_MASK_IN_SCORE 0           // see below
 //   #include "cuda/include/fa_mma_kernel_body.cuh"
 //   }
@@ -22,6 +23,13 @@
 // dispatched score stage is one call per tile. (Passing needs_mask into even a force-inlined
 // score also changes the causal kernels' SASS, hence the preprocessor switch rather than a
 // flag.) No include guard: included once per entry, inside its body.
+//
+// The Prototype 7 variants (include/fa_mma.cuh, include/variants.cuh) appear only under
+// `if constexpr` on the variant policies, in the FA_MMA_MASK_IN_SCORE 0 path (the soft cap
+// must precede the mask; the stitch entries take the base variant only): RoPE rotates the Q
+// tile once after its cp.async lands and each K tile after its wait and barrier, then another
+// barrier; soft cap / ALiBi run between score and mask; the window masks keys left of each
+// row's window and the CTA starts at its first row's first visible key tile.
 #ifndef FA_MMA_MASK_IN_SCORE
 #error "define FA_MMA_MASK_IN_SCORE (0 or 1) before including fa_mma_kernel_body.cuh"
 #endif
@@ -34,7 +42,9 @@
     const int seq_q = (int)p.seq_q;
     const int seq_kv = (int)p.seq_kv;
     const int causal_offset = seq_kv - seq_q;  // query i sees keys j <= i + causal_offset
-    const float scale_log2 = p.scale * ap::kLog2e;
+    // exp2 multiplier of the softmax: scale * log2(e) on raw scores, or 1 where apply_score_mod
+    // has made them log2-domain logits already (soft cap / ALiBi)
+    const float scale_log2 = variant::kScoreMod ? 1.0f : p.scale * ap::kLog2e;
 
     // Causal: heaviest query tiles (most keys) first for load balance.
     const int tile_q = kCausal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
@@ -51,6 +61,15 @@
     u16* o_g = o + batch * p.o_stride[0] + head * p.o_stride[1];
     float* lse_g = lse + batch * p.lse_stride[0] + head * p.lse_stride[1];
 
+    check_variant_inputs(p, variant_buffers);
+    // WINDOW: query at position pos sees keys > pos - window. Positions are below Nkv, so every
+    // window >= Nkv shows every key: clamping to Nkv keeps pos - window from overflowing.
+    const int window = min((int)p.window, seq_kv);
+    variant::ScoreMod<false> score_mod{};
+    if constexpr (variant::kScoreMod) score_mod.init(p, head, variant_buffers.alibi_slopes);
+    variant::Rope rope{};
+    if constexpr (variant::kRope) rope.init(p, variant_buffers.rope_cos, variant_buffers.rope_sin);
+
     // K/V tiles this CTA visits: all of them, or (causal) up to the last key its
     // last valid row can see.
     const int kv_tiles = (seq_kv + kBlockC - 1) / kBlockC;
@@ -59,6 +78,10 @@
         const int last_key = min(q0 + kBlockR, seq_q) - 1 + causal_offset;
         n_tiles = last_key < 0 ? 0 : min(kv_tiles, last_key / kBlockC + 1);
     }
+    // WINDOW: the tiles before the first row's first visible key are outside every row's
+    // window and never loaded: the CTA visits tiles [first_tile, n_tiles).
+    int first_tile = 0;
+    if constexpr (variant::kWindow) first_tile = variant::first_visible_key(q0 + causal_offset, window) / kBlockC;
 
     const u32 s_q = ap::smem_u32(smem);
     const u32 s_k = s_q + kQTileBytes;                        // kStages K tiles
@@ -98,16 +121,24 @@
     const u16* k_mine = KVCopy::thread_start(k_g, p.k_stride[2], tid);
     const u16* v_mine = KVCopy::thread_start(v_g, p.v_stride[2], tid);
 
-    if (n_tiles > 0) {
-        // Prologue: Q (own group), then K_0 (STAGES = 1) or K_0 + V_0 (STAGES = 2).
+    if (n_tiles > first_tile) {
+        // Prologue: Q (own group), then K_0 (STAGES = 1) or K_0 + V_0 (STAGES = 2) (tile 0 being
+        // first_tile, in the stage the loop expects it in).
         using QCopy = TileCopy<kBlockR>;
         QCopy::copy(s_q, QCopy::thread_start(q_g, p.q_stride[2], tid), p.q_stride[2], q0, seq_q, q, tid);
         ap::cp_async_commit();
-        KVCopy::copy(s_k, k_mine, p.k_stride[2], 0, seq_kv, k, tid);
-        if constexpr (kStages == 2) KVCopy::copy(s_v, v_mine, p.v_stride[2], 0, seq_kv, v, tid);
+        const int first_col = first_tile * kBlockC;
+        const u32 first_stage = kStages == 2 ? (u32)(first_tile & 1) * kKVTileBytes : 0u;
+        KVCopy::copy(s_k + first_stage, k_mine, p.k_stride[2], first_col, seq_kv, k, tid);
+        if constexpr (kStages == 2) KVCopy::copy(s_v + first_stage, v_mine, p.v_stride[2], first_col, seq_kv, v, tid);
         ap::cp_async_commit();
         ap::cp_async_wait<1>();
         __syncthreads();
+        if constexpr (variant::kRope) {
+            // Q landed (K_0 may still be in flight): rotate it once, before any ldmatrix reads it.
+            rope_tile<kBlockR>(s_q, seq_q - q0, rope.offset + q0 + causal_offset, rope, tid);
+            __syncthreads();
+        }
         if constexpr (kQInRegs) {
 #pragma unroll
             for (int m = 0; m < kMTiles; ++m)
@@ -116,7 +147,7 @@
         }
     }
 
-    for (int j = 0; j < n_tiles; ++j) {
+    for (int j = first_tile; j < n_tiles; ++j) {
         const int stage = kStages == 2 ? (j & 1) : 0;
         const int col0 = j * kBlockC;
         const u32 k_tile = s_k + stage * kKVTileBytes;
@@ -134,20 +165,34 @@
             KVCopy::copy(s_v + next, v_mine, p.v_stride[2], col0 + kBlockC, seq_kv, v, tid);
         }
         ap::cp_async_commit();
+        if constexpr (variant::kRope) {
+            // K_j landed for every thread (the wait and barrier above): rotate it in place.
+            rope_tile<kBlockC>(k_tile, seq_kv - col0, rope.offset + col0, rope, tid);
+            __syncthreads();
+        }
 
         // Warp-uniform: does any row of this warp see a key of the tile, and does
-        // any (row, key) pair of the tile need masking (key tail, diagonal)?
-        const bool warp_sees_tile = !kCausal || col0 <= warp_q0 + kRowsPerWarp - 1 + causal_offset;
-        const bool needs_mask = col0 + kBlockC > seq_kv ||
-                                (kCausal && col0 + kBlockC - 1 > warp_q0 + causal_offset);
+        // any (row, key) pair of the tile need masking (key tail, diagonal, window)?
+        bool warp_sees_tile = !kCausal || col0 <= warp_q0 + kRowsPerWarp - 1 + causal_offset;
+        bool needs_mask = col0 + kBlockC > seq_kv ||
+                          (kCausal && col0 + kBlockC - 1 > warp_q0 + causal_offset);
+        if constexpr (variant::kWindow) {
+            // The warp's first row has the leftmost window, its last row the rightmost.
+            warp_sees_tile = warp_sees_tile &&
+                             col0 + kBlockC > variant::first_visible_key(warp_q0 + causal_offset, window);
+            needs_mask = needs_mask || col0 <= warp_q0 + kRowsPerWarp - 1 + causal_offset - window;
+        }
         float s[kMTiles][kSTiles][kAccPerTile];
         if (warp_sees_tile) {
 #if FA_MMA_MASK_IN_SCORE
+            static_assert(!variant::kScoreMod && !variant::kWindow,
+                          "FA_MMA_MASK_IN_SCORE 1 (the stitch entries) takes the base variant only");
             stages.score(s, q_frag, q_lanes, k_tile + k_lane_off, warp_q0, col0, seq_kv, causal_offset, lane,
                          needs_mask);
 #else
             stages.score(s, q_frag, q_lanes, k_tile + k_lane_off);
-            if (needs_mask) stages.mask(s, warp_q0, col0, seq_kv, causal_offset, lane);
+            if constexpr (variant::kScoreMod) apply_score_mod(s, warp_q0, col0, causal_offset, lane, score_mod);
+            if (needs_mask) stages.mask(s, warp_q0, col0, seq_kv, causal_offset, lane, window);
 #endif
             stages.softmax(s, row_max, row_sum, o_acc, scale_log2);
         }
@@ -165,7 +210,8 @@
 
     // ---------------------------------------------------------------- epilogue
     // Only this warp ever read its rows of the Q buffer (and every cp.async into
-    // them completed before the first tile), so it may reuse them for O.
+    // them completed before the first tile; RoPE's writes to them before a barrier), so it
+    // may reuse them for O.
     ap::syncwarp();
     const int g = lane / ap::kQuadSize;
     const int t = lane % ap::kQuadSize;
@@ -182,7 +228,9 @@
             // approximate reciprocal and log2 (error ~2^-22) are safe; l = 0 means every
             // visible score was -inf (an inf input): O = 0 * rcp(0) = NaN, LSE NaN. A row
             // with no key writes O = 0 exactly (selected: even if a masked NaN in V reached
-            // its accumulator through 0 * NaN) and LSE = -inf.
+            // its accumulator through 0 * NaN) and LSE = -inf. A window never empties a row: a
+            // row at position pos >= 0 still sees key max(0, pos - window + 1) <= pos (window
+            // >= 1), and without causal every row sees key Nkv - 1.
             const bool has_key = !kCausal || q0 + row + causal_offset >= 0;
             const float inv_l = has_key ? ap::rcp_approx(l) : 0.0f;
             const float mx_scaled = row_max[m][h] * scale_log2;

@@ -41,6 +41,10 @@ constexpr int kModeNoinline = 1;
 constexpr int kModeTable = 2;
 constexpr int kModeLinked = 3;
 constexpr int kMode = STITCH_MODE;
+// Prototype 2 measures the dispatch of the base kernel's stages: their ABI carries no variant
+// state (the host passes the base variant's constants, attnproto.ops.stitch).
+static_assert(!variant::kRope && !variant::kAlibi && !variant::kWindow && !variant::kSoftcap,
+              "flash_fwd_mma_stitch takes the base variant only (ROPE, ALIBI, WINDOW, SOFTCAP all 0)");
 static_assert(kMode == kModeInline || kMode == kModeNoinline || kMode == kModeTable || kMode == kModeLinked,
               "STITCH_MODE must be 0 (inline), 1 (noinline), 2 (table) or 3 (linked)");
 // Rows of the mode-2 function-pointer table (row 0 holds the stages above).
@@ -77,7 +81,8 @@ namespace fa_stitch {
 __device__ __forceinline__ void score_stage(FA_MMA_STAGE_SCORE_PARAMS) {
     Scores& sa = *reinterpret_cast<Scores*>(s);
     fa_mma::compute_scores(sa, *reinterpret_cast<const QFrag*>(q_frag), q_lanes, k_lanes);
-    if (needs_mask) fa_mma::apply_mask(sa, row0, col0, seq_kv, causal_offset, lane);
+    constexpr int kNoWindow = 0;  // apply_mask's window (unused: the base variant has none)
+    if (needs_mask) fa_mma::apply_mask(sa, row0, col0, seq_kv, causal_offset, lane, kNoWindow);
 }
 
 __device__ __forceinline__ void softmax_stage(FA_MMA_STAGE_SOFTMAX_PARAMS) {

@@ -29,14 +29,14 @@ def measure_first_launch(ctx: ExperimentContext, nat) -> list[dict]:
     import torch  # noqa: PLC0415
 
     from ... import backend as backend_mod  # noqa: PLC0415
-    from ...ops import configs, flash  # noqa: PLC0415
+    from ...ops import configs, flash, variants  # noqa: PLC0415
 
     be = backend_mod.get("cuda")
     b, h, n = LAUNCH_SHAPE
     q, k, v = (torch.randn(b, h, n, LAUNCH_HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     cfg = configs.choose_config(LAUNCH_HEAD_DIM, n, False, DTYPE)
     problem = flash.check_flash_inputs(q, k, v)
-    args = [flash.flash_params(problem), q, k, v, problem.out, problem.lse]
+    args = [flash.flash_params(problem), q, k, v, problem.out, problem.lse, *variants.buffer_args(problem.values)]
     grid, block, smem = cfg.grid(b, h, n), (cfg.threads, 1, 1), cfg.smem_bytes()
 
     def first_launch(consts: dict[str, int], mode: str):
