@@ -64,10 +64,10 @@ class Runner:
         return lab.time_device(self.be, fn, warmup=C.WARMUP, iters=self.iters)
 
     def record(self, kernel: str, n: int, g: int, case: str, t: lab.TimingStats, family: str = "torch",
-               tile: str = "", **metrics: float) -> dict:
+               tile: str = "", causal: bool = True, **metrics: float) -> dict:
         config = {"kernel": kernel, "family": family, "case": case, "seq_len": n, "group": g,
                   "batch": C.batch_of(n), "num_heads": C.NUM_HEADS, "num_kv_heads": C.NUM_HEADS // g,
-                  "head_dim": C.HEAD_DIM, "dtype": C.SWEEP_DTYPE, "causal": True}
+                  "head_dim": C.HEAD_DIM, "dtype": C.SWEEP_DTYPE, "causal": causal}
         if tile:
             config["tile"] = tile
         m = {"time_us": t.median_ms * 1e3, **{k: float(v) for k, v in metrics.items()}, **self.clock()}
@@ -82,7 +82,7 @@ class Runner:
 
 
 def _resources(launch: Any) -> Dict[str, float]:
-    res = launch.resources
+    res = getattr(launch, "resources", None) or {}
     return {"registers_regs": res.get("registers", 0), "local_bytes": res.get("local_bytes", 0),
             "smem_bytes": getattr(launch, "shared_bytes", 0)}
 
@@ -132,8 +132,9 @@ def _family_point(run: Runner, fam: str, n: int, g: int, q, k, v, cases, table, 
     G.check(base_l, q, k, v, {}, None, f"{fam} base N={n} g={g}")
     base = run.record(C.OURS_BASE, n, g, "base", base_l.time(C.WARMUP, run.iters), fam, tile, **_resources(base_l))
     full_l = prepare_forward(q, k, v, causal=False, kernel=fam, config=cfg)
+    G.check(full_l, q, k, v, {}, None, f"{fam} base non-causal N={n} g={g}", causal=False)
     full = run.record(C.OURS_BASE_FULL, n, g, "base-noncausal", full_l.time(C.WARMUP, run.iters), fam, tile,
-                      **_resources(full_l))
+                      causal=False, **_resources(full_l))
     out = {"base": base}
     for case in cases:
         kw = case.kwargs(n, table, slopes)

@@ -41,7 +41,7 @@ def _heads(hq: int, hkv: int):
 
 
 def check(launch: Any, q: Any, k: Any, v: Any, kw: Dict[str, Any], slopes_all: Optional[np.ndarray],
-          what: str) -> GateResult:
+          what: str, causal: bool = True) -> GateResult:
     """Poison, launch, and check the slice of ``launch``'s output (``kw``: the front-door variant
     arguments; ``slopes_all``: every head's ALiBi slopes when ALiBi is on)."""
     import torch  # noqa: PLC0415
@@ -59,7 +59,7 @@ def check(launch: Any, q: Any, k: Any, v: Any, kw: Dict[str, Any], slopes_all: O
     slopes = None if slopes_all is None else np.asarray(slopes_all, np.float64)[qh]
     style, window, cap = kw.get("rope"), kw.get("window"), kw.get("softcap")
     to64 = lambda x: x.float().cpu().numpy().astype(np.float64)  # noqa: E731
-    want = ref.attention(to64(qs), to64(ks), to64(vs), causal=True, rope=style or False, alibi=slopes is not None,
+    want = ref.attention(to64(qs), to64(ks), to64(vs), causal=causal, rope=style or False, alibi=slopes is not None,
                          alibi_slopes=slopes, window=window, softcap=cap)
     got = to64(out[:1, qh, n - rows:])
     err = float(np.abs(got - want).max())
@@ -72,7 +72,7 @@ def check(launch: Any, q: Any, k: Any, v: Any, kw: Dict[str, Any], slopes_all: O
     else:
         qt, kt = qs, ks
     sl = None if slopes is None else torch.from_numpy(slopes).to(q.device)
-    bias = A.bias_mask(len(qh), rows, n, slopes=sl, window=window)
+    bias = A.bias_mask(len(qh), rows, n, slopes=sl, window=window, causal=causal)
     if cap:
         theirs = A.eager_softcap(qt, kt, vs, softcap=cap, bias=bias)
     else:
