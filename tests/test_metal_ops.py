@@ -321,7 +321,9 @@ class FakeMetalBackend:
         v, _ = self._elements(vb, c["DTYPE"], (b, hkv, nkv, d), list(p["v_stride"]) + [1])
         o, lse = cpu.flash_forward(q, k, v, block_r=br, block_c=bc, causal=bool(c["CAUSAL"]),
                                    scale=float(p["scale"]), rope=bool(c["ROPE"]), rope_theta=float(p["rope_theta"]),
-                                   alibi=bool(c["ALIBI"]), alibi_max_bias=float(p["alibi_max_bias"]), p_dtype=name)
+                                   alibi=bool(c["ALIBI"]), alibi_max_bias=float(p["alibi_max_bias"]), p_dtype=name,
+                                   window=int(p["window"]) if c.get("WINDOW") else None,
+                                   softcap=float(p["softcap"]) if c.get("SOFTCAP") else None)
         self._store(ob, o, name, (b, hq, nq, d), list(p["o_stride"]) + [1])
         lse_view = np.lib.stride_tricks.as_strided(lb.data.view(np.float32), shape=(b, hq, nq),
                                                    strides=[s * 4 for s in list(p["lse_stride"]) + [1]])
@@ -359,6 +361,11 @@ VARIANTS = {
     "gqa_fixed": ({"fixed_gqa_group": True}, {}, (8, 2), (29, 29)),
     "all": ({"causal": True, "rope": True, "alibi": True, "fixed_gqa_group": True},
             {"causal": True, "rope": True, "alibi": True}, (4, 2), (17, 41)),
+    "window": ({"causal": True, "window": 7}, {"causal": True, "window": 7}, (2, 2), (37, 90)),
+    "window_noncausal": ({"window": 20}, {"window": 20}, (2, 2), (45, 45)),
+    "softcap": ({"softcap": 2.0}, {"softcap": 2.0}, (2, 2), (33, 33)),
+    "gemma2": ({"causal": True, "rope": True, "window": 16, "softcap": 3.0, "fixed_gqa_group": True},
+               {"causal": True, "rope": True, "window": 16, "softcap": 3.0}, (4, 2), (70, 70)),
 }
 
 

@@ -132,7 +132,7 @@ def test_flash_spec_rejects_bad_input(kwargs, exc, word):
 def test_spec_canonical_matches_kernel_key_format():
     spec = metal_specs.flash_spec(64, 16, 64, causal=True)
     assert spec.canonical() == ("flash_attention[ALIBI=0,BLOCK_C=64,BLOCK_R=16,CAUSAL=1,DTYPE=0,"
-                                "GQA_GROUP=0,HEAD_DIM=64,ROPE=0]")
+                                "GQA_GROUP=0,HEAD_DIM=64,ROPE=0,SOFTCAP=0,WINDOW=0]")
 
 
 # ---------------------------------------------------------------------------- planted bugs

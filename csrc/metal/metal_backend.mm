@@ -136,6 +136,8 @@ const std::vector<FunctionConstantSpec> kFunctionConstants = {
     {"BLOCK_SIZE", ATTNPROTO_FC_BLOCK_SIZE, MTLDataTypeInt},
     {"PARTITION_SIZE", ATTNPROTO_FC_PARTITION_SIZE, MTLDataTypeInt},
     {"CHUNK_SIZE", ATTNPROTO_FC_CHUNK_SIZE, MTLDataTypeInt},
+    {"WINDOW", ATTNPROTO_FC_WINDOW, MTLDataTypeBool},
+    {"SOFTCAP", ATTNPROTO_FC_SOFTCAP, MTLDataTypeBool},
 };
 
 const KernelSignature* find_signature(const std::string& kernel)

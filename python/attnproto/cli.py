@@ -252,6 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                                                           desc=desc),
                         out_dir=stage.path,
                         rng=np.random.default_rng([args.seed, zlib.crc32(exp.name.encode("utf-8"))]),
+                        extras={"full": bool(args.full)},
                     )
                     result = experiments.run_experiment(exp, ctx)
                     merge = stage.write_results(experiment=exp.name, backend=backend, records=result.records,
@@ -638,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=AUTO, choices=BACKENDS + (AUTO,),
                    help="backend to run on; auto = best available (cuda, then metal, then cpu)")
     p.add_argument("--quick", action="store_true", help="small sweep (CI)")
+    p.add_argument("--full", action="store_true",
+                   help="the larger sweep where an experiment has one (proto7: flex at every N, every mma point)")
     p.add_argument("--out", default=None,
                    help="results root (default: results/ for GPU backends, "
                         "$XDG_STATE_HOME/attnproto/results for cpu)")

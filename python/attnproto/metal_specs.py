@@ -127,8 +127,11 @@ def flash_tile_legal(head_dim: int, block_r: int, block_c: int, dtype: str = "fl
 
 def flash_spec(head_dim: int, block_r: int, block_c: int, dtype: str = "float16", *,
                causal: bool = False, rope: bool = False, alibi: bool = False,
-               gqa_group: int = 0) -> MetalSpec:
-    """The flash_attention specialisation; raises ValueError for a tile the kernel rejects."""
+               gqa_group: int = 0, window: bool = False, softcap: bool = False) -> MetalSpec:
+    """The flash_attention specialisation; raises ValueError for a tile the kernel rejects.
+
+    ``window`` / ``softcap`` set the WINDOW / SOFTCAP constants (the window length and the cap
+    are run-time values of AttentionParams)."""
     for arg, value in (("head_dim", head_dim), ("block_r", block_r), ("block_c", block_c), ("gqa_group", gqa_group)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{arg} must be an int, got {type(value).__name__}")
@@ -145,7 +148,7 @@ def flash_spec(head_dim: int, block_r: int, block_c: int, dtype: str = "float16"
     return MetalSpec.make(
         FLASH_KERNEL, HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_C=block_c,
         DTYPE=DTYPE_CODES[dtype], CAUSAL=int(causal), ROPE=int(rope), ALIBI=int(alibi),
-        GQA_GROUP=gqa_group)
+        GQA_GROUP=gqa_group, WINDOW=int(window), SOFTCAP=int(softcap))
 
 
 def sweep_tiles(dtype: str = "float16") -> list[tuple[int, int, int]]:
@@ -260,8 +263,23 @@ def proto1_specs() -> list[MetalSpec]:
             for dtype in DTYPE_CODES for d, r, c in sweep_tiles(dtype) for causal in (False, True)]
 
 
+#: Prototype 7's variants as flash_spec keywords: each alone (causal, as the models run them),
+#: and the two model combinations (Llama: RoPE + causal; Gemma 2: RoPE + window + soft cap +
+#: causal); the GQA group is a run-time value of each (or the GQA_GROUP constant, below).
+PROTO7_VARIANTS = {
+    "base": dict(causal=True),
+    "rope": dict(causal=True, rope=True),
+    "alibi": dict(causal=True, alibi=True),
+    "window": dict(causal=True, window=True),
+    "softcap": dict(causal=True, softcap=True),
+    "llama": dict(causal=True, rope=True),
+    "gemma2": dict(causal=True, rope=True, window=True, softcap=True),
+}
+
+
 def proto7_specs() -> list[MetalSpec]:
-    """Prototype 7: base, RoPE, ALiBi and GQA groups, fused into the flash kernel."""
+    """Prototype 7: base, RoPE, ALiBi, window, soft cap, the model combinations and GQA groups
+    (compile-time GQA_GROUP), fused into the flash kernel; non-causal base/RoPE/ALiBi too."""
     tile = (PROTO7_HEAD_DIM, PROTO7_BLOCK_R, PROTO7_BLOCK_C)
     specs = []
     for dtype in DTYPE_CODES:
@@ -269,7 +287,10 @@ def proto7_specs() -> list[MetalSpec]:
         specs.append(flash_spec(*tile, dtype, rope=True))
         specs.append(flash_spec(*tile, dtype, alibi=True))
         specs.append(flash_spec(*tile, dtype, causal=True, rope=True, alibi=True))
+        specs.append(flash_spec(*tile, dtype, window=True, softcap=True))
         specs.extend(flash_spec(*tile, dtype, gqa_group=g) for g in PROTO7_GQA_GROUPS)
+        specs.extend(flash_spec(*tile, dtype, **kw) for kw in PROTO7_VARIANTS.values())
+        specs.extend(flash_spec(*tile, dtype, causal=True, gqa_group=g) for g in PROTO7_GQA_GROUPS)
     return specs
 
 

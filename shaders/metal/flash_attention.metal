@@ -1,5 +1,6 @@
 // flash_attention.metal — Prototype 1 (tiled Flash Attention forward with simdgroup_matrix)
-// and Prototype 7 (RoPE, ALiBi, GQA as function-constant variants of the same kernel).
+// and Prototype 7 (RoPE, ALiBi, GQA, sliding window and logit soft cap as function-constant
+// variants of the same kernel).
 //
 // One threadgroup computes BLOCK_R query rows of one (batch, head); simdgroup s owns rows
 // 8s .. 8s+7. Q is staged once into registers (simdgroup_matrix fragments, FP16/BF16);
@@ -27,6 +28,12 @@
 // neither occurs. Statically checked only (tools/metal_check), never run on Apple hardware.
 // RoPE (fused): K row j rotates at position j, Q row i at i + seq_kv - seq_q (the causal
 // alignment), as attnproto.ref.attention(rope=True) defines it.
+// SOFTCAP: the scaled score s becomes params.softcap * tanh(s / params.softcap) before the
+// ALiBi bias and the mask (Gemma 2). WINDOW: query i (position p = i + seq_kv - seq_q) sees
+// keys j > p - params.window only (Mistral / Gemma's left window; with CAUSAL also j <= p);
+// key tiles wholly left of the threadgroup's window are never loaded, so the work scales
+// with the window. The host checks params.window >= 1 and params.softcap > 0 when the
+// constant is set; attnproto.ref.attention(window=..., softcap=...) is the reference.
 //
 // Launch: threadgroups (ceil(seq_q / BLOCK_R), num_heads, batch), ATTNPROTO_FLASH_THREADS
 // (BLOCK_R) threads, ATTNPROTO_FLASH_TG_BYTES(...) bytes at [[threadgroup(ATTNPROTO_TG_SMEM)]].
@@ -44,12 +51,16 @@ constant bool CAUSAL    [[function_constant(ATTNPROTO_FC_CAUSAL)]];
 constant bool ROPE      [[function_constant(ATTNPROTO_FC_ROPE)]];
 constant bool ALIBI     [[function_constant(ATTNPROTO_FC_ALIBI)]];
 constant int  GQA_GROUP [[function_constant(ATTNPROTO_FC_GQA_GROUP)]];
+constant bool WINDOW    [[function_constant(ATTNPROTO_FC_WINDOW)]];
+constant bool SOFTCAP   [[function_constant(ATTNPROTO_FC_SOFTCAP)]];
 
 // Variants default to off when the host leaves their constant unset.
 constant bool kCausal   = is_function_constant_defined(CAUSAL) && CAUSAL;
 constant bool kRope     = is_function_constant_defined(ROPE) && ROPE;
 constant bool kAlibi    = is_function_constant_defined(ALIBI) && ALIBI;
 constant int  kGqaGroup = is_function_constant_defined(GQA_GROUP) ? GQA_GROUP : 0;
+constant bool kWindow   = is_function_constant_defined(WINDOW) && WINDOW;
+constant bool kSoftcap  = is_function_constant_defined(SOFTCAP) && SOFTCAP;
 
 constant int kChunkD  = ATTNPROTO_FLASH_KV_CHUNK_D(HEAD_DIM);
 constant int kThreads = ATTNPROTO_FLASH_THREADS(BLOCK_R);
@@ -145,6 +156,10 @@ static void flash_attention_impl(constant AttentionParams& p,
     device T* o_base = o + b * p.o_stride[0] + h * p.o_stride[1];
 
     const float scale_log2 = p.scale * kLog2e;
+    // Soft cap in base 2: cap * tanh(scale * raw / cap) * log2 e = cap_log2 * tanh(raw * inv_cap).
+    const float cap_log2 = kSoftcap ? p.softcap * kLog2e : 0.0f;
+    const float softcap_inv = kSoftcap ? p.scale / p.softcap : 0.0f;
+    const int window = kWindow ? int(p.window) : 0;
     const float slope_log2 =
         kAlibi ? exp2(-p.alibi_max_bias * float(h + 1) / float(p.num_heads)) * kLog2e : 0.0f;
 
@@ -177,7 +192,11 @@ static void flash_attention_impl(constant AttentionParams& p,
     float l_run = 0.0f;       // running sum of 2^(s - m_run)
 
     const int kv_end = kCausal ? clamp(q0 + q_valid + shift, 0, seq_kv) : seq_kv;
-    for (int kv0 = 0; kv0 < kv_end; kv0 += BLOCK_C) {
+    // WINDOW: the first key the tile's first row sees is q0 + shift - window + 1 (64-bit: the
+    // window may be up to 2^31 - 1); start at the key tile holding it.
+    const long first_key = kWindow ? max(0L, long(q0 + shift) - long(window) + 1L) : 0L;
+    const int kv_begin = int(min(first_key, long(seq_kv))) / BLOCK_C * BLOCK_C;
+    for (int kv0 = kv_begin; kv0 < kv_end; kv0 += BLOCK_C) {
         const int kv_valid = min(BLOCK_C, seq_kv - kv0);
 
         // ---- S = Q K^T ----
@@ -211,11 +230,13 @@ static void flash_attention_impl(constant AttentionParams& p,
         float m_blk = kMaskedScore;
         for (int t = 0; t < BLOCK_C / kQuad; ++t) {
             const int key = kv0 + quarter + t * kQuad;
-            float s = s_row[quarter + t * kQuad] * scale_log2;
+            const float raw = s_row[quarter + t * kQuad];
+            float s = kSoftcap ? cap_log2 * precise::tanh(raw * softcap_inv) : raw * scale_log2;
             if (kAlibi) {
                 s -= slope_log2 * float(abs(q_pos - key));
             }
-            const bool visible = qi < seq_q && key < seq_kv && (!kCausal || key <= q_pos);
+            const bool in_window = !kWindow || long(key) > long(q_pos) - long(window);
+            const bool visible = qi < seq_q && key < seq_kv && (!kCausal || key <= q_pos) && in_window;
             p_val[t] = visible ? s : kMaskedScore;
             m_blk = max_nan(m_blk, p_val[t]);
         }
@@ -274,7 +295,8 @@ static void flash_attention_impl(constant AttentionParams& p,
     }
 
     // ---- epilogue: O /= l, LSE, masked store through the scratch matrix ----
-    // A row sees a key iff (causal) key 0 is at or left of its position. With a key, l = 0
+    // A row sees a key iff (causal) key 0 is at or left of its position (a window keeps key
+    // min(p, seq_kv - 1) for every row: p <= seq_kv - 1 by the alignment). With a key, l = 0
     // means an invalid row or every visible score -inf: NaN (normalise factor and LSE).
     const bool has_key = !kCausal || q_pos >= 0;
     if (quarter == 0) {

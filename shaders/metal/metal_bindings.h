@@ -26,6 +26,8 @@
 #define ATTNPROTO_FC_BLOCK_SIZE 8   // int: paged KV: tokens per physical cache block
 #define ATTNPROTO_FC_PARTITION_SIZE 9  // int: paged KV: tokens per partition (a multiple of BLOCK_SIZE)
 #define ATTNPROTO_FC_CHUNK_SIZE 10    // int: linear attention: tokens per chunk
+#define ATTNPROTO_FC_WINDOW    11   // bool: left sliding window of params.window tokens (keys j > pos - window)
+#define ATTNPROTO_FC_SOFTCAP   12   // bool: logit soft cap, score -> params.softcap * tanh(score / params.softcap)
 
 // ---- element types (values of DTYPE) ----
 #define ATTNPROTO_DTYPE_F16  0

@@ -16,7 +16,10 @@ installed and float32 (an exact widening) otherwise; LSE float32 [B, Hq, Nq] (na
 
 Conventions are the project's (shaders/common/attn_params.h): Q [B, Hq, Nq, D], K/V
 [B, Hkv, Nkv, D], bottom-right aligned causal mask, rotate-half RoPE with K row j at
-position j and Q row i at i + Nkv - Nq, ALiBi slope 2^(-max_bias (h+1) / Hq).
+position j and Q row i at i + Nkv - Nq, ALiBi slope 2^(-max_bias (h+1) / Hq), a left sliding
+window (``window``: query at position p sees keys j > p - window) and Gemma 2's logit soft cap
+(``softcap``: score -> softcap * tanh(score / softcap), before ALiBi and the mask), as
+:func:`attnproto.ref.attention` defines them.
 """
 from __future__ import annotations
 
@@ -143,6 +146,8 @@ class MetalFlashProblem:
     gqa_group: int      # GQA_GROUP function constant: 0 = read from the params at run time
     block_r: int
     block_c: int
+    window: int = 0     # WINDOW constant on when > 0 (params.window)
+    softcap: float = 0.0  # SOFTCAP constant on when > 0 (params.softcap)
 
 
 def check_metal_flash_inputs(q: Any, k: Any, v: Any, *, causal: bool = False,
@@ -150,13 +155,15 @@ def check_metal_flash_inputs(q: Any, k: Any, v: Any, *, causal: bool = False,
                              rope_theta: float = DEFAULT_ROPE_THETA, alibi: bool = False,
                              alibi_max_bias: float = DEFAULT_ALIBI_MAX_BIAS,
                              fixed_gqa_group: bool = False, block_r: Optional[int] = None,
-                             block_c: Optional[int] = None) -> MetalFlashProblem:
+                             block_c: Optional[int] = None, window: Optional[int] = None,
+                             softcap: Optional[float] = None) -> MetalFlashProblem:
     """Check everything about a Metal flash forward; each error names its argument.
 
     TypeError: non-tensor, dtype other than float16/bfloat16, mixed dtypes, non-bool flags,
     non-int tile sizes. ValueError: rank, shapes, Hq % Hkv, head_dim (a multiple of 8 in
     [8, 256]), device, negative strides, sequence length, non-finite scale/theta/bias, a
-    tile the kernel rejects (over 32 KB of threadgroup memory or off the 8-row grid).
+    tile the kernel rejects (over 32 KB of threadgroup memory or off the 8-row grid), a
+    window that is not a positive int (up to 2^31 - 1), a soft cap that is not positive.
     """
     shape = _v.check_attention_inputs(q, k, v, causal=causal, allowed_dtypes=METAL_DTYPES,
                                       contiguous_last_dim=False)
@@ -173,6 +180,12 @@ def check_metal_flash_inputs(q: Any, k: Any, v: Any, *, causal: bool = False,
         _v.check_bool(flag, name)
     rope_theta = _check_real(rope_theta, "rope_theta", positive=True)
     alibi_max_bias = _check_real(alibi_max_bias, "alibi_max_bias", non_negative=True)
+    if window is not None:
+        window = _v.check_positive_int(window, "window")
+        if window > MAX_SEQ_LEN:
+            raise ValueError(f"window: {window} exceeds {MAX_SEQ_LEN} (params.window is 32-bit)")
+    if softcap is not None:
+        softcap = _check_real(softcap, "softcap", positive=True)
     if (block_r is None) != (block_c is None):
         raise ValueError(f"{'block_c' if block_c is None else 'block_r'}: give both block_r and "
                          "block_c, or neither (the default tile)")
@@ -183,7 +196,7 @@ def check_metal_flash_inputs(q: Any, k: Any, v: Any, *, causal: bool = False,
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     problem = MetalFlashProblem(shape, bool(causal), scale, bool(rope), rope_theta, bool(alibi),
                                 alibi_max_bias, shape.group if fixed_gqa_group else 0,
-                                int(block_r), int(block_c))
+                                int(block_r), int(block_c), window or 0, softcap or 0.0)
     flash_launch_spec(problem)  # raises ValueError for a tile the kernel rejects
     return problem
 
@@ -192,7 +205,8 @@ def flash_launch_spec(problem: MetalFlashProblem) -> _ms.MetalSpec:
     """The flash_attention specialisation (function constants) of a checked problem."""
     return _ms.flash_spec(problem.shape.head_dim, problem.block_r, problem.block_c,
                           problem.shape.dtype, causal=problem.causal, rope=problem.rope,
-                          alibi=problem.alibi, gqa_group=problem.gqa_group)
+                          alibi=problem.alibi, gqa_group=problem.gqa_group,
+                          window=problem.window > 0, softcap=problem.softcap > 0)
 
 
 def metal_flash_params(problem: MetalFlashProblem) -> np.void:
@@ -205,7 +219,8 @@ def metal_flash_params(problem: MetalFlashProblem) -> np.void:
     return _params.make_params(
         batch=s.batch, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, seq_q=s.seq_q,
         seq_kv=s.seq_kv, head_dim=s.head_dim, scale=problem.scale, rope_theta=problem.rope_theta,
-        alibi_max_bias=problem.alibi_max_bias, q_stride=q_stride, k_stride=kv_stride,
+        alibi_max_bias=problem.alibi_max_bias, window=problem.window, softcap=problem.softcap,
+        q_stride=q_stride, k_stride=kv_stride,
         v_stride=kv_stride, o_stride=q_stride,
         lse_stride=_contiguous_strides((s.batch, s.num_heads, s.seq_q))[:2])
 
@@ -257,11 +272,13 @@ def prepare_flash_forward(q: Any, k: Any, v: Any, *, causal: bool = False,
                           rope_theta: float = DEFAULT_ROPE_THETA, alibi: bool = False,
                           alibi_max_bias: float = DEFAULT_ALIBI_MAX_BIAS,
                           fixed_gqa_group: bool = False, block_r: Optional[int] = None,
-                          block_c: Optional[int] = None, backend: Any = None) -> MetalLaunch:
+                          block_c: Optional[int] = None, window: Optional[int] = None,
+                          softcap: Optional[float] = None, backend: Any = None) -> MetalLaunch:
     """Check, upload, specialise: the flash_attention dispatch to launch or time.
 
     ``fixed_gqa_group`` compiles the GQA group (Hq / Hkv) into the kernel (function constant
-    GQA_GROUP) instead of reading it from the params. ``block_r``/``block_c`` default to
+    GQA_GROUP) instead of reading it from the params. ``window`` (tokens) / ``softcap`` turn on
+    the WINDOW / SOFTCAP constants with that value. ``block_r``/``block_c`` default to
     :func:`attnproto.metal_specs.choose_flash_tile`. Outputs are poisoned with NaN until the
     kernel writes them.
     """
@@ -269,7 +286,7 @@ def prepare_flash_forward(q: Any, k: Any, v: Any, *, causal: bool = False,
                                        rope_theta=rope_theta, alibi=alibi,
                                        alibi_max_bias=alibi_max_bias,
                                        fixed_gqa_group=fixed_gqa_group, block_r=block_r,
-                                       block_c=block_c)
+                                       block_c=block_c, window=window, softcap=softcap)
     backend = _check_backend(backend)
     s = problem.shape
     spec = flash_launch_spec(problem)
@@ -291,7 +308,7 @@ def prepare_flash_forward(q: Any, k: Any, v: Any, *, causal: bool = False,
 
 
 def flash_forward(q: Any, k: Any, v: Any, **kwargs: Any) -> Tuple[np.ndarray, np.ndarray]:
-    """softmax(scale Q K^T + ALiBi, masked) V on the Metal GPU; returns host (O, LSE).
+    """softmax(softcap(scale Q K^T) + ALiBi, masked) V on the Metal GPU; returns host (O, LSE).
 
     Keyword arguments are those of :func:`prepare_flash_forward`.
     """
