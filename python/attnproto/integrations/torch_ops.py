@@ -52,7 +52,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Option
 
 @flash_attention.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::paged_decode", mutates_args=())
@@ -72,7 +72,7 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tenso
 @paged_decode.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
       scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::paged_prefill", mutates_args=())
@@ -90,7 +90,7 @@ def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
 @paged_prefill.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
       scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::append_kv", mutates_args=("k_cache", "v_cache"))
