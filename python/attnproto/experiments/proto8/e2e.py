@@ -200,6 +200,7 @@ def decode_points(ctx: ExperimentContext, model: Any, impls, points, device: str
                 if budget.left() <= 0:
                     _skip(ctx, cfg, "run budget spent")
                     continue
+                fn = None
                 try:
                     fn = _decode_fn(model, impl, batch, context, device, graph)
                     t = timer(fn, C.DECODE_WARMUP, iters)
@@ -207,7 +208,9 @@ def decode_points(ctx: ExperimentContext, model: Any, impls, points, device: str
                     _skip(ctx, cfg, f"{type(exc).__name__}: {str(exc)[:200]}")
                     continue
                 finally:
+                    fn = None             # the cache (and a graph's pool) go before the next point's
                     if device == "cuda":
+                        torch.cuda.synchronize()
                         torch.cuda.empty_cache()
                 m = {"step_ms": t.median_ms, "tokens_per_s": batch / (t.median_ms / 1e3),
                      "weight_bytes": float(wbytes), "kv_bytes": float(kv)}
