@@ -201,3 +201,203 @@ def test_paged_cache_arguments_checked():
         PagedKVCache(model.config, batch_size=1, max_cache_len=8, block_size=3)
     with pytest.raises(ValueError, match="max_cache_len"):
         PagedKVCache(model.config, batch_size=1, max_cache_len=0)
+
+
+# ------------------------------------------------------------------ RoPE fused into the store
+def _rope_case(seed, t=5, device="cpu", dtype=torch.float32, d=16, hq=4, hkv=2, bs=4):
+    from attnproto.ops.paged_rope import rope_tables
+
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    q, k, v = mk(2, hq, t, d), mk(2, hkv, t, d), mk(2, hkv, t, d)
+    cos, sin = rope_tables(64, d, device=device)
+    per_seq = 64 // bs                      # capacity 64 tokens, the RoPE tables' rows
+    nb = 2 * per_seq + 2
+    table = torch.randperm(nb, generator=g)[:2 * per_seq].view(2, -1).to(torch.int32).contiguous().to(device)
+    kc = torch.zeros(nb, bs, hkv, d, dtype=dtype, device=device)
+    return q, k, v, kc, torch.zeros_like(kc), table, cos, sin
+
+
+def test_rope_append_rotates_q_and_stores_rotated_k_and_plain_v():
+    q, k, v, kc, vc, table, cos, sin = _rope_case(11)
+    pos = torch.tensor([3, 9], dtype=torch.int32)
+    q_rot = OPS.rope_append(q, k, v, kc, vc, table, pos, cos, sin)
+    p = (pos.long()[:, None] + torch.arange(q.shape[2])).numpy()[:, None, :]
+    np.testing.assert_allclose(q_rot.numpy(), ref.rope(q.numpy(), positions=p), atol=1e-5)
+    bs = kc.shape[1]
+    for b in range(2):
+        for i in range(q.shape[2]):
+            at = int(pos[b]) + i
+            page, slot = int(table[b, at // bs]), at % bs
+            np.testing.assert_allclose(kc[page, slot].numpy(), ref.rope(k.numpy(), positions=p)[b, :, i], atol=1e-5)
+            assert torch.equal(vc[page, slot], v[b, :, i])
+    torch.library.opcheck(OPS.rope_append.default, (q, k, v, kc.clone(), vc.clone(), table, pos, cos, sin))
+    with pytest.raises(ValueError, match="positions"):
+        OPS.rope_append(q, k, v, kc, vc, table, torch.tensor([0, 62], dtype=torch.int32), cos, sin)
+    with pytest.raises(ValueError, match="cos"):
+        OPS.rope_append(q, k, v, kc, vc, table, pos, cos[:, :4].contiguous(), sin[:, :4].contiguous())
+
+
+@pytest.mark.parametrize("t", [3, 12])
+def test_fused_prefill_then_decode_equals_attention_over_rotated_qk(t):
+    """fused_prefill of a prompt chunk (t <= 8: the decode kernel, else paged prefill), then one
+    rope_append + paged_decode step: both equal FP64 attention of RoPE'd Q/K."""
+    q, k, v, kc, vc, table, cos, sin = _rope_case(12, t=t)
+    zero = torch.zeros(2, dtype=torch.int32)
+    o, lse = OPS.fused_prefill(q, k, v, kc, vc, table, zero, cos, sin, None)
+    pos = np.arange(t)
+    qr, kr = ref.rope(q.numpy(), positions=pos), ref.rope(k.numpy(), positions=pos)
+    np.testing.assert_allclose(o.numpy(), ref.attention(qr, kr, v.numpy(), causal=True), atol=1e-5)
+    torch.library.opcheck(OPS.fused_prefill.default, (q, k, v, kc.clone(), vc.clone(), table, zero, cos, sin, 0.25))
+    q1, k1, v1 = q[:, :, :1] * 0.5, k[:, :, :1] * 2.0, v[:, :, :1] + 1.0
+    lens = torch.full((2,), t, dtype=torch.int32)
+    q1r = OPS.rope_append(q1, k1, v1, kc, vc, table, lens, cos, sin)
+    o1, _ = OPS.paged_decode(q1r, kc, vc, table, lens + 1, None)
+    kall = np.concatenate([kr, ref.rope(k1.numpy(), positions=np.array([t]))], axis=2)
+    vall = np.concatenate([v.numpy(), v1.numpy()], axis=2)
+    want = ref.attention(ref.rope(q1.numpy(), positions=np.array([t])), kall, vall)
+    np.testing.assert_allclose(o1.numpy(), want, atol=1e-5)
+
+
+# ------------------------------------------------------------------ padded batches, errors, compile
+def _left_padded(lens, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, 128, (n,), generator=g) for n in lens]
+    t = max(lens)
+    ids = torch.zeros(len(lens), t, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
+    return prompts, ids, mask
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("lens", [(12, 5, 9), (4, 7)])
+def test_left_padded_batch_equals_eager_per_prompt(lens):
+    """A batch of prompts of different lengths (left padding, attention_mask): each sequence is
+    stored without its padding (its own context length) and generates what eager attention
+    generates for the prompt alone; the real positions' logits match too. (4, 7): a prompt short
+    enough for the decode kernel's prefill path."""
+    from attnproto.integrations.paged_cache import PagedKVCache
+
+    model = _tiny_llama()
+    prompts, ids, mask = _left_padded(lens)
+    t = ids.shape[1]
+    model.set_attn_implementation("eager")
+    want = [model.generate(p[None], max_new_tokens=6, do_sample=False)[0, len(p):] for p in prompts]
+    with torch.no_grad():
+        want_logits = [model(p[None]).logits[0] for p in prompts]
+    model.set_attn_implementation("attnproto")
+    cache = PagedKVCache(model.config, batch_size=len(lens), max_cache_len=32, block_size=8)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache)[:, t:]
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    assert cache.context_lens().tolist() == [n + 6 - 1 for n in lens]
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, past_key_values=PagedKVCache(
+            model.config, batch_size=len(lens), max_cache_len=32, block_size=8), use_cache=True).logits
+    for i, n in enumerate(lens):
+        torch.testing.assert_close(logits[i, t - n:], want_logits[i], atol=1e-5, rtol=1e-5)
+
+
+def test_right_padding_wrong_dtype_head_dim_and_full_cache_refused():
+    from attnproto.integrations.paged_cache import PagedKVCache
+    from attnproto.integrations.transformers import check_supported
+
+    model = _tiny_llama()
+    model.set_attn_implementation("attnproto")
+    ids = torch.randint(1, 128, (2, 6))
+    right = torch.ones_like(ids)
+    right[1, -2:] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        model(ids, attention_mask=right, past_key_values=PagedKVCache(model.config, batch_size=2, max_cache_len=16),
+              use_cache=True)
+    with pytest.raises(TypeError, match="query: dtype float64"):
+        model.double()(ids)
+    with pytest.raises(ValueError, match="head_dim: 96"):
+        check_supported("cuda", torch.bfloat16, 96)
+    with pytest.raises(TypeError, match="float32"):
+        check_supported("cuda", torch.float32, 64)
+    model.float()
+    cache = PagedKVCache(model.config, batch_size=2, max_cache_len=8)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="cache is full"):
+            model(ids[:, :3], past_key_values=cache, use_cache=True)
+
+
+def test_model_forward_compiles_fullgraph_with_no_graph_break():
+    """transformers' Llama forward with attn_implementation="attnproto" under torch.compile: one
+    graph (dynamo's explain counts 0 breaks) and the eager result."""
+    model = _tiny_llama()
+    model.set_attn_implementation("attnproto")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    fwd = lambda x: model(input_ids=x, use_cache=False).logits  # noqa: E731
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fwd)(ids)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    compiled = torch.compile(fwd, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), fwd(ids))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_graph_decoder_eager_steps_equal_generate():
+    from attnproto.integrations.models import GraphDecoder, build_model
+    from attnproto.integrations.paged_cache import PagedKVCache
+
+    model = build_model(shape="tiny", dtype=torch.float32, attn="eager")
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False)[:, 10:]
+    model.set_attn_implementation("attnproto")
+    cache = PagedKVCache(model.config, batch_size=2, max_cache_len=18, block_size=8)
+    with torch.no_grad():
+        first = model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+    dec = GraphDecoder(model, cache, first)
+    assert torch.equal(torch.cat([first[:, None], dec.run(8)], dim=1), want)
+    with pytest.raises(ValueError, match="cache is full"):
+        dec.step()
+
+
+# ------------------------------------------------------------------ CUDA: RoPE store, captured decode step
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 40])
+def test_cuda_rope_append_and_fused_prefill_match_the_cpu_ops(dtype, t):
+    case = _rope_case(13, t=t, device="cuda", dtype=dtype, d=64, hq=8, hkv=2, bs=16)
+    q, k, v, kc, vc, table, cos, sin = case
+    pos = torch.tensor([0, 64 - t], dtype=torch.int32, device="cuda")
+    hq, hk, hv, hkc, hvc = (x.cpu().float() for x in (q, k, v, kc, vc))
+    htable, hpos, hcos, hsin = table.cpu(), pos.cpu(), cos.cpu(), sin.cpu()
+    q_rot = OPS.rope_append(q, k, v, kc, vc, table, pos, cos, sin)
+    want_q = OPS.rope_append(hq, hk, hv, hkc, hvc, htable, hpos, hcos, hsin)
+    torch.testing.assert_close(q_rot.float().cpu(), want_q, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(kc.float().cpu(), hkc, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(vc.float().cpu(), hvc, atol=0, rtol=0)
+    torch.library.opcheck(OPS.rope_append.default, (q, k, v, kc.clone(), vc.clone(), table, pos, cos, sin))
+    zero = torch.zeros(2, dtype=torch.int32, device="cuda")
+    o, _ = OPS.fused_prefill(q, k, v, kc, vc, table, zero, cos, sin, None)
+    ho, _ = OPS.fused_prefill(hq, hk, hv, hkc.clone(), hvc.clone(), htable, zero.cpu(), hcos, hsin, None)
+    torch.testing.assert_close(o.float().cpu(), ho, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_cuda_decode_step_captured_in_a_graph_equals_eager_steps():
+    """TinyLlama's shape in bf16: the whole decode step (22 layers, store + paged decode, argmax)
+    captured once and replayed gives the tokens of the same steps run eagerly."""
+    from attnproto.integrations.models import GraphDecoder, build_model
+    from attnproto.integrations.paged_cache import PagedKVCache
+
+    model = build_model(shape="tinyllama", dtype=torch.bfloat16, device="cuda", attn="attnproto")
+    prompts, ids, mask = _left_padded((40, 23, 31), seed=5)
+    ids, mask = ids.cuda(), mask.cuda()
+    runs = []
+    for graph in (False, True):
+        cache = PagedKVCache(model.config, batch_size=3, max_cache_len=80, block_size=16)
+        with torch.no_grad():
+            first = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+        runs.append(GraphDecoder(model, cache, first, graph=graph).run(16))
+        assert cache.context_lens().tolist() == [40 + 16, 23 + 16, 31 + 16]
+    assert torch.equal(runs[0], runs[1])

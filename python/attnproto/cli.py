@@ -252,7 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                                                           desc=desc),
                         out_dir=stage.path,
                         rng=np.random.default_rng([args.seed, zlib.crc32(exp.name.encode("utf-8"))]),
-                        extras={"full": bool(args.full)},
+                        extras={"full": bool(getattr(args, "full", False))},
                     )
                     result = experiments.run_experiment(exp, ctx)
                     merge = stage.write_results(experiment=exp.name, backend=backend, records=result.records,
@@ -553,6 +553,12 @@ def _experiment_module(name: str) -> Any:
     return next((m for m in candidates if m is not None and hasattr(m, "summary_table")), candidates[-1])
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .integrations.generate import main as generate_main  # noqa: PLC0415
+
+    return generate_main(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     print(report_text(Path(args.directory)))
     return EXIT_OK
@@ -640,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backend to run on; auto = best available (cuda, then metal, then cpu)")
     p.add_argument("--quick", action="store_true", help="small sweep (CI)")
     p.add_argument("--full", action="store_true",
-                   help="the larger sweep where an experiment has one (proto7: flex at every N, every mma point)")
+                   help="the larger sweep where an experiment has one (proto7: flex at every N, every mma point; "
+                        "proto8: the whole decode grid)")
     p.add_argument("--out", default=None,
                    help="results root (default: results/ for GPU backends, "
                         "$XDG_STATE_HOME/attnproto/results for cpu)")
@@ -648,6 +655,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kb", action="store_true", help="do not add the findings to the findings database")
     _add_db_option(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("generate", help="greedy generation with one attention implementation; tokens/s at the end")
+    p.add_argument("--model", default=None, help="a local checkpoint (default: random weights in --shape)")
+    p.add_argument("--shape", default="tinyllama", help="model shape without a checkpoint: tinyllama | tiny")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--attn", default="attnproto", choices=("attnproto", "sdpa", "eager", "flex_attention"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("kernels", help="CUDA kernel specialisations: list, compile (check) or precompile")
     p.add_argument("action", choices=("list", "compile", "precompile"),

@@ -23,6 +23,7 @@ _PROVIDERS = (
     ("attnproto.ops.families.paged_decode", "specialisations"),
     ("attnproto.ops.paged", "append_specialisations"),
     ("attnproto.ops.rope", "specialisations"),
+    ("attnproto.ops.paged_rope", "rope_append_specialisations"),
 )
 
 #: The arch CI compiles for: Hopper with arch-specific features (wgmma, setmaxnreg).

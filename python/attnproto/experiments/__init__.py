@@ -24,7 +24,7 @@ from .registry import (
 )
 
 # Add new experiment modules here.
-EXPERIMENT_MODULES = ("smoke", "proto1", "proto2", "proto3", "proto4", "proto5", "proto6", "proto7")
+EXPERIMENT_MODULES = ("smoke", "proto1", "proto2", "proto3", "proto4", "proto5", "proto6", "proto7", "proto8")
 
 for _module in EXPERIMENT_MODULES:
     importlib.import_module(f"{__name__}.{_module}")

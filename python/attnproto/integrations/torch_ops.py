@@ -4,6 +4,17 @@
     torch.ops.attnproto.paged_decode(q, k_cache, v_cache, block_table, context_lens, scale) -> (O, LSE)
     torch.ops.attnproto.paged_prefill(q, k_cache, v_cache, block_table, context_lens, scale) -> (O, LSE)
     torch.ops.attnproto.append_kv(k_new, v_new, k_cache, v_cache, block_table, positions) -> ()   # mutates the caches
+    torch.ops.attnproto.rope_append(q, k_new, v_new, k_cache, v_cache, block_table, positions, cos, sin) -> q_rot
+    torch.ops.attnproto.fused_prefill(q, k_new, v_new, k_cache, v_cache, block_table, positions, cos, sin, scale)
+        -> (O, LSE)                                                                      # mutates the caches
+
+``rope_append`` / ``fused_prefill`` take Q, K, V before RoPE: K is rotated once, as it is stored
+(rotate-half RoPE at the absolute position ``positions[b] + i``, cos/sin float32 tables
+``[max_pos, D/2]``, :func:`attnproto.ops.paged_rope.rope_tables`), Q is rotated out of place in
+the same launch (``shaders/cuda/paged_rope_append.cu``), V is stored as is; ``fused_prefill``
+then attends over the cache (``positions + T`` keys per sequence): two launches instead of four
+(rope q, rope k, append, attention). ``rope_append`` alone is the decode step's first half
+(followed by ``paged_decode``).
 
 CUDA tensors run attnproto's kernels (``kernel="auto"``; the paged kernels of
 :mod:`attnproto.ops.paged`) on torch's current stream, so the ops join CUDA graphs and
@@ -22,6 +33,7 @@ import torch
 from .. import cpu as _cpu
 from ..ops import flash as _flash
 from ..ops import paged as _paged
+from ..ops import paged_rope as _rope
 
 Tensor = torch.Tensor
 NAMESPACE = "attnproto"
@@ -40,7 +52,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Option
 
 @flash_attention.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::paged_decode", mutates_args=())
@@ -60,7 +72,7 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tenso
 @paged_decode.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
       scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::paged_prefill", mutates_args=())
@@ -78,7 +90,7 @@ def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
 @paged_prefill.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
       scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::append_kv", mutates_args=("k_cache", "v_cache"))
@@ -95,6 +107,71 @@ def append_kv(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, bl
 def _(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
       positions: Tensor) -> None:
     return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::rope_append", mutates_args=("k_cache", "v_cache"))
+def rope_append(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                positions: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE of q ([B, Hq, T, D], returned rotated) and k_new at positions[b] + i; rotated K and V
+    ([B, Hkv, T, D]) written into their pages."""
+    if q.is_cuda:
+        return _rope.rope_append(q, k_new, v_new, k_cache, v_cache, block_table, positions, cos, sin)
+    q_rot, k_rot = _rope_host(q, k_new, positions, cos, sin)
+    _append_host(k_rot, v_new, k_cache, v_cache, block_table, positions)
+    return q_rot
+
+
+@rope_append.register_fake
+def _(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+      positions: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::fused_prefill", mutates_args=("k_cache", "v_cache"))
+def fused_prefill(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                  positions: Tensor, cos: Tensor, sin: Tensor, scale: Optional[float] = None
+                  ) -> Tuple[Tensor, Tensor]:
+    """RoPE + KV store + attention of T new tokens per sequence (causal, bottom-right, over the
+    positions[b] + T keys of sequence b): rope_append, then paged prefill (T <= 8: paged decode)."""
+    if q.is_cuda:
+        return _rope.fused_prefill(q, k_new, v_new, k_cache, v_cache, block_table, positions, cos, sin, scale=scale)
+    q_rot, k_rot = _rope_host(q, k_new, positions, cos, sin)
+    _append_host(k_rot, v_new, k_cache, v_cache, block_table, positions)
+    lens = positions + q.shape[2]
+    o, lse = _cpu.paged_forward(q_rot, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), block_table, lens,
+                                causal=q.shape[2] > 1, scale=scale)
+    return torch.from_numpy(o).to(q.dtype), torch.from_numpy(lse)
+
+
+@fused_prefill.register_fake
+def _(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+      positions: Tensor, cos: Tensor, sin: Tensor, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _rope_host(q: Tensor, k: Tensor, positions: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
+    """The CPU path's RoPE (float32, as the kernel computes it), with the CUDA op's checks."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q / k_new: expected [B, H, T, D], got shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"q: dtype {q.dtype} does not match k_new dtype {k.dtype}")
+    if positions.dtype != torch.int32:
+        raise TypeError(f"positions: expected int32, got {positions.dtype}")
+    b, _, t, d = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (b, t, d):
+        raise ValueError(f"q: shape {tuple(q.shape)} does not match the new tokens {tuple(k.shape)}")
+    max_pos = _rope.check_tables(cos, sin, d, k)
+    pos = positions.long()[:, None] + torch.arange(t)[None, :]                    # [B, T]
+    if bool(((pos < 0) | (pos >= max_pos)).any()):
+        raise ValueError(f"positions: the new tokens reach positions [{int(pos.min())}, {int(pos.max())}], "
+                         f"the RoPE tables hold [0, {max_pos})")
+    c, s = cos[pos][:, None], sin[pos][:, None]                                   # [B, 1, T, D/2]
+
+    def rot(x: Tensor) -> Tensor:
+        x1, x2 = x.float()[..., :d // 2], x.float()[..., d // 2:]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+    return rot(q), rot(k)
 
 
 def _append_host(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
@@ -124,4 +201,4 @@ def _append_host(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
     v_cache[pages, slots] = v_new.permute(0, 2, 1, 3).to(v_cache.dtype)
 
 
-__all__ = ["NAMESPACE", "append_kv", "flash_attention", "paged_decode", "paged_prefill"]
+__all__ = ["NAMESPACE", "append_kv", "flash_attention", "fused_prefill", "paged_decode", "paged_prefill", "rope_append"]

@@ -14,18 +14,43 @@ None when nothing is padded). The attention function hands Q, K, V to
 key/value heads as they are: GQA is mapped in the kernel, no ``repeat_kv``; the causal mask is
 bottom-right aligned, which is the right one for a query chunk after cached keys.
 
-With a :class:`.paged_cache.PagedKVCache` as ``past_key_values`` the attention runs paged
-decode (up to 8 new tokens) or paged prefill over the cache's block table instead.
+With a :class:`.paged_cache.PagedKVCache` as ``past_key_values`` the attention function also
+stores the new K/V (the cache defers its store here) and runs paged decode (up to 8 new tokens)
+or paged prefill over the cache's block table; a left-padded batch (``attention_mask`` with
+leading zeros) is stored without its padding, each sequence with its own context length.
+transformers' Llama applies RoPE itself before this call, so what is ours on this path is the
+K/V store and the attention; RoPE fused into the store (``torch.ops.attnproto.fused_prefill``,
+``rope_append``) serves a model loop that hands over unrotated Q/K
+(:mod:`attnproto.integrations.models`).
 
-What it does not do, and says so with a ValueError naming the argument: dropout (inference
-kernels), padded batches (an ``attention_mask`` with zeros), logit soft caps and sliding
-windows (not yet in the CUDA kernels).
+What it does not do, and says so naming the argument: dropout (inference kernels), padded
+batches without a PagedKVCache, right padding, logit soft caps and sliding windows (not yet in
+the CUDA kernels), dtypes and head dims the kernels lack.
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
 NAME = "attnproto"
+
+
+#: What the CUDA kernels take (the CPU backend computes in float32 for any of its dtypes).
+CUDA_DTYPES = ("float16", "bfloat16")
+
+
+def check_supported(device_type: str, dtype: Any, head_dim: int) -> None:
+    """Refuse, naming the argument, what the kernels of ``device_type`` cannot run."""
+    from .. import cpu as _cpu  # noqa: PLC0415
+    from ..ops.paged_problem import HEAD_DIMS  # noqa: PLC0415
+
+    name = str(dtype).replace("torch.", "")
+    allowed = CUDA_DTYPES if device_type == "cuda" else _cpu.CPU_DTYPES
+    if name not in allowed:
+        raise TypeError(f"query: dtype {name} is not supported by attnproto's {device_type} kernels "
+                        f"(expected one of {', '.join(allowed)}; load the model with torch_dtype=torch.bfloat16)")
+    if device_type == "cuda" and head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim: {head_dim} is not supported by attnproto's CUDA kernels "
+                         f"(supported: {', '.join(map(str, HEAD_DIMS))})")
 
 
 def attnproto_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Optional[Any],
@@ -43,29 +68,49 @@ def attnproto_attention(module: Any, query: Any, key: Any, value: Any, attention
     for name in ("softcap", "sliding_window"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}: {kwargs[name]!r} is not supported by attnproto's CUDA kernels yet")
-    if attention_mask is not None:
-        raise ValueError("attention_mask: padded batches are not supported by attnproto attention yet "
-                         "(every sequence of a batch must be unpadded; use attn_implementation='sdpa')")
+    check_supported(query.device.type, query.dtype, query.shape[-1])
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    layer = _paged_layer(key)
-    if layer is not None:  # the pools of a PagedKVCache: attend through its block table
-        if not causal:
-            raise ValueError("is_causal: a PagedKVCache serves causal decoder attention only")
-        from ..ops.paged_problem import MAX_DECODE_TOKENS  # noqa: PLC0415
-
-        table, lens = layer._cache.table(key.device), layer.context_lens()
-        op = (torch.ops.attnproto.paged_decode if query.shape[2] <= MAX_DECODE_TOKENS
-              else torch.ops.attnproto.paged_prefill)
-        out, _ = op(query, layer.keys, layer.values, table, lens, scaling)
-    else:
+    layer = _pending_layer(key)
+    if layer is None:
+        if attention_mask is not None:
+            raise ValueError("attention_mask: padded batches need a PagedKVCache (past_key_values=PagedKVCache(...), "
+                             "which stores each sequence without its padding); without one every sequence of a "
+                             "batch must be unpadded")
         out, _ = torch.ops.attnproto.flash_attention(query, key, value, causal, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    if not causal:
+        raise ValueError("is_causal: a PagedKVCache serves causal decoder attention only")
+    from ..ops.paged_problem import MAX_DECODE_TOKENS  # noqa: PLC0415
+
+    new = query.shape[2]
+    first = layer.length == 0
+    if attention_mask is not None and not first and not capturing(attention_mask):
+        if not bool(attention_mask[:, -new:].all()):
+            raise ValueError("attention_mask: the new tokens of a step after the prompt must all be real "
+                             "(only the prompt may be left-padded)")
+    padded = layer.store(key, value, attention_mask)
+    if first and not padded:  # nothing else is cached: attention over the new tokens themselves
+        out, _ = torch.ops.attnproto.flash_attention(query, key, value, causal, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    table, lens = layer._cache.table(key.device), layer.lens
+    op = torch.ops.attnproto.paged_decode if new <= MAX_DECODE_TOKENS else torch.ops.attnproto.paged_prefill
+    out, _ = op(query, layer.keys, layer.values, table, lens, scaling)
+    if padded:  # padding queries attend to nothing: zero rows, not whatever an empty softmax gives
+        real = attention_mask[:, -new:].bool()[:, None, :, None]
+        out = torch.where(real, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.transpose(1, 2).contiguous(), None
 
 
-def _paged_layer(key: Any) -> Any:
-    from .paged_cache import paged_layer_of  # noqa: PLC0415
+def _pending_layer(key: Any) -> Any:
+    from .paged_cache import pending_layer_of  # noqa: PLC0415
 
-    return paged_layer_of(key)
+    return pending_layer_of(key)
+
+
+def capturing(x: Any) -> bool:
+    from .paged_cache import capturing as _capturing  # noqa: PLC0415
+
+    return _capturing(x)
 
 
 def register() -> None:
@@ -77,4 +122,4 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, flash_attention_mask)
 
 
-__all__ = ["NAME", "attnproto_attention", "register"]
+__all__ = ["CUDA_DTYPES", "NAME", "attnproto_attention", "check_supported", "register"]

@@ -23,7 +23,7 @@ from .families import paged_decode as _fam
 from .paged_problem import (DTYPES, MAX_DECODE_TOKENS, PagedProblem, check_cache, check_contiguous, check_index,
                             check_paged, check_table_values)
 
-__all__ = ["DecodePlan", "PrefillPlan", "append_kv", "paged_decode", "paged_prefill", "prepare_append_kv",
+__all__ = ["AppendShape", "DecodePlan", "PrefillPlan", "append_kv", "check_append", "paged_decode", "paged_prefill", "prepare_append_kv",
            "prepare_contiguous_decode", "prepare_paged_decode", "prepare_paged_prefill"]
 
 LSE_DTYPE = "float32"
@@ -282,12 +282,25 @@ class AppendPlan:
                                                          warmup=warmup, iters=iters, flush_l2=flush_l2))
 
 
-def prepare_append_kv(k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, block_table: Any, positions: Any, *,
-                      layout: str = "nhd", check: bool = True) -> AppendPlan:
-    """k_new/v_new ``[B, Hkv, T, D]`` (or ``[B, Hkv, D]``, T = 1): token i of sequence b goes to
-    position ``positions[b] + i`` (int32 ``[B]``, on the device)."""
-    backend = _backend()
-    _check_compute(backend, name="k_new")
+@dataclass(frozen=True)
+class AppendShape:
+    """What the append kernels need of checked new tokens and their pool."""
+
+    k_new: Any
+    v_new: Any
+    strides: Tuple[int, ...]          # {k batch, head, token}, {v batch, head, token} (elements)
+    batch: int
+    kv_heads: int
+    tokens: int
+    dim: int
+    block_size: int
+    params: np.void
+
+
+def check_append(k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, block_table: Any, positions: Any, *,
+                 layout: str = "nhd", check: bool = True) -> AppendShape:
+    """The checks of every append (plain or with RoPE): shapes, dtypes, devices, alignment, and with
+    ``check`` the positions and the table entries the new tokens use."""
     _v.check_bool(check, "check")
     ki = _v.tensor_info(k_new, "k_new")
     if ki.kind != "torch" or ki.device != "cuda":
@@ -323,14 +336,24 @@ def prepare_append_kv(k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, block_
     params = _params.make_params(batch=batch, num_heads=kv_heads, num_kv_heads=kv_heads, seq_q=tokens,
                                  seq_kv=capacity, head_dim=dim, k_stride=ks, v_stride=vs, block_size=block_size,
                                  max_blocks_per_seq=bt.shape[1], num_blocks=num_blocks)
+    strides = tuple(int(s) for s in list(infos[0].strides[:3]) + list(infos[1].strides[:3]))
+    return AppendShape(k_new, v_new, strides, batch, kv_heads, tokens, dim, block_size, params)
+
+
+def prepare_append_kv(k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, block_table: Any, positions: Any, *,
+                      layout: str = "nhd", check: bool = True) -> AppendPlan:
+    """k_new/v_new ``[B, Hkv, T, D]`` (or ``[B, Hkv, D]``, T = 1): token i of sequence b goes to
+    position ``positions[b] + i`` (int32 ``[B]``, on the device)."""
+    backend = _backend()
+    _check_compute(backend, name="k_new")
+    a = check_append(k_new, v_new, k_cache, v_cache, block_table, positions, layout=layout, check=check)
     from ..backend import native  # noqa: PLC0415
 
     # NewStrides of paged_append.cu: {k batch, head, token}, {v batch, head, token} as int64.
-    strides = native().Arg.raw(np.array(list(infos[0].strides[:3]) + list(infos[1].strides[:3]),
-                                         dtype=np.int64).tobytes(), 8)
-    kern = backend.kernel(APPEND_KERNEL, HEAD_DIM=dim, PAGE_SIZE=block_size)
-    args = [params, strides, k_new, v_new, k_cache, v_cache, block_table, positions]
-    return AppendPlan(backend, Launch(kern, (tokens, kv_heads, batch), (dim // 8, 1, 1), args, 0))
+    strides = native().Arg.raw(np.array(a.strides, dtype=np.int64).tobytes(), 8)
+    kern = backend.kernel(APPEND_KERNEL, HEAD_DIM=a.dim, PAGE_SIZE=a.block_size)
+    args = [a.params, strides, a.k_new, a.v_new, k_cache, v_cache, block_table, positions]
+    return AppendPlan(backend, Launch(kern, (a.tokens, a.kv_heads, a.batch), (a.dim // 8, 1, 1), args, 0))
 
 
 def append_kv(k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, block_table: Any, positions: Any, *,
