@@ -197,3 +197,32 @@ def test_cli_gpus_must_be_a_count_or_all(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["run", "proto1", "--gpus", "0"])
     assert exc.value.code == cli.EXIT_USAGE and "positive integer or 'all'" in capsys.readouterr().err
+
+
+def test_gpu_identity_reads_the_host_index_from_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,0")
+    monkeypatch.delenv("ATTNPROTO_CUDA_DEVICE", raising=False)
+    ident = shard.gpu_identity("cuda")
+    assert ident["index"] == 3
+    assert ident["uuid"] == "unknown" or ident["uuid"].startswith("GPU-")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234")
+    assert shard.gpu_identity("cuda")["index"] is None       # pinned by UUID: no host index to tell
+    assert shard.gpu_identity("cpu") == shard.CPU_GPU
+    with pytest.raises(ValueError, match="backend"):
+        shard.gpu_identity("rocm")
+
+
+def test_the_cuda_cluster_pins_one_gpu_per_worker(monkeypatch):
+    """Without dask-cuda: a Dask SpecCluster, one single-threaded worker per GPU, its GPU first in
+    CUDA_VISIBLE_DEVICES (no GPU is touched: the workers only report their environment)."""
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)
+    cluster, description = shard.cuda_cluster([0, 1])
+    try:
+        with distributed.Client(cluster) as c:
+            c.wait_for_workers(2)
+            seen = c.run(lambda: __import__("os").environ["CUDA_VISIBLE_DEVICES"])
+            threads = {w["nthreads"] for w in c.scheduler_info()["workers"].values()}
+    finally:
+        cluster.close()
+    assert sorted(seen.values()) == ["0,1", "1,0"] and threads == {1}
+    assert "SpecCluster" in description and "dask-cuda not installed" in description

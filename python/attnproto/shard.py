@@ -160,7 +160,8 @@ def cuda_cluster(gpus: list[int]) -> tuple[Any, str]:
         workers[f"gpu{gpu}"] = {"cls": distributed.Nanny, "options": {
             "nthreads": THREADS_PER_WORKER, "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, order))},
             "name": f"gpu{gpu}"}}
-    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard_address": None}}
+    # No dashboard, and its HTTP server (which Dask always starts) on a free port, not 8787.
+    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}}
     cluster = distributed.SpecCluster(workers=workers, scheduler=scheduler)
     return cluster, (f"Dask SpecCluster, {len(gpus)} workers (GPUs {gpus}, one pinned per worker with "
                      "CUDA_VISIBLE_DEVICES; dask-cuda not installed)")
