@@ -30,7 +30,8 @@ def run_point(ctx, point):
         os.kill(os.getpid(), signal.SIGKILL)
     from attnproto.records import timing_from_samples
 
-    rec = ctx.record({"i": point.params["i"]}, {"value_count": float(point.params["i"])}, timing_from_samples(SAMPLES_MS))
+    rec = ctx.record({"i": point.params["i"]}, {"value_count": float(point.params["i"])},
+                     timing_from_samples(SAMPLES_MS))
     return registry.PointResult(point.key, [rec], {"pid": os.getpid()})
 
 

@@ -226,3 +226,13 @@ def test_the_cuda_cluster_pins_one_gpu_per_worker(monkeypatch):
         cluster.close()
     assert sorted(seen.values()) == ["0,1", "1,0"] and threads == {1}
     assert "SpecCluster" in description and "dask-cuda not installed" in description
+
+
+def test_workers_that_run_two_points_at_once_are_refused(tmp_path):
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                     dashboard_address=":0")
+    try:
+        with distributed.Client(cluster) as c, pytest.raises(shard.ShardError, match="--nthreads 1"):
+            shard.run_sharded(registry.get("proto1"), _ctx(tmp_path), c)
+    finally:
+        cluster.close()

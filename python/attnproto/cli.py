@@ -8,7 +8,8 @@ the failure is a bug.
 
 ``run`` writes each experiment's results into a staging directory and swaps it
 in for the previous results only when the experiment completed
-(:func:`attnproto.records.staged_results_dir`); only ``run`` and ``kb add``
+(:func:`attnproto.records.staged_results_dir`); ``run --gpus N|all`` / ``--scheduler ADDRESS``
+runs an experiment's independent points on Dask workers (:mod:`attnproto.shard`); only ``run`` and ``kb add``
 create a findings database, the other ``kb`` commands never do.
 """
 from __future__ import annotations

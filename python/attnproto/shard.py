@@ -61,6 +61,8 @@ THREADS_PER_WORKER = 1
 #: 1.0 keeps queued points on the scheduler, so a dying worker holds only the point it runs.
 WORKER_SATURATION = 1.0
 _EVENT_PREFIX = "attnproto-points-"
+# The scheduler's HTTP server (Dask always starts one) on a free port: never 8787 taken from a user's cluster.
+_ANY_PORT = ":0"
 _UUID_PREFIX = "GPU-"
 INSTALL_HINT = "pip install attnproto[dask]"
 
@@ -152,7 +154,7 @@ def cuda_cluster(gpus: list[int]) -> tuple[Any, str]:
         LocalCUDACluster = None  # noqa: N806
     if LocalCUDACluster is not None:
         cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=list(gpus), threads_per_worker=THREADS_PER_WORKER,
-                                   dashboard_address=None)
+                                   dashboard_address=_ANY_PORT)
         return cluster, f"dask_cuda.LocalCUDACluster, {len(gpus)} workers (GPUs {gpus})"
     workers = {}
     for gpu in gpus:
@@ -160,8 +162,7 @@ def cuda_cluster(gpus: list[int]) -> tuple[Any, str]:
         workers[f"gpu{gpu}"] = {"cls": distributed.Nanny, "options": {
             "nthreads": THREADS_PER_WORKER, "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, order))},
             "name": f"gpu{gpu}"}}
-    # No dashboard, and its HTTP server (which Dask always starts) on a free port, not 8787.
-    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}}
+    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard": False, "dashboard_address": _ANY_PORT}}
     cluster = distributed.SpecCluster(workers=workers, scheduler=scheduler)
     return cluster, (f"Dask SpecCluster, {len(gpus)} workers (GPUs {gpus}, one pinned per worker with "
                      "CUDA_VISIBLE_DEVICES; dask-cuda not installed)")
@@ -172,7 +173,7 @@ def process_cluster(n_workers: int) -> Any:
     distributed = require_dask()
     _set_saturation()
     return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=THREADS_PER_WORKER, processes=True,
-                                    dashboard_address=None)
+                                    dashboard_address=_ANY_PORT)
 
 
 # ------------------------------------------------------------------ worker side
@@ -282,9 +283,15 @@ def run_sharded(exp: Any, ctx: Any, client: Any, *, cluster: str = "", retries: 
         raise ShardError(f"experiment {exp.name!r} has no independent points to shard (no points protocol)")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    workers = len(client.scheduler_info().get("workers", {}))
+    info = client.scheduler_info().get("workers", {})
+    workers = len(info)
     if workers < 1:
         raise ShardError("the Dask cluster has no workers")
+    threaded = sorted(addr for addr, w in info.items() if w.get("nthreads", 1) > THREADS_PER_WORKER)
+    if threaded:
+        raise ShardError(f"workers {', '.join(threaded)} run more than {THREADS_PER_WORKER} task at a time: two "
+                         "points on one device would time each other; start one single-threaded worker per device "
+                         "(dask worker ADDRESS --nthreads 1)")
     pts = checked_points(protocol, ctx)
     spec = _RunSpec(secrets.token_hex(8), ctx.experiment, ctx.backend, dict(ctx.device), ctx.device_name,
                     ctx.driver, ctx.commit, bool(ctx.quick), int(ctx.seed))

@@ -46,6 +46,7 @@ __all__ = [
     "get",
     "names",
     "check_result",
+    "checked_points",
     "run_experiment",
     "run_points",
     "supporting",
