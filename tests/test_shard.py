@@ -20,18 +20,9 @@ distributed = pytest.importorskip("distributed", reason="Dask distributed is not
 
 WORKERS = 2
 SEED = 0
-# What differs between two runs of the same points, and only that (the record fields that come
-# from a clock, or from which device ran the point):
-#   record keys: "timing" (the samples and their statistics), "date", "gpu";
-#   metrics computed from the median time: "tflops", "gbps", "median_ms" (and, on GPUs, the clocks
-#   read after each timing: "sm_clock_mhz", "mem_clock_mhz");
-#   the default call's config fields "family", "chose", "reason": its choice is the fastest tile
-#   the point measured, a timing result, and so is the record id, which hashes the config, and
-#   the metrics of the kernel it chose (its error against the reference, its resources).
-TIMING_RECORD_KEYS = ("timing", "date", GPU_KEY, "id")
-TIMING_METRICS = ("tflops", "gbps", "median_ms", "sm_clock_mhz", "mem_clock_mhz")
-AUTO_CHOICE_FIELDS = ("family", "chose", "reason")
-AUTO_CHOICE_METRICS = ("vs_reference_max_abs_err", "registers_regs", "local_bytes", "smem_bytes")
+# Records of two runs of the same points are compared without their timing fields (the list, and
+# why each is one: attnproto.shard.TIMING_RECORD_KEYS and the constants beside it).
+_content = shard.record_content
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +42,10 @@ def _ctx(tmp_path, name="proto1", **extras):
         extras=dict(extras))
 
 
-def _content(rec):
-    """A record without the fields that differ between runs of the same point (TIMING_* above)."""
-    out = {k: v for k, v in rec.items() if k not in TIMING_RECORD_KEYS}
-    out["metrics"] = {k: v for k, v in rec["metrics"].items() if k not in TIMING_METRICS}
-    if rec["config"]["kernel"] == "auto":
-        out["config"] = {k: v for k, v in rec["config"].items() if k not in AUTO_CHOICE_FIELDS}
-        out["metrics"] = {k: v for k, v in out["metrics"].items() if k not in AUTO_CHOICE_METRICS}
-    return out
-
-
 def _point_key(rec):
     c = rec["config"]
     return (c["head_dim"], c["causal"], c["seq_len"], c["kernel"], c.get("BLOCK_R"), c.get("BLOCK_C"),
-            json.dumps({k: v for k, v in c.items() if k not in AUTO_CHOICE_FIELDS}, sort_keys=True))
+            json.dumps({k: v for k, v in c.items() if k not in shard.AUTO_CHOICE_FIELDS}, sort_keys=True))
 
 
 def _sharded(exp, ctx, client, runs):

@@ -47,6 +47,7 @@ __all__ = [
     "gpu_count",
     "gpu_identity",
     "process_cluster",
+    "record_content",
     "require_dask",
     "run_sharded",
 ]
@@ -65,6 +66,30 @@ _EVENT_PREFIX = "attnproto-points-"
 _ANY_PORT = ":0"
 _UUID_PREFIX = "GPU-"
 INSTALL_HINT = "pip install attnproto[dask]"
+
+
+# What differs between two runs of the same points, and only that (record_content):
+#   record keys: the timing (samples and statistics), the date, the gpu that ran it, and the id
+#     (it hashes the config, which for a default call holds its timed choice, below);
+#   metrics computed from the measured time, and the clocks read after each timing;
+#   a default call's (config kernel="auto") choice, "the fastest measured" tile of its point, and
+#     the metrics of the kernel it chose (its error against the reference, its resources).
+TIMING_RECORD_KEYS = ("timing", "date", "gpu", "id")
+TIMING_METRICS = ("tflops", "gbps", "median_ms", "sm_clock_mhz", "mem_clock_mhz")
+AUTO_KERNEL = "auto"
+AUTO_CHOICE_FIELDS = ("family", "chose", "reason")
+AUTO_CHOICE_METRICS = ("vs_reference_max_abs_err", "registers_regs", "local_bytes", "smem_bytes")
+
+
+def record_content(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record without what differs between two runs of its point (the constants above): two runs'
+    records of the same points are equal in content when these are equal."""
+    out = {k: v for k, v in rec.items() if k not in TIMING_RECORD_KEYS}
+    out["metrics"] = {k: v for k, v in rec["metrics"].items() if k not in TIMING_METRICS}
+    if rec["config"].get("kernel") == AUTO_KERNEL:
+        out["config"] = {k: v for k, v in rec["config"].items() if k not in AUTO_CHOICE_FIELDS}
+        out["metrics"] = {k: v for k, v in out["metrics"].items() if k not in AUTO_CHOICE_METRICS}
+    return out
 
 
 class ShardError(RuntimeError):
