@@ -10,7 +10,8 @@
 #   test        the whole pytest suite, GPU tests included            -> $OUT/pytest.log
 #   test-gpu    only the tests marked gpu ($PYTEST_ARGS: files/-k, default tests) -> $OUT/pytest-gpu.log
 #   sanitize    compute-sanitizer memcheck + racecheck on small shapes -> $OUT/sanitize.log
-#   run:NAME    attnproto run NAME --backend cuda (results/ updated)   -> $OUT/results.tgz
+#   run:NAME    attnproto run NAME --backend cuda $RUN_ARGS (results/ updated) -> $OUT/results.tgz
+#               (e.g. RUN_ARGS="--gpus all": the points on every GPU, attnproto.shard)
 #   bench       build and run the C++ benchmark binaries               -> $OUT/bench.log
 #
 # Exact build command on the device (documented in README.md):
@@ -72,7 +73,8 @@ for stage in "$@"; do
       # for PTX it has seen before) out of it.
       cache_env=""
       [ "$name" = proto4 ] && cache_env="CUDA_CACHE_DISABLE=1"
-      env $cache_env python3 -m attnproto run "$name" --backend cuda --out results 2>&1 | tee -a "$OUT/experiments.log" | tail -80
+      # shellcheck disable=SC2086
+      env $cache_env python3 -m attnproto run "$name" --backend cuda --out results ${RUN_ARGS:-} 2>&1 | tee -a "$OUT/experiments.log" | tail -80
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
       ran_experiments=1
       ;;

@@ -8,7 +8,8 @@ the failure is a bug.
 
 ``run`` writes each experiment's results into a staging directory and swaps it
 in for the previous results only when the experiment completed
-(:func:`attnproto.records.staged_results_dir`); only ``run`` and ``kb add``
+(:func:`attnproto.records.staged_results_dir`); ``run --gpus N|all`` / ``--scheduler ADDRESS``
+runs an experiment's independent points on Dask workers (:mod:`attnproto.shard`); only ``run`` and ``kb add``
 create a findings database, the other ``kb`` commands never do.
 """
 from __future__ import annotations
@@ -203,9 +204,77 @@ def _record_tables(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return tables
 
 
+ALL_GPUS = "all"
+# Seconds to wait for an existing Dask scheduler (--scheduler) to answer.
+SCHEDULER_CONNECT_TIMEOUT_S = 30
+
+
+def _gpus_arg(text: str) -> str | int:
+    if text == ALL_GPUS:
+        return ALL_GPUS
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or '{ALL_GPUS}', got {text!r}") from exc
+
+
+class _Shards:
+    """The Dask client of a sharded run (--gpus / --scheduler) and what it runs on."""
+
+    def __init__(self, client: Any, cluster: Any, description: str) -> None:
+        self.client, self.cluster, self.description = client, cluster, description
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _check_shard_args(args: argparse.Namespace) -> None:
+    """Usage errors of --gpus / --scheduler that need no backend (before anything is started)."""
+    if args.gpus is None and args.scheduler is None:
+        return
+    if args.gpus is not None and args.scheduler is not None:
+        raise CLIError("--gpus and --scheduler exclude each other: --gpus starts workers on this host's GPUs, "
+                       "--scheduler uses the workers of an existing Dask cluster")
+    from . import shard  # noqa: PLC0415
+
+    flag = "--gpus" if args.gpus is not None else "--scheduler"
+    try:
+        shard.require_dask()
+    except shard.DaskUnavailable as exc:
+        raise CLIError(f"{flag}: {exc}") from None
+
+
+def _start_shards(args: argparse.Namespace, backend: str) -> _Shards | None:
+    """The Dask client for --gpus N|all (a local cluster, one worker per GPU) or --scheduler ADDRESS."""
+    if args.gpus is None and args.scheduler is None:
+        return None
+    from distributed import Client  # noqa: PLC0415
+
+    from . import shard  # noqa: PLC0415
+
+    if args.scheduler is not None:
+        try:
+            client = Client(args.scheduler, timeout=SCHEDULER_CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise CLIError(f"--scheduler {args.scheduler}: cannot connect: {exc}") from None
+        return _Shards(client, None, f"Dask scheduler {args.scheduler}")
+    if backend != "cuda":
+        raise CLIError(f"--gpus shards over CUDA GPUs, but the backend is {backend}; to shard a {backend} run, "
+                       "start a Dask cluster and pass --scheduler ADDRESS")
+    count = shard.gpu_count()
+    wanted = count if args.gpus == ALL_GPUS else args.gpus
+    if wanted > count or wanted < 1:
+        raise CLIError(f"--gpus {args.gpus}: this host has {_plural(count, 'CUDA GPU')} visible to torch")
+    cluster, description = shard.cuda_cluster(list(range(wanted)))
+    return _Shards(Client(cluster), cluster, description)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np  # noqa: PLC0415
 
+    _check_shard_args(args)
     experiments = _experiments_module()
     status = resolve_backend(args.backend)
     backend = status.name
@@ -229,11 +298,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_root = Path(args.out) if args.out is not None else default_out_dir(backend)
     run_info = make_run_info(backend=backend, device=status.info, driver=driver, commit=commit,
                              argv=[PROG, *args.argv], quick=args.quick, seed=args.seed)
+    from . import shard  # noqa: PLC0415
+
+    shards = _start_shards(args, backend)
     store = None if args.no_kb else FindingStore(args.db)
     print(f"backend {backend} on {name} (driver {driver}, commit {commit[:12]})")
+    if shards is not None:
+        print(f"sharded over {shards.description}")
     failures = []
     try:
         for exp in exps:
+            runner, sharded = None, []
+            if shards is not None and exp.points is None:
+                print(f"attnproto: note: {exp.name} has no independent points (no points protocol): it runs "
+                      "serially in this process, on one device, not on the Dask workers", file=sys.stderr)
+            elif shards is not None:
+                def runner(exp, ctx, sharded=sharded):
+                    result, info = shard.run_sharded(exp, ctx, shards.client, cluster=shards.description,
+                                                     progress=progress_bar)
+                    sharded.append(info)
+                    return result
             final = results_dir(out_root, backend, name, exp.name)
             for leftover in leftover_result_dirs(final):
                 what = ("new results of a run that never completed" if STAGING_INFIX in leftover.name
@@ -253,12 +337,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                         out_dir=stage.path,
                         rng=np.random.default_rng([args.seed, zlib.crc32(exp.name.encode("utf-8"))]),
                         extras={"full": bool(getattr(args, "full", False))},
+                        seed=args.seed, gpu=shard.gpu_identity(backend),
                     )
-                    result = experiments.run_experiment(exp, ctx)
+                    result = experiments.run_experiment(exp, ctx, runner)
+                    info = dict(run_info)
+                    if sharded:
+                        info["shard"] = sharded[0].summary()
                     merge = stage.write_results(experiment=exp.name, backend=backend, records=result.records,
-                                                findings=result.findings, run_info=run_info)
+                                                findings=result.findings, run_info=info)
                 # Only here, with everything written, did the staging directory replace `final`.
-            except (experiments.ExperimentError, RecordError, FindingError, OSError) as exc:
+            except (experiments.ExperimentError, RecordError, FindingError, OSError, shard.ShardError) as exc:
                 kept = f"{final} is unchanged" if final.exists() else "no results written"
                 print(f"attnproto: error: experiment {exp.name} failed: {exc} ({kept})", file=sys.stderr)
                 failures.append(exp.name)
@@ -272,6 +360,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     print(table)
                     print()
             print(_findings_table(merge.live))
+            if sharded:
+                print(_shard_text(sharded[0]))
             print(f"results: {final}")
             print(f"findings: {_merge_summary(merge)}")
             if store is not None:
@@ -280,10 +370,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if store is not None:
             store.close()
+        if shards is not None:
+            shards.close()
     if failures:
         print(f"attnproto: {len(failures)} experiment(s) failed: {', '.join(failures)}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _shard_text(info: Any) -> str:
+    """Where a sharded run's points ran, and every point that was attempted more than once."""
+    summary = info.summary()
+    gpus = ", ".join(f"{g['index'] if g['index'] is not None else '-'} ({g['uuid']})" for g in summary["gpus"])
+    lines = [f"sharded: {summary['points']} points on {summary['workers']} workers ({info.cluster}); devices: {gpus}"]
+    if not info.retried:
+        lines.append("retried: none")
+    for r in info.retried:
+        lines.append(f"retried: {r['key']}: {r['attempts']} attempts (started on {', '.join(r['workers']) or '?'}; "
+                     f"workers lost while it was assigned: {r['workers_lost']}, retries after an error: "
+                     f"{r['error_retries']})")
+    for r in info.reassigned:
+        lines.append(f"reassigned: {r['key']}: held by a worker that died before it started; ran once, on "
+                     f"{', '.join(r['workers']) or '?'}")
+    return "\n".join(lines)
 
 
 def _findings_table(findings: Sequence[Finding]) -> str:
@@ -653,6 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "$XDG_STATE_HOME/attnproto/results for cpu)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="RNG seed for inputs")
     p.add_argument("--no-kb", action="store_true", help="do not add the findings to the findings database")
+    p.add_argument("--gpus", type=_gpus_arg, default=None, metavar="N|all",
+                   help="shard the experiment's independent points over N (or all) CUDA GPUs of this host, "
+                        "one Dask worker per GPU (needs attnproto[dask])")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="shard the points over the workers of an existing Dask cluster, e.g. tcp://host:8786")
     _add_db_option(p)
     p.set_defaults(func=cmd_run)
 

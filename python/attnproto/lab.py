@@ -137,14 +137,22 @@ def from_native(stats: Any) -> TimingStats:
 
 
 # ---- clocks ----
-def sm_clock_reader() -> Callable[[], dict[str, float]]:
+def sm_clock_reader(uuid: str | None = None) -> Callable[[], dict[str, float]]:
     """The SM and memory clocks (NVML, read-only) after each timing, so drift within a run shows
-    in the records; nothing where NVML (nvidia-ml-py) is not installed."""
+    in the records; nothing where NVML (nvidia-ml-py) is not installed.
+
+    ``uuid``: the GPU's UUID ("GPU-..."), to read the GPU that runs the kernels: NVML numbers
+    the host's GPUs ignoring CUDA_VISIBLE_DEVICES, so under a worker pinned to one GPU
+    (attnproto.shard) the index would read another GPU's clocks. Without it, the index
+    ``$ATTNPROTO_CUDA_DEVICE`` (default 0)."""
     try:
         import pynvml  # noqa: PLC0415
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("ATTNPROTO_CUDA_DEVICE", "0")))
+        if uuid:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("ATTNPROTO_CUDA_DEVICE", "0")))
         pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
     except Exception:  # noqa: BLE001 - no NVML: the records simply carry no clock
         return lambda: {}

@@ -61,6 +61,7 @@ __all__ = [
     "CPU_SLUG",
     "EXPERIMENT_NAME_RE",
     "FINDINGS_FILE",
+    "GPU_KEY",
     "HISTORY_FILE",
     "MIN_TIMING_SAMPLES",
     "RECORDS_FILE",
@@ -107,6 +108,11 @@ EXPERIMENT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _TIMING_REQUIRED = ("median_ms", "p10_ms", "p90_ms", "cv")
 _RECORD_KEYS = ("id", "experiment", "config", "metrics", "timing", "device",
                 "backend", "driver", "commit", "date")
+# Which device of the machine measured the record: {"index": the GPU's index on its host (None
+# on the CPU backend), "uuid": the GPU's UUID ("cpu" on the CPU backend)}. Written by every run
+# (serial or sharded over GPUs, attnproto.shard); records written before it existed lack it.
+GPU_KEY = "gpu"
+_GPU_FIELDS = ("index", "uuid")
 
 
 class RecordError(ValueError):
@@ -176,8 +182,10 @@ def make_record(
     driver: str,
     commit: str,
     date: str | None = None,
+    gpu: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build one validated sweep record (see module doc); ``timing`` is TimingStats-like."""
+    """Build one validated sweep record (see module doc); ``timing`` is TimingStats-like;
+    ``gpu``: which device measured it (:data:`GPU_KEY`)."""
     record = {
         "id": record_id(experiment, config, device, backend),
         "experiment": experiment,
@@ -190,7 +198,20 @@ def make_record(
         "commit": commit,
         "date": utc_now_iso() if date is None else date,
     }
+    if gpu is not None:
+        record[GPU_KEY] = dict(gpu)
     return validate_record(record)
+
+
+def _check_gpu(gpu: Any) -> dict[str, Any]:
+    if not isinstance(gpu, Mapping) or set(gpu) != set(_GPU_FIELDS):
+        raise RecordError(f"record gpu must be a dict with exactly {list(_GPU_FIELDS)}, got {gpu!r}")
+    index, uuid = gpu["index"], gpu["uuid"]
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
+        raise RecordError(f"record gpu index must be a non-negative int or None, got {index!r}")
+    if not isinstance(uuid, str) or not uuid:
+        raise RecordError(f"record gpu uuid must be a non-empty string, got {uuid!r}")
+    return {"index": index, "uuid": uuid}
 
 
 def validate_record(record: Any) -> dict[str, Any]:
@@ -198,7 +219,7 @@ def validate_record(record: Any) -> dict[str, Any]:
     if not isinstance(record, Mapping):
         raise RecordError(f"a record must be a dict, got {type(record).__name__}")
     missing = set(_RECORD_KEYS) - set(record)
-    unknown = set(record) - set(_RECORD_KEYS)
+    unknown = set(record) - set(_RECORD_KEYS) - {GPU_KEY}
     if missing or unknown:
         raise RecordError(f"record keys: missing {sorted(missing)}, unknown {sorted(unknown)}")
     for key in ("experiment", "device", "backend", "driver", "commit", "date"):
@@ -222,7 +243,10 @@ def validate_record(record: Any) -> dict[str, Any]:
     expected = record_id(out["experiment"], out["config"], out["device"], out["backend"])
     if out["id"] != expected:
         raise RecordError(f"record id {out['id']!r} does not match its content (expected {expected!r})")
-    return {key: out[key] for key in _RECORD_KEYS}
+    checked = {key: out[key] for key in _RECORD_KEYS}
+    if GPU_KEY in record:
+        checked[GPU_KEY] = _check_gpu(record[GPU_KEY])
+    return checked
 
 
 def check_findings_against_records(findings: Iterable[Finding], records: Iterable[Mapping[str, Any]]) -> None:

@@ -4,10 +4,24 @@ An experiment is a function ``run(ctx) -> ExperimentResult`` decorated with
 :func:`experiment`; its docstring must state the hypothesis and the sweep.
 Experiments register when :mod:`attnproto.experiments` is imported (it imports
 its submodules by name).
+
+An experiment whose sweep is a list of independent points can say so with a
+:class:`PointsProtocol` (``@experiment(..., points=...)``): ``points(ctx)`` lists them
+(each :class:`Point` is one shape/config group *with its anchors*, so a point and the
+anchors it is compared with are measured on the same device), ``run_point(ctx, point)``
+measures one into a :class:`PointResult`, and ``finish(ctx, results)`` computes the
+findings and artefacts from all of them, in ``points(ctx)`` order. Its ``run`` is then
+:func:`run_points` (the serial run), and ``attnproto run --gpus/--scheduler`` hands the
+points to Dask workers instead (:mod:`attnproto.shard`): the same three functions, so a
+sharded run's records and findings come out of the same code as a serial run's. Every
+point draws its inputs from :meth:`ExperimentContext.point_rng` (the run's seed and the
+point's key), never from a stream shared with other points, so a point's inputs do not
+depend on where or after which other points it ran.
 """
 from __future__ import annotations
 
 import inspect
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +37,18 @@ __all__ = [
     "ExperimentContext",
     "ExperimentError",
     "ExperimentResult",
+    "Point",
+    "PointResult",
+    "PointsProtocol",
     "UnknownExperimentError",
     "all_experiments",
     "experiment",
     "get",
     "names",
+    "check_result",
+    "checked_points",
     "run_experiment",
+    "run_points",
     "supporting",
 ]
 
@@ -61,6 +81,9 @@ class ExperimentContext:
     whole run completed (attnproto.records.staged_results_dir); never read the
     previous run's artefacts from it.
     rng: seeded numpy Generator.  commit/driver: provenance for records.
+    seed: the run's seed (``--seed``), from which :meth:`point_rng` derives each point's stream.
+    gpu: which device measures (``{"index", "uuid"}``, :func:`attnproto.shard.gpu_identity`),
+    stamped on every record; None leaves records without it (contexts built by hand in tests).
     """
 
     experiment: str
@@ -74,6 +97,16 @@ class ExperimentContext:
     out_dir: Path
     rng: np.random.Generator
     extras: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    gpu: dict[str, Any] | None = None
+
+    def point_rng(self, key: str) -> np.random.Generator:
+        """A generator for the point (or gate, or any unit of work) named ``key``: a function of
+        the run's seed, the experiment and the key only, whichever process or GPU runs it."""
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key must be a non-empty string, got {key!r}")
+        return np.random.default_rng([int(self.seed), zlib.crc32(self.experiment.encode("utf-8")),
+                                      zlib.crc32(key.encode("utf-8"))])
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -85,7 +118,7 @@ class ExperimentContext:
         """A validated sweep record stamped with this run's device/backend/driver/commit."""
         return make_record(experiment=self.experiment, config=config, metrics=metrics, timing=timing,
                            device=self.device_name, backend=self.backend, driver=self.driver,
-                           commit=self.commit)
+                           commit=self.commit, gpu=self.gpu)
 
     def finding(self, *, prototype: str, title: str, claim: str, evidence: Mapping[str, float],
                 config: Mapping[str, Any], cv: float, records: Iterable[Mapping[str, Any]],
@@ -103,12 +136,66 @@ class ExperimentContext:
 
 
 @dataclass(frozen=True)
+class Point:
+    """One independent unit of a sweep. ``key``: unique in the run, names the point in logs and
+    retry reports and seeds its inputs; ``params``: JSON-serialisable, what ``run_point`` needs."""
+
+    key: str
+    params: Mapping[str, Any]
+
+
+@dataclass
+class PointResult:
+    """What one point measured: its records, and JSON-serialisable side results for ``finish``
+    (e.g. configurations rejected by a correctness gate, anchors that were unavailable)."""
+
+    key: str
+    records: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PointsProtocol:
+    """An experiment's sweep as independent points (module doc). The three functions must be
+    module-level (Dask workers import them by name)."""
+
+    points: Callable[[ExperimentContext], list[Point]]
+    run_point: Callable[[ExperimentContext, Point], PointResult]
+    finish: Callable[[ExperimentContext, list[PointResult]], ExperimentResult]
+
+    def __post_init__(self) -> None:
+        for name in ("points", "run_point", "finish"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"PointsProtocol.{name} must be callable")
+
+
+def checked_points(protocol: PointsProtocol, ctx: ExperimentContext) -> list[Point]:
+    """``protocol.points(ctx)``, checked: a non-empty list of Points with unique keys."""
+    pts = list(protocol.points(ctx))
+    if not pts or not all(isinstance(p, Point) for p in pts):
+        raise ExperimentError(f"experiment {ctx.experiment!r}: points() must return a non-empty list of Point")
+    keys = [p.key for p in pts]
+    if len(set(keys)) != len(keys):
+        raise ExperimentError(f"experiment {ctx.experiment!r}: point keys are not unique: {keys}")
+    return pts
+
+
+def run_points(protocol: PointsProtocol, ctx: ExperimentContext) -> ExperimentResult:
+    """The serial run of a points experiment: every point in order in this process, then finish."""
+    pts = checked_points(protocol, ctx)
+    results = [protocol.run_point(ctx, p) for p in ctx.progress(pts, desc=f"{ctx.experiment}[{ctx.backend}]")]
+    return protocol.finish(ctx, results)
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str
     prototype: str
     description: str
     backends: tuple[str, ...]
     func: Callable[[ExperimentContext], ExperimentResult]
+    #: The sweep as independent points, when it is one (shardable over GPUs); None: serial only.
+    points: PointsProtocol | None = None
 
     @property
     def doc(self) -> str:
@@ -121,13 +208,17 @@ class Experiment:
 _REGISTRY: dict[str, Experiment] = {}
 
 
-def experiment(name: str, prototype: str, description: str, *, backends: Sequence[str]) -> Callable:
+def experiment(name: str, prototype: str, description: str, *, backends: Sequence[str],
+               points: PointsProtocol | None = None) -> Callable:
     """Register ``run(ctx) -> ExperimentResult`` under ``name``.
 
     ``backends`` lists the backends the experiment runs on (subset of
     ("cpu", "cuda", "metal")).  The function's docstring must state the
-    hypothesis and the sweep.
+    hypothesis and the sweep.  ``points``: the sweep as independent points
+    (module doc); ``run`` should then be ``run_points(points, ctx)``.
     """
+    if points is not None and not isinstance(points, PointsProtocol):
+        raise TypeError(f"points must be a PointsProtocol, got {type(points).__name__}")
     if not isinstance(name, str) or not EXPERIMENT_NAME_RE.fullmatch(name):
         raise ValueError(f"experiment name {name!r} must match {EXPERIMENT_NAME_RE.pattern}")
     if not isinstance(prototype, str) or not prototype or slugify(prototype) != prototype:
@@ -150,7 +241,7 @@ def experiment(name: str, prototype: str, description: str, *, backends: Sequenc
                              "(mention both words)")
         if name in _REGISTRY and _REGISTRY[name].func is not func:
             raise ValueError(f"experiment {name!r} is already registered by {_REGISTRY[name].func.__module__}")
-        _REGISTRY[name] = Experiment(name, prototype, description.strip(), backends, func)
+        _REGISTRY[name] = Experiment(name, prototype, description.strip(), backends, func, points)
         return func
 
     return register
@@ -178,14 +269,25 @@ def supporting(backend: str) -> list[Experiment]:
     return [e for e in all_experiments() if e.supports(backend)]
 
 
-def run_experiment(exp: Experiment, ctx: ExperimentContext) -> ExperimentResult:
-    """Run ``exp`` and check the contract: result type, records, finding/record consistency."""
+def run_experiment(exp: Experiment, ctx: ExperimentContext,
+                   runner: Callable[[Experiment, ExperimentContext], ExperimentResult] | None = None
+                   ) -> ExperimentResult:
+    """Run ``exp`` and check the contract: result type, records, finding/record consistency.
+
+    ``runner(exp, ctx)`` runs it instead of ``exp.func(ctx)`` (the sharded run,
+    :func:`attnproto.shard.run_sharded`); its result is checked the same way.
+    """
     if not exp.supports(ctx.backend):
         raise ExperimentError(f"experiment {exp.name!r} does not support backend {ctx.backend!r} "
                               f"(supports: {', '.join(exp.backends)})")
     if ctx.experiment != exp.name:
         raise ExperimentError(f"context is for experiment {ctx.experiment!r}, not {exp.name!r}")
-    result = exp.func(ctx)
+    result = exp.func(ctx) if runner is None else runner(exp, ctx)
+    return check_result(exp, ctx, result)
+
+
+def check_result(exp: Experiment, ctx: ExperimentContext, result: Any) -> ExperimentResult:
+    """The contract of an experiment's result (see :func:`run_experiment`)."""
     if not isinstance(result, ExperimentResult):
         raise ExperimentError(f"experiment {exp.name!r} returned {type(result).__name__}, expected ExperimentResult")
     records = [validate_record(r) for r in result.records]

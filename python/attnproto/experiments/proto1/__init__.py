@@ -6,13 +6,24 @@ Modules: ``sweep`` (the one loop, every backend), ``cuda`` / ``metal`` / ``cpu``
 backend's sizes, inputs, anchors and full-size reference), ``findings``, ``summary``.
 The run writes ``tile_table.json`` (this sweep's table, the entries
 ``python3 tools/update_tile_table.py`` ships for the device's arch) and ``summary.json``.
+The sweep is a list of independent points (:data:`POINTS`): ``attnproto run proto1 --gpus N``
+measures them on N GPUs (attnproto.shard) and merges them as the serial run does.
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from ..registry import ExperimentContext, ExperimentError, ExperimentResult, experiment
+from ..registry import (
+    ExperimentContext,
+    ExperimentError,
+    ExperimentResult,
+    Point,
+    PointResult,
+    PointsProtocol,
+    experiment,
+    run_points,
+)
 from . import findings as _findings
 from .common import (
     AUTO,
@@ -28,11 +39,12 @@ from .common import (
     problem,
 )
 from .summary import auto_bar, metal_summary_table, summary_table
-from .sweep import candidates, run_sweep, sweep_specialisations
+from .sweep import candidates, measure_point, merge_points, sweep_points, sweep_specialisations
 
 __all__ = [
-    "AUTO", "AUTO_BAR_RATIO", "DTYPE", "HEAD_DIMS", "HIDDEN", "PROTOTYPE", "SEQ_LENS", "TOKENS", "auto_bar",
-    "candidates", "label", "metal_summary_table", "problem", "run", "summary_table", "sweep_specialisations",
+    "AUTO", "AUTO_BAR_RATIO", "DTYPE", "HEAD_DIMS", "HIDDEN", "POINTS", "PROTOTYPE", "SEQ_LENS", "TOKENS",
+    "auto_bar", "candidates", "finish", "label", "metal_summary_table", "points", "problem", "run", "run_point",
+    "summary_table", "sweep_specialisations",
 ]
 
 
@@ -42,12 +54,61 @@ def _bench(ctx: ExperimentContext):
     return {"cuda": cuda.bench, "cpu": cpu.bench, "metal": metal.bench}[ctx.backend](ctx)
 
 
+# ctx.extras key of the context's Bench: a process that measures several points builds it once.
+_BENCH_EXTRA = "proto1_bench"
+
+
 def _write_json(ctx: ExperimentContext, name: str, value: Any) -> None:
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     (ctx.out_dir / name).write_text(json.dumps(value, indent=1) + "\n")
 
 
-@experiment(name="proto1", prototype=PROTOTYPE, backends=("cpu", "cuda", "metal"),
+def points(ctx: ExperimentContext) -> list[Point]:
+    """The sweep's independent points (one per head dim x mask x N, with its anchors)."""
+    if ctx.backend not in ("cuda", "cpu", "metal"):
+        raise ExperimentError(f"proto1 has no {ctx.backend} path")
+    return sweep_points(_context_bench(ctx))
+
+
+def _context_bench(ctx: ExperimentContext):
+    """The context's Bench, built on first use (ctx.extras)."""
+    bench = ctx.extras.get(_BENCH_EXTRA)
+    if bench is None:
+        bench = ctx.extras[_BENCH_EXTRA] = _bench(ctx)
+    return bench
+
+
+def run_point(ctx: ExperimentContext, point: Point) -> PointResult:
+    """One point measured on this process's device."""
+    return measure_point(ctx, _context_bench(ctx), point)
+
+
+def finish(ctx: ExperimentContext, results: list[PointResult]) -> ExperimentResult:
+    """Merge the points (in sweep order), write tile_table.json and summary.json, compute the findings."""
+    bench = _context_bench(ctx)
+    records, rejected, notes = merge_points(ctx, bench, results)
+    if not any(ours(r) for r in records):
+        raise ExperimentError("no kernel configuration passed the correctness gates: " + json.dumps(rejected)[:2000])
+    if ctx.backend == "metal":
+        notes["anchors_missing"] = sorted({key.split()[0] for key in notes["anchors_unavailable"]})
+    from ...ops import chooser  # noqa: PLC0415
+
+    _write_json(ctx, "tile_table.json", chooser.build_entries(records, bench.device.arch, ctx.device_name))
+    summary = summary_table(records)
+    bar = auto_bar(records)
+    _write_json(ctx, "summary.json", {"table": summary, "auto_bar": bar, **notes})
+    found = _findings.general(ctx, records, rejected)
+    if ctx.backend == "cuda":
+        found += _findings.cuda(ctx, records)
+    elif ctx.backend == "metal":
+        found += _findings.metal(ctx, records, rejected)
+    return ExperimentResult(records=records, findings=found + _findings.published_findings(), summary=summary)
+
+
+POINTS = PointsProtocol(points=points, run_point=run_point, finish=finish)
+
+
+@experiment(name="proto1", prototype=PROTOTYPE, backends=("cpu", "cuda", "metal"), points=POINTS,
             description="Flash Attention forward: family x tile sweep, kernel='auto', causal cost, anchors")
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: a from-scratch FA2-style mma.sync kernel matches torch SDPA's flash backend
@@ -70,23 +131,4 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     Sweep (cpu): the cpu family (numpy) at small N, as a check of the pipeline; CPU timings are
     never compared with GPU ones.
     """
-    if ctx.backend not in ("cuda", "cpu", "metal"):
-        raise ExperimentError(f"proto1 has no {ctx.backend} path")
-    bench = _bench(ctx)
-    records, rejected, notes = run_sweep(ctx, bench)
-    if not any(ours(r) for r in records):
-        raise ExperimentError("no kernel configuration passed the correctness gates: " + json.dumps(rejected)[:2000])
-    if ctx.backend == "metal":
-        notes["anchors_missing"] = sorted({key.split()[0] for key in notes["anchors_unavailable"]})
-    from ...ops import chooser  # noqa: PLC0415
-
-    _write_json(ctx, "tile_table.json", chooser.build_entries(records, bench.device.arch, ctx.device_name))
-    summary = summary_table(records)
-    bar = auto_bar(records)
-    _write_json(ctx, "summary.json", {"table": summary, "auto_bar": bar, **notes})
-    found = _findings.general(ctx, records, rejected)
-    if ctx.backend == "cuda":
-        found += _findings.cuda(ctx, records)
-    elif ctx.backend == "metal":
-        found += _findings.metal(ctx, records, rejected)
-    return ExperimentResult(records=records, findings=found + _findings.published_findings(), summary=summary)
+    return run_points(POINTS, ctx)

@@ -32,8 +32,8 @@ def _full_check(o, reference) -> tuple[bool, float, str]:
 
 
 def bench(ctx: ExperimentContext) -> Bench:
-    def inputs(batch: int, heads: int, seq: int, head_dim: int):
-        return tuple(ctx.rng.standard_normal((batch, heads, seq, head_dim)).astype(np.float32) for _ in range(3))
+    def inputs(rng: np.random.Generator, batch: int, heads: int, seq: int, head_dim: int):
+        return tuple(rng.standard_normal((batch, heads, seq, head_dim)).astype(np.float32) for _ in range(3))
 
     return Bench(backend="cpu", device=DeviceSpec.from_backend(None), backend_obj=None, dtype=CPU_DTYPE,
                  head_dims=CPU_HEAD_DIMS, seq_lens=CPU_QUICK_SEQ_LENS if ctx.quick else CPU_SEQ_LENS,

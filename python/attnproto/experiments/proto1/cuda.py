@@ -11,6 +11,11 @@ from ..registry import ExperimentContext
 from . import common as C
 from .sweep import Bench
 
+# torch.Generator.manual_seed takes a 64-bit seed; a point's seed is drawn below 2**63.
+TORCH_SEED_BOUND = 2**63
+# NVML's and nvidia-smi's spelling of a GPU UUID (attnproto.shard.gpu_identity writes it so).
+GPU_UUID_PREFIX = "GPU-"
+
 
 def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
@@ -101,14 +106,19 @@ def bench(ctx: ExperimentContext) -> Bench:
     from ... import backend as backend_mod  # noqa: PLC0415
 
     be = backend_mod.get("cuda")
-    torch.manual_seed(int(ctx.rng.integers(2**31)))
     iters = C.QUICK_ITERS if ctx.quick else C.ITERS
+    gpu_uuid = (ctx.gpu or {}).get("uuid", "")
 
-    def inputs(batch: int, heads: int, seq: int, head_dim: int):
-        return tuple(torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    def inputs(rng, batch: int, heads: int, seq: int, head_dim: int):
+        """Drawn by a torch generator seeded from the point's numpy generator: the same inputs
+        for the point on whichever GPU it runs."""
+        gen = torch.Generator(device="cuda").manual_seed(int(rng.integers(TORCH_SEED_BOUND)))
+        return tuple(torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+                     for _ in range(3))
 
     return Bench(backend="cuda", device=DeviceSpec.from_backend(be), backend_obj=be, dtype=C.DTYPE,
                  head_dims=C.QUICK_HEAD_DIMS if ctx.quick else C.HEAD_DIMS,
                  seq_lens=C.QUICK_SEQ_LENS if ctx.quick else C.SEQ_LENS, iters=iters, problem=C.problem,
                  inputs=inputs, anchors=_anchor_fns(be, iters), reference=_reference, full_check=_full_check,
-                 extra_metrics=_resources, release=torch.cuda.empty_cache, clocks=lab.sm_clock_reader())
+                 extra_metrics=_resources, release=torch.cuda.empty_cache,
+                 clocks=lab.sm_clock_reader(gpu_uuid if gpu_uuid.startswith(GPU_UUID_PREFIX) else None))

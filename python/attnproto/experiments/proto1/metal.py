@@ -161,6 +161,6 @@ def bench(ctx: ExperimentContext) -> Bench:
                  head_dims=METAL_QUICK_HEAD_DIMS if ctx.quick else METAL_HEAD_DIMS,
                  seq_lens=METAL_QUICK_SEQ_LENS if ctx.quick else METAL_SEQ_LENS, iters=iters,
                  problem=metal_problem,
-                 inputs=lambda b, h, n, d: _half_inputs(ctx.rng, b, h, n, n, d), anchors=anchors,
+                 inputs=lambda rng, b, h, n, d: _half_inputs(rng, b, h, n, n, d), anchors=anchors,
                  reference=reference, full_check=full_check, gate_shapes=gate_shapes, extra_metrics=extra,
                  notes={"anchors_unavailable": {}, "timing": TIMING_NOTE, "dtype": METAL_DTYPE})

@@ -10,6 +10,11 @@ tiles it is compared with keeps both in the same state of the GPU: the first H20
 timed the default calls in a pass after the whole sweep, and at N <= 2K they came out up
 to 12 % slower than the same kernels in the sweep (results/nvidia-h200/proto1 at 037bf43).
 
+The sweep is a list of independent points (:func:`sweep_points`, one per head dim x mask
+x N, its anchors included), measured by :func:`measure_point` and merged by
+:func:`merge_points`: serially by :func:`run_sweep`, or on several GPUs through
+``attnproto run proto1 --gpus N`` (:mod:`attnproto.shard`, the same functions).
+
 A backend plugs in through a :class:`Bench`: its sizes, inputs, anchors, reference and
 full-size check (cuda.py, metal.py, cpu.py).
 """
@@ -23,8 +28,9 @@ from typing import Any
 from ... import lab
 from ...ops import chooser, families
 from ...ops import flash as front
+from ...findings import canonical_json
 from ...ops.problem import DeviceSpec, ProblemSpec, check_flash_inputs
-from ..registry import ExperimentContext, ExperimentError
+from ..registry import ExperimentContext, ExperimentError, Point, PointResult
 from . import common as C
 
 
@@ -32,7 +38,8 @@ from . import common as C
 class Bench:
     """What one backend contributes to the sweep.
 
-    ``inputs(batch, heads, seq, head_dim)`` -> (q, k, v) on the device; ``anchors(q, k, v,
+    ``inputs(rng, batch, heads, seq, head_dim)`` -> (q, k, v) on the device, drawn from the
+    point's numpy generator ``rng`` (so they do not depend on which points ran before); ``anchors(q, k, v,
     causal, head_dim, seq)`` -> {name: time() -> TimingStats, or a reason string};
     ``reference(q, k, v, causal)`` -> the output full-size results are compared with (None:
     no comparison); ``full_check(o, reference)`` -> (ok, max abs diff, why);
@@ -58,6 +65,10 @@ class Bench:
     clocks: Callable[[], dict[str, float]] = lambda: {}
     release: Callable[[], None] = lambda: None
     notes: dict[str, Any] = field(default_factory=lambda: {"anchors_unavailable": {}})
+
+
+# ctx.extras key of the per-context memo of FP64 gate verdicts (_gates).
+_GATES_EXTRA = "proto1_gates"
 
 
 def candidates(device: DeviceSpec, dtype: str, head_dim: int, causal: bool) -> list[tuple[Any, Any]]:
@@ -103,53 +114,104 @@ def _time_point(ctx: ExperimentContext, bench: Bench, launch: Any, reference: An
     records.append(ctx.record({**base, **config}, m, stats))
 
 
-def run_sweep(ctx: ExperimentContext, bench: Bench) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """The sweep, then the auto pass; returns (records, rejected, notes)."""
+def point_key(head_dim: int, causal: bool, seq: int) -> str:
+    return f"D={head_dim} causal={causal} N={seq}"
+
+
+def sweep_points(bench: Bench) -> list[Point]:
+    """One point per (head dim, mask, N): its tiles, its anchors and its default call on the same
+    inputs, so anchors and the tiles they are compared with run on the same device."""
+    return [Point(point_key(d, c, n), {"head_dim": d, "causal": c, "seq_len": n})
+            for d in bench.head_dims for c in (False, True) for n in bench.seq_lens]
+
+
+def _gates(ctx: ExperimentContext, bench: Bench, head_dim: int, causal: bool) -> tuple[list, list]:
+    """(passing (family, config, gate error), rejected rows) of the FP64 gate at (head dim, mask).
+
+    The gate's inputs come from its own stream (``ctx.point_rng``), so every point of that head
+    dim and mask, in whatever process, gets the same verdicts; they are computed once per
+    context (``ctx.extras``) and reused by its later points."""
+    memo = ctx.extras.setdefault(_GATES_EXTRA, {})
+    key = (head_dim, causal)
+    if key in memo:
+        return memo[key]
+    rng = ctx.point_rng(f"gate D={head_dim} causal={causal}")
+    good, rejected = [], []
+    for fam, cfg in candidates(bench.device, bench.dtype, head_dim, causal):
+        gate = lab.fp64_gate(
+            lambda q, k, v, fam=fam, cfg=cfg: fam.run_host(q, k, v, causal=causal, dtype=bench.dtype,
+                                                          config=cfg, backend=bench.backend_obj),
+            head_dim=head_dim, causal=causal, dtype=bench.dtype, rng=rng, shapes=bench.gate_shapes,
+            atol=C.ATOL, rtol=C.RTOL)
+        if gate:
+            good.append((fam, cfg, gate.max_abs_err))
+        else:
+            rejected.append({**_our_config(fam, cfg), "head_dim": head_dim, "causal": causal, "why": gate.why})
+    memo[key] = (good, rejected)
+    return good, rejected
+
+
+def measure_point(ctx: ExperimentContext, bench: Bench, point: Point) -> PointResult:
+    """One point: anchors, every gated tile, then the default call, on one set of inputs."""
+    head_dim, causal, seq = point.params["head_dim"], point.params["causal"], point.params["seq_len"]
+    good, gate_rejected = _gates(ctx, bench, head_dim, causal)
     records: list[dict] = []
+    rejected = list(gate_rejected)
+    unavailable: dict[str, str] = {}
+    batch, heads = bench.problem(head_dim, seq)
+    base = _base(head_dim, seq, batch, heads, causal, bench.dtype)
+    flops = float(lab.attention_flops(batch, heads, seq, seq, head_dim, causal))
+    nbytes = C.min_bytes(batch, heads, seq, head_dim, bench.elem_bytes)
+    q, k, v = bench.inputs(ctx.point_rng(point.key), batch, heads, seq, head_dim)
+    for name, time_fn in bench.anchors(q, k, v, causal, head_dim, seq).items():
+        if isinstance(time_fn, str):
+            unavailable[f"{name} D={head_dim} N={seq} causal={causal}"] = time_fn
+            continue
+        stats = time_fn()
+        m = {**C.metrics(flops, nbytes, stats.median_ms), **bench.clocks()}
+        records.append(ctx.record({**base, "kernel": name}, m, stats))
+    reference = bench.reference(q, k, v, causal)
+    for fam, cfg, gate_err in good:
+        problem = check_flash_inputs(q, k, v, causal=causal)
+        launch = fam.prepare(problem, cfg, bench.backend_obj)
+        _time_point(ctx, bench, launch, reference, base, _our_config(fam, cfg), flops, nbytes, records,
+                    rejected, {"gate_max_abs_err": gate_err})
+    _time_auto(ctx, bench, q, k, v, causal, reference, base, flops, nbytes, records, rejected)
+    del q, k, v, reference
+    bench.release()
+    return PointResult(point.key, records, {"rejected": rejected, "anchors_unavailable": unavailable})
+
+
+def merge_points(ctx: ExperimentContext, bench: Bench, results: list[PointResult]
+                 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """The points' records in point order, their rejected configurations (a gate's verdicts,
+    which every point of its head dim and mask reports, once) and notes; then the check that
+    every default call chose what the finished table chooses. Returns (records, rejected, notes)."""
+    records = [r for res in results for r in res.records]
     rejected: list[dict] = []
-    jobs = [(d, c) for d in bench.head_dims for c in (False, True)]
-    for head_dim, causal in ctx.progress(jobs, desc=f"proto1[{bench.backend}]"):
-        good = []
-        for fam, cfg in candidates(bench.device, bench.dtype, head_dim, causal):
-            gate = lab.fp64_gate(
-                lambda q, k, v, fam=fam, cfg=cfg: fam.run_host(q, k, v, causal=causal, dtype=bench.dtype,
-                                                              config=cfg, backend=bench.backend_obj),
-                head_dim=head_dim, causal=causal, dtype=bench.dtype, rng=ctx.rng, shapes=bench.gate_shapes,
-                atol=C.ATOL, rtol=C.RTOL)
-            if gate:
-                good.append((fam, cfg, gate.max_abs_err))
-            else:
-                rejected.append({**_our_config(fam, cfg), "head_dim": head_dim, "causal": causal, "why": gate.why})
-        for seq in bench.seq_lens:
-            batch, heads = bench.problem(head_dim, seq)
-            base = _base(head_dim, seq, batch, heads, causal, bench.dtype)
-            flops = float(lab.attention_flops(batch, heads, seq, seq, head_dim, causal))
-            nbytes = C.min_bytes(batch, heads, seq, head_dim, bench.elem_bytes)
-            q, k, v = bench.inputs(batch, heads, seq, head_dim)
-            for name, time_fn in bench.anchors(q, k, v, causal, head_dim, seq).items():
-                if isinstance(time_fn, str):
-                    bench.notes["anchors_unavailable"][f"{name} D={head_dim} N={seq} causal={causal}"] = time_fn
-                    continue
-                stats = time_fn()
-                m = {**C.metrics(flops, nbytes, stats.median_ms), **bench.clocks()}
-                records.append(ctx.record({**base, "kernel": name}, m, stats))
-            reference = bench.reference(q, k, v, causal)
-            for fam, cfg, gate_err in good:
-                problem = check_flash_inputs(q, k, v, causal=causal)
-                launch = fam.prepare(problem, cfg, bench.backend_obj)
-                _time_point(ctx, bench, launch, reference, base, _our_config(fam, cfg), flops, nbytes, records,
-                            rejected, {"gate_max_abs_err": gate_err})
-            _time_auto(ctx, bench, q, k, v, causal, reference, base, flops, nbytes, records, rejected)
-            del q, k, v, reference
-            bench.release()
+    seen: set[str] = set()
+    for res in results:
+        for row in res.extra.get("rejected", []):
+            text = canonical_json(row)
+            if text not in seen:
+                seen.add(text)
+                rejected.append(row)
+        bench.notes["anchors_unavailable"].update(res.extra.get("anchors_unavailable", {}))
     _check_auto_choices(ctx, bench, records)
     bench.notes["rejected"] = rejected
     return records, rejected, bench.notes
 
 
+def run_sweep(ctx: ExperimentContext, bench: Bench) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Every point in order, then :func:`merge_points`; returns (records, rejected, notes)."""
+    results = [measure_point(ctx, bench, p) for p in ctx.progress(sweep_points(bench), desc=f"proto1[{bench.backend}]")]
+    return merge_points(ctx, bench, results)
+
+
 def _time_auto(ctx: ExperimentContext, bench: Bench, q: Any, k: Any, v: Any, causal: bool, reference: Any,
                base: dict, flops: float, nbytes: float, records: list, rejected: list) -> None:
-    """Time ``prepare_forward(q, k, v)`` (kernel="auto") choosing from the entries measured so far."""
+    """Time ``prepare_forward(q, k, v)`` (kernel="auto") choosing from the point's own entries
+    (``records``: what the finished table has at this point, module doc)."""
     with chooser.use_entries(chooser.build_entries(records, bench.device.arch, ctx.device_name)):
         launch = front.prepare_forward(q, k, v, causal=causal, backend=bench.backend_obj or bench.backend)
     config = {"kernel": C.AUTO, "family": launch.family,
