@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import lab
 from ..findings import BACKENDS, Finding, make_finding, slugify
 from ..records import EXPERIMENT_NAME_RE, check_findings_against_records, make_record, validate_record
 
@@ -47,6 +48,9 @@ class ExperimentResult:
     findings: list[Finding]
     #: Optional condensed rows printed instead of the full record tables (e.g. best per shape, ratios).
     summary: list[dict[str, Any]] = field(default_factory=list)
+    #: The longest single timed device dispatch of the run (ms; 0 when nothing was device-timed),
+    #: set by :func:`run_experiment` from the lab's watchdog.
+    longest_dispatch_ms: float = 0.0
 
 
 @dataclass
@@ -185,9 +189,14 @@ def run_experiment(exp: Experiment, ctx: ExperimentContext) -> ExperimentResult:
                               f"(supports: {', '.join(exp.backends)})")
     if ctx.experiment != exp.name:
         raise ExperimentError(f"context is for experiment {ctx.experiment!r}, not {exp.name!r}")
-    result = exp.func(ctx)
+    with lab.dispatch_watch() as watch:
+        result = exp.func(ctx)
     if not isinstance(result, ExperimentResult):
         raise ExperimentError(f"experiment {exp.name!r} returned {type(result).__name__}, expected ExperimentResult")
+    if not watch.ok:
+        raise ExperimentError(
+            f"watchdog: experiment {exp.name!r} timed a single dispatch of {watch.longest_ms:.1f} ms, over the "
+            f"{lab.WATCHDOG_MAX_DISPATCH_MS:.0f} ms limit (attnproto.lab.WATCHDOG_MAX_DISPATCH_MS); split that work")
     records = [validate_record(r) for r in result.records]
     for rec in records:
         if rec["backend"] != ctx.backend or rec["device"] != ctx.device_name or rec["experiment"] != exp.name:
@@ -213,4 +222,5 @@ def run_experiment(exp: Experiment, ctx: ExperimentContext) -> ExperimentResult:
                 f"{', '.join(seen.changed_fields(f))}): an id names one question, so one run gives it one "
                 "answer; put the question's parameters in config= and the measured choice in answer=")
     check_findings_against_records(findings, records)
-    return ExperimentResult(records=records, findings=findings, summary=list(result.summary))
+    return ExperimentResult(records=records, findings=findings, summary=list(result.summary),
+                            longest_dispatch_ms=watch.longest_ms)
