@@ -156,7 +156,7 @@ def from_native(stats: Any) -> TimingStats:
 WATCHDOG_MAX_DISPATCH_MS = 500.0
 
 
-@dataclass
+@dataclass(eq=False)                    # identity: nested watches with equal figures are distinct
 class DispatchWatch:
     """The longest timed iteration (ms) seen while the watch was open (0 when none was)."""
 
