@@ -138,8 +138,10 @@ def _matches(printed: str, value: float, candidates: Sequence[float]) -> bool:
     if "e" in token.lower():
         mantissa, exponent = token.lower().split("e")
         half = 0.5 * 10.0 ** (int(exponent) - _printed_decimals(mantissa))
-    else:
+    elif "." in token:
         half = 0.5 * 10.0 ** (-_printed_decimals(token))
+    else:   # an integer: its trailing zeros may be rounding (fmt prints 1488.02 as "1490")
+        half = 0.5 * 10.0 ** (len(token) - len(token.rstrip("0")) if token.rstrip("0") else 0)
     if printed.endswith("K"):
         half *= _KILO
     for c in candidates:
