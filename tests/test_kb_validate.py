@@ -231,3 +231,9 @@ def test_generators_put_every_claim_number_in_the_evidence(tmp_path, device, exp
     out = _regenerated(tmp_path, device, experiment, build)
     report = kv.validate([out], rules=["claim-numbers", "evidence", "confidence"])
     assert len(report.live) > 0 and report.ok, kv.format_report(report)
+
+
+def test_rounded_integers_only_past_the_claim_digits():
+    assert kv._matches("1490", 1490.0, [1488.02])         # 3 significant digits of 1488
+    assert not kv._matches("10", 10.0, [7.0])             # a 2-digit integer is exact
+    assert kv._matches("15300", 15300.0, [15259.5])

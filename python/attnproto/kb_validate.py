@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .findings import CONFIDENCE_HIGH_MAX_CV, Finding, FindingError, confidence_from_cv
+from .findings import CLAIM_DIGITS, CONFIDENCE_HIGH_MAX_CV, Finding, FindingError, confidence_from_cv
 from .records import FINDINGS_FILE, RECORDS_FILE, RecordError, read_records
 
 __all__ = [
@@ -140,8 +140,9 @@ def _matches(printed: str, value: float, candidates: Sequence[float]) -> bool:
         half = 0.5 * 10.0 ** (int(exponent) - _printed_decimals(mantissa))
     elif "." in token:
         half = 0.5 * 10.0 ** (-_printed_decimals(token))
-    else:   # an integer: its trailing zeros may be rounding (fmt prints 1488.02 as "1490")
-        half = 0.5 * 10.0 ** (len(token) - len(token.rstrip("0")) if token.rstrip("0") else 0)
+    else:   # an integer: past CLAIM_DIGITS digits its trailing zeros may be rounding (1488.02 -> "1490")
+        zeros = len(token) - len(token.rstrip("0")) if token.rstrip("0") else 0
+        half = 0.5 * 10.0 ** min(zeros, max(0, len(token) - CLAIM_DIGITS))
     if printed.endswith("K"):
         half *= _KILO
     for c in candidates:
