@@ -115,6 +115,13 @@ enum class CacheMode {
     Cold,          // compile, bypass memory and archive entirely (compile-cost studies)
 };
 
+// Device memory as the driver reports it, for the leak check (NFR-11, attnproto.leakcheck).
+struct MemoryUsage {
+    size_t allocated_bytes = 0;  // Metal: MTLDevice.currentAllocatedSize; CUDA: total - free (the whole device)
+    size_t free_bytes = 0;       // CUDA: cuMemGetInfo's free; Metal: the working set left (0 when over it)
+    size_t total_bytes = 0;      // CUDA: cuMemGetInfo's total; Metal: recommendedMaxWorkingSetSize
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
@@ -130,6 +137,7 @@ public:
     virtual void upload(Buffer& dst, const void* src, size_t bytes, size_t offset = 0) = 0;
     virtual void download(const Buffer& src, void* dst, size_t bytes, size_t offset = 0) = 0;
     virtual void fill_bytes(Buffer& dst, uint8_t value) = 0;  // poison/zero a buffer
+    virtual MemoryUsage memory_usage() = 0;
 
     virtual void launch(Kernel& k, const LaunchConfig& cfg, const std::vector<KernelArg>& args) = 0;
     virtual void synchronize() = 0;

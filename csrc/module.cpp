@@ -243,6 +243,14 @@ NB_MODULE(_attnproto, m) {
             b.launch(k, cfg, convert_args(args));
         }, "kernel"_a, "grid"_a, "block"_a, "args"_a, "shared_bytes"_a = 0, "stream"_a = 0)
         .def("synchronize", &Backend::synchronize)
+        .def("memory_usage", [](Backend& b) {
+            MemoryUsage m = b.memory_usage();
+            nb::dict d;
+            d["allocated_bytes"] = m.allocated_bytes;
+            d["free_bytes"] = m.free_bytes;
+            d["total_bytes"] = m.total_bytes;
+            return d;
+        })
         .def("time", [](Backend& b, const std::function<void()>& fn, int warmup, int iters, bool flush_l2,
                         double guard_us) {
             return b.time(fn, TimingOptions{warmup, iters, flush_l2, guard_us});

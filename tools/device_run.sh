@@ -9,7 +9,10 @@
 #   precompile  every kernel specialisation into the archive, 16 NVRTC compiles at once -> $OUT/precompile.log
 #   test        the whole pytest suite, GPU tests included            -> $OUT/pytest.log
 #   test-gpu    only the tests marked gpu ($PYTEST_ARGS: files/-k, default tests) -> $OUT/pytest-gpu.log
-#   sanitize    compute-sanitizer memcheck + racecheck on small shapes -> $OUT/sanitize.log
+#   sanitize    compute-sanitizer memcheck, racecheck, synccheck, initcheck on small shapes of every
+#               kernel family -> $OUT/sanitize.log (the full per-tool log: $OUT/sanitize-full.log)
+#   leakcheck   attnproto leakcheck --backend cuda: 1000 calls of every GPU op, memory growth < 1 %
+#               -> results/<device>/leakcheck/leakcheck.json (in $OUT/results.tgz) and $OUT/leakcheck.log
 #   run:NAME    attnproto run NAME --backend cuda $RUN_ARGS (results/ updated) -> $OUT/results.tgz
 #               (e.g. RUN_ARGS="--gpus all": the points on every GPU, attnproto.shard)
 #   bench       build and run the C++ benchmark binaries               -> $OUT/bench.log
@@ -63,8 +66,14 @@ for stage in "$@"; do
       ;;
     sanitize)
       note sanitize
-      python3 tools/sanitize.py 2>&1 | tee "$OUT/sanitize.log" | tail -30
+      python3 tools/sanitize.py --log "$OUT/sanitize-full.log" 2>&1 | tee "$OUT/sanitize.log" | tail -30
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      ;;
+    leakcheck)
+      note leakcheck
+      python3 -m attnproto leakcheck --backend cuda --out results 2>&1 | tee "$OUT/leakcheck.log" | tail -40
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      ran_experiments=1
       ;;
     run:*)
       name=${stage#run:}

@@ -4,6 +4,7 @@ test head dims, the paged kernels (decode, append, prefill) at every block size,
 other ops' kernels.
 
     python3 tools/sanitize.py            # runs itself under each sanitizer tool, prints a table
+    python3 tools/sanitize.py --log results/nvidia-h200/sanitize/sanitize.log   # also the full log, to commit
     python3 tools/sanitize.py --child    # the workload (what the sanitizer watches)
     SANITIZE_WORKLOADS=paged_decode,paged_prefill python3 tools/sanitize.py   # some of them
 
@@ -184,10 +185,21 @@ def workload() -> None:
         WORKLOADS[name](torch)
 
 
+def _log_path() -> str | None:
+    if "--log" not in sys.argv:
+        return None
+    i = sys.argv.index("--log")
+    if i + 1 >= len(sys.argv):
+        raise SystemExit("--log: needs a file, e.g. results/nvidia-h200/sanitize/sanitize.log")
+    return sys.argv[i + 1]
+
+
 def main() -> int:
     if "--child" in sys.argv:
         workload()
         return 0
+    log_path = _log_path()
+    log: list[str] = []
     rows, ok = [], True
     for tool in TOOLS:
         cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "99", sys.executable, __file__, "--child"]
@@ -201,6 +213,7 @@ def main() -> int:
             passed = res.returncode == 0 and errors == 0
         except subprocess.TimeoutExpired as exc:
             out, errors, launched, passed = str(exc), -1, 0, False
+        log.append(f"==== compute-sanitizer --tool {tool} ({'clean' if passed else 'FAILED'})\n{out}")
         ok &= passed
         rows.append((tool, errors, launched, "clean" if passed else "FAILED"))
         if not passed:
@@ -208,9 +221,14 @@ def main() -> int:
             where = Counter(re.findall(r"^=+\s+at (\w+)\+0x", out, re.M))
             print(f"{tool}: errors reported in " + (", ".join(f"{k} x{n}" for k, n in where.most_common()) or "no kernel"))
             print(out[-6000:])
-    print(f"{'tool':<10} {'errors':>6} {'workloads':>9}  verdict")
-    for tool, errors, launched, verdict in rows:
-        print(f"{tool:<10} {errors:>6} {launched:>9}  {verdict}")
+    table = [f"{'tool':<10} {'errors':>6} {'workloads':>9}  verdict"]
+    table += [f"{tool:<10} {errors:>6} {launched:>9}  {verdict}" for tool, errors, launched, verdict in rows]
+    print("\n".join(table))
+    if log_path is not None:
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        with open(log_path, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(table) + "\n\n" + "\n".join(log))
+        print(f"log: {log_path}")
     return 0 if ok else 1
 
 

@@ -120,6 +120,7 @@ const DriverApi* driver_api(std::string* why) {
         ok &= bind(lib, "cuCtxSynchronize", api.cuCtxSynchronize, &missing);
         ok &= bind(lib, "cuMemAlloc_v2", api.cuMemAlloc, &missing);
         ok &= bind(lib, "cuMemFree_v2", api.cuMemFree, &missing);
+        ok &= bind(lib, "cuMemGetInfo_v2", api.cuMemGetInfo, &missing);
         ok &= bind(lib, "cuMemcpyHtoD_v2", api.cuMemcpyHtoD, &missing);
         ok &= bind(lib, "cuMemcpyDtoH_v2", api.cuMemcpyDtoH, &missing);
         ok &= bind(lib, "cuMemsetD8Async", api.cuMemsetD8Async, &missing);

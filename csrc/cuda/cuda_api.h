@@ -79,6 +79,7 @@ struct DriverApi {
     CUresult (*cuCtxSynchronize)();
     CUresult (*cuMemAlloc)(CUdeviceptr*, size_t);                     // cuMemAlloc_v2
     CUresult (*cuMemFree)(CUdeviceptr);                               // cuMemFree_v2
+    CUresult (*cuMemGetInfo)(size_t*, size_t*);                       // cuMemGetInfo_v2
     CUresult (*cuMemcpyHtoD)(CUdeviceptr, const void*, size_t);       // cuMemcpyHtoD_v2
     CUresult (*cuMemcpyDtoH)(void*, CUdeviceptr, size_t);             // cuMemcpyDtoH_v2
     CUresult (*cuMemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream);

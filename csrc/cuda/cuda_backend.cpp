@@ -463,6 +463,15 @@ public:
         check(d_->cuCtxSynchronize(), "synchronize" + after_last());
     }
 
+    MemoryUsage memory_usage() override {
+        require();
+        current();
+        MemoryUsage m;
+        check(d_->cuMemGetInfo(&m.free_bytes, &m.total_bytes), "cuMemGetInfo");
+        m.allocated_bytes = m.total_bytes - m.free_bytes;
+        return m;
+    }
+
     TimingStats time(const std::function<void()>& enqueue, const TimingOptions& opt) override {
         require();
         current();

@@ -362,6 +362,16 @@ public:
             threadsPerThreadgroup:MTLSizeMake(cfg.block[0], cfg.block[1], cfg.block[2])];
     }
 
+    MemoryUsage memory_usage() override
+    {
+        require();
+        MemoryUsage m;
+        m.allocated_bytes = size_t(device_.currentAllocatedSize);
+        m.total_bytes = size_t(device_.recommendedMaxWorkingSetSize);
+        m.free_bytes = m.total_bytes > m.allocated_bytes ? m.total_bytes - m.allocated_bytes : 0;
+        return m;
+    }
+
     void synchronize() override
     {
         if (command_buffer_ == nil) return;

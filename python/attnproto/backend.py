@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import lab as _lab
 from . import params as _params
 
 #: Order in which "auto" picks a backend.
@@ -221,6 +222,11 @@ class GpuBackend:
         self._b.download(buf, out.reshape(-1).view(np.uint8))
         return out
 
+    def memory_usage(self) -> dict:
+        """Device memory as the driver reports it: ``allocated_bytes`` (CUDA: total - free of the
+        whole device; Metal: ``MTLDevice.currentAllocatedSize``), ``free_bytes``, ``total_bytes``."""
+        return dict(self._b.memory_usage())
+
     def fill(self, buf, byte: int) -> None:
         """Set every byte of `buf` (e.g. 0xFF poisons float outputs with NaN)."""
         self._b.fill_bytes(buf, int(byte) & 0xFF)
@@ -238,8 +244,9 @@ class GpuBackend:
     def time_launch(self, kernel, grid, block, args, shared_bytes=0, warmup=4, iters=50, flush_l2=False,
                     guard_us=DEFAULT_TIMING_GUARD_US):
         packed = [_pack(i, a) for i, a in enumerate(args)]
-        return self._b.time_launch(kernel, list(_dims("grid", grid)), list(_dims("block", block)), packed,
-                                   int(shared_bytes), int(warmup), int(iters), bool(flush_l2), float(guard_us))
+        return _lab.watch_dispatches(self._b.time_launch(
+            kernel, list(_dims("grid", grid)), list(_dims("block", block)), packed, int(shared_bytes), int(warmup),
+            int(iters), bool(flush_l2), float(guard_us)))
 
     def time_sequence(self, launches, warmup=4, iters=50, flush_l2=False, guard_us=DEFAULT_TIMING_GUARD_US):
         """Time several launches issued back to back from C++: [(kernel, grid, block, args, shared_bytes)]."""
@@ -247,11 +254,12 @@ class GpuBackend:
             (k, list(_dims("grid", g)), list(_dims("block", b)), [_pack(i, a) for i, a in enumerate(args)], int(smem))
             for k, g, b, args, smem in launches
         ]
-        return self._b.time_sequence(native_launches, int(warmup), int(iters), bool(flush_l2), float(guard_us))
+        return _lab.watch_dispatches(self._b.time_sequence(native_launches, int(warmup), int(iters), bool(flush_l2),
+                                                           float(guard_us)))
 
     def time(self, enqueue, warmup=4, iters=50, flush_l2=False, guard_us=DEFAULT_TIMING_GUARD_US):
         """Device-side timing of `enqueue()` (any work on this backend's stream)."""
-        return self._b.time(enqueue, int(warmup), int(iters), bool(flush_l2), float(guard_us))
+        return _lab.watch_dispatches(self._b.time(enqueue, int(warmup), int(iters), bool(flush_l2), float(guard_us)))
 
     def synchronize(self) -> None:
         self._b.synchronize()

@@ -1,4 +1,5 @@
-"""``attnproto`` command line: info, list, run, report, kernels, kb add|query|stats|list|show|rm.
+"""``attnproto`` command line: info, list, run, report [--html], synthesize, leakcheck, kernels,
+explain-kernel, kb add|query|stats|list|show|validate|rm.
 
 Exit status: 0 success; 1 an experiment or the store failed, or ``kb add`` met
 bad lines (it still imports the good ones); 2 bad usage (unknown experiment or
@@ -18,6 +19,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 
 from . import __version__
 from . import backend as _backend
+from . import lab
 from .findings import BACKENDS, Finding, FindingError, FindingsMerge, fmt_pct, read_findings_lenient
 from .records import (
     HISTORY_FILE,
@@ -306,8 +309,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if shards is not None:
         print(f"sharded over {shards.description}")
     failures = []
+    summary_rows: list[dict[str, Any]] = []
     try:
         for exp in exps:
+            started = time.perf_counter()
+            row: dict[str, Any] = {"experiment": exp.name, "status": "failed", "records": None, "added": None,
+                                   "superseded": None, "retired": None, "longest_dispatch_ms": None,
+                                   "wall_s": None}
+            summary_rows.append(row)
             runner, sharded = None, []
             if shards is not None and exp.points is None:
                 print(f"attnproto: note: {exp.name} has no independent points (no points protocol): it runs "
@@ -340,7 +349,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                         seed=args.seed, gpu=shard.gpu_identity(backend),
                     )
                     result = experiments.run_experiment(exp, ctx, runner)
-                    info = dict(run_info)
+                    info = {**run_info, "longest_dispatch_ms": result.longest_dispatch_ms,
+                            "watchdog_limit_ms": lab.WATCHDOG_MAX_DISPATCH_MS}
                     if sharded:
                         info["shard"] = sharded[0].summary()
                     merge = stage.write_results(experiment=exp.name, backend=backend, records=result.records,
@@ -350,7 +360,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 kept = f"{final} is unchanged" if final.exists() else "no results written"
                 print(f"attnproto: error: experiment {exp.name} failed: {exc} ({kept})", file=sys.stderr)
                 failures.append(exp.name)
+                row["wall_s"] = time.perf_counter() - started
                 continue
+            row.update(status="ok", records=len(result.records), added=len(merge.new), superseded=len(merge.changed),
+                       retired=len(merge.retired), longest_dispatch_ms=result.longest_dispatch_ms,
+                       wall_s=time.perf_counter() - started)
             print(f"\n== {exp.name} ({exp.prototype}) on {backend}: {len(result.records)} records")
             if result.summary:
                 print(format_table(result.summary))
@@ -372,6 +386,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             store.close()
         if shards is not None:
             shards.close()
+    if len(exps) > 1:
+        print(f"\n== run {args.experiment}: {len(exps)} experiments on {backend}")
+        print(format_table(summary_rows, list(summary_rows[0]) if summary_rows else None))
     if failures:
         print(f"attnproto: {len(failures)} experiment(s) failed: {', '.join(failures)}", file=sys.stderr)
         return EXIT_FAILED
@@ -669,8 +686,79 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.html:
+        from . import html_report  # noqa: PLC0415
+
+        try:
+            path = html_report.write_html(args.directory, args.out)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise CLIError(str(exc)) from None
+        print(f"wrote {path}")
+        return EXIT_OK
+    if args.out is not None:
+        raise CLIError("--out: only with --html (the text report goes to stdout)")
     print(report_text(Path(args.directory)))
     return EXIT_OK
+
+
+def cmd_kb_validate(args: argparse.Namespace) -> int:
+    from . import kb_validate  # noqa: PLC0415
+
+    try:
+        report = kb_validate.validate(args.dirs or ["results"])
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    print(kb_validate.format_report(report))
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from . import synthesis  # noqa: PLC0415
+    from .findings import atomic_write_text  # noqa: PLC0415
+
+    out = Path(args.out) if args.out is not None else Path(args.results).resolve().parent / synthesis.SYNTHESIS_FILE
+    try:
+        text = synthesis.synthesize(args.results, base=out.resolve().parent)
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    if args.check:
+        current = out.read_text(encoding="utf-8") if out.is_file() else ""
+        if current != text:
+            print(f"attnproto: error: {out} is out of date; run: attnproto synthesize {args.results}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{out} is up to date")
+        return EXIT_OK
+    atomic_write_text(out, text)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def cmd_leakcheck(args: argparse.Namespace) -> int:
+    from . import leakcheck  # noqa: PLC0415
+    from .records import device_slug  # noqa: PLC0415
+
+    status = resolve_backend(args.backend)
+    name = device_name(status)
+    iterations = args.iterations or leakcheck.ITERATIONS
+    try:
+        log = leakcheck.run_leakcheck(status.name, name, iterations=iterations, commit=git_commit(),
+                                      only=args.op or None,
+                                      progress=lambda it, desc="": progress_bar(it, desc=desc))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    rows = []
+    for r in log["ops"]:
+        growth = r.get("growth", {})
+        rows.append({"op": r["op"], "status": r["status"],
+                     **{k.removesuffix("_bytes"): fmt_pct(growth[k]) if k in growth else None
+                        for k in ("torch_allocated_bytes", "device_used_bytes", "host_rss_bytes")},
+                     "reason": r.get("reason")})
+    print(format_table(rows, max_width=QUERY_CELL_WIDTH))
+    out_root = Path(args.out) if args.out is not None else default_out_dir(status.name)
+    path = leakcheck.write_log(log, out_root, device_slug(status.name, name))
+    print(f"{'ok' if log['ok'] else 'FAILED'}: {len(rows)} ops x {iterations} calls, growth limit "
+          f"{fmt_pct(leakcheck.MAX_GROWTH)}; log: {path}")
+    return EXIT_OK if log["ok"] else EXIT_FAILED
 
 
 def _explain_device(args: argparse.Namespace):
@@ -804,9 +892,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.set_defaults(func=cmd_explain_kernel)
 
-    p = sub.add_parser("report", help="summary table of a result directory (results/<device>/<experiment>)")
-    p.add_argument("directory", help="e.g. results/nvidia-h100-80gb-hbm3/proto1")
+    p = sub.add_parser("report", help="summary table of a result directory (results/<device>/<experiment>), "
+                                      "or with --html one self-contained page of plots and findings")
+    p.add_argument("directory", help="e.g. results/nvidia-h100-80gb-hbm3/proto1; with --html a results root")
+    p.add_argument("--html", action="store_true", help="write the HTML page of every device under DIRECTORY")
+    p.add_argument("--out", default=None, help="with --html: the page to write (default DIRECTORY/report.html)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("synthesize", help="write SYNTHESIS.md (the six questions answered from the findings)")
+    p.add_argument("results", nargs="?", default="results", help="results root (default: results)")
+    p.add_argument("--out", default=None, help="the file to write (default: SYNTHESIS.md beside RESULTS)")
+    p.add_argument("--check", action="store_true", help="only check that the file is up to date (exit 1 if not)")
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("leakcheck", help="repeat every GPU op and check device memory and host RSS for growth")
+    p.add_argument("--backend", default=AUTO, choices=BACKENDS + (AUTO,), help="backend (default: the best)")
+    p.add_argument("--iterations", type=_positive_int, default=None, help="calls per op (default: 1000)")
+    p.add_argument("--op", action="append", default=[], help="only this op (repeatable), e.g. flash:wgmma")
+    p.add_argument("--out", default=None, help="results root (default: results/ for GPU backends)")
+    p.set_defaults(func=cmd_leakcheck)
 
     kb = sub.add_parser("kb", help="findings database")
     kb_sub = kb.add_subparsers(dest="kb_command", required=True, metavar="KB_COMMAND")
@@ -837,6 +941,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the live finding, then its history, as JSON lines")
     _add_db_option(p)
     p.set_defaults(func=cmd_kb_show)
+    p = kb_sub.add_parser("validate", help="the quality gates of the committed findings (counts, confidence, "
+                                           "evidence, conflicts, claim numbers); exit 1 on a violation")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="results roots or directories (default: results)")
+    p.set_defaults(func=cmd_kb_validate)
     p = kb_sub.add_parser("rm", help="remove a live finding and its history")
     p.add_argument("id", help="finding id")
     _add_db_option(p)

@@ -12,15 +12,21 @@ from different prototypes mean the same thing:
   :func:`attnproto.ref.attention` in float64, on fresh random inputs, with
   outputs poisoned (NaN) before the launch so an unwritten element fails.
 * :func:`attention_flops` — the matrix FLOPs of an attention forward pass.
+* :func:`dispatch_watch` — the watchdog (NFR-12): every device timing (the GPU
+  backends' ``time_launch`` / ``time_sequence`` / ``time`` and every device-clock
+  :func:`timing`) reports its samples, one timed iteration each, and the
+  experiment runner fails an experiment whose longest one exceeds
+  :data:`WATCHDOG_MAX_DISPATCH_MS`.
 
 Nothing here needs a GPU or torch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,14 +36,18 @@ __all__ = [
     "GATE_ATOL",
     "GATE_RTOL",
     "GATE_SHAPES",
+    "DispatchWatch",
     "GateResult",
     "TimingStats",
+    "WATCHDOG_MAX_DISPATCH_MS",
     "attention_flops",
+    "dispatch_watch",
     "fp64_gate",
     "gate_inputs",
     "time_device",
     "time_host",
     "timing",
+    "watch_dispatches",
 ]
 
 # ---- timing ----
@@ -83,6 +93,8 @@ def timing(samples_ms: Sequence[float], clock: str = "device") -> TimingStats:
         raise ValueError(f"samples_ms: needs at least {MIN_SAMPLES} samples, got {len(samples)}")
     if any(not math.isfinite(x) or x < 0 for x in samples):
         raise ValueError("samples_ms: every sample must be finite and >= 0")
+    if clock == "device":
+        _observe(samples)
     arr = np.asarray(samples, dtype=np.float64)
     mean = float(arr.mean())
     if mean <= 0:
@@ -132,8 +144,57 @@ def time_device(backend: Any, enqueue: Callable[[], Any], *, warmup: int = 4, it
 
 
 def from_native(stats: Any) -> TimingStats:
-    """The native module's TimingStats (GPU backends' time_launch / time / time_sequence)."""
+    """The native module's TimingStats (GPU backends' time_launch / time / time_sequence);
+    its samples reach the watchdog here too (:func:`timing`, device clock)."""
     return timing(list(stats.samples_ms), clock="device")
+
+
+# ---- the watchdog (NFR-12) ----
+#: Longest single timed dispatch an experiment may contain. Display GPUs are reset by the OS
+#: after about 2 s of one dispatch (Windows TDR, macOS's GPU watchdog); a quarter of that
+#: leaves headroom on slower parts of a family. Work that would exceed it must be split.
+WATCHDOG_MAX_DISPATCH_MS = 500.0
+
+
+@dataclass(eq=False)                    # identity: nested watches with equal figures are distinct
+class DispatchWatch:
+    """The longest timed iteration (ms) seen while the watch was open (0 when none was)."""
+
+    longest_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.longest_ms <= WATCHDOG_MAX_DISPATCH_MS
+
+
+_WATCHES: list[DispatchWatch] = []
+
+
+def _observe(samples_ms: Iterable[float]) -> None:
+    samples = [float(x) for x in samples_ms]
+    if not samples or not _WATCHES:
+        return
+    longest = max(samples)
+    for watch in _WATCHES:
+        watch.longest_ms = max(watch.longest_ms, longest)
+
+
+def watch_dispatches(stats: Any) -> Any:
+    """Report the per-iteration samples of a device timing (anything with ``samples_ms``) to
+    the open watches; return ``stats`` unchanged."""
+    _observe(getattr(stats, "samples_ms", ()))
+    return stats
+
+
+@contextlib.contextmanager
+def dispatch_watch() -> Iterator[DispatchWatch]:
+    """Watch every device timing inside the block (nested watches all see them)."""
+    watch = DispatchWatch()
+    _WATCHES.append(watch)
+    try:
+        yield watch
+    finally:
+        _WATCHES.remove(watch)
 
 
 # ---- clocks ----

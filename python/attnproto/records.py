@@ -119,11 +119,14 @@ class RecordError(ValueError):
     """A sweep record, or the relation between records and findings, is invalid."""
 
 
-def timing_from_samples(samples_ms: Sequence[float]) -> dict[str, Any]:
+def timing_from_samples(samples_ms: Sequence[float], clock: str = "host") -> dict[str, Any]:
     """Per-iteration times (ms) as a record's timing dict: :func:`attnproto.lab.timing`'s
-    median, p10, p90, mean and cv (sample std, ddof=1, over the mean), plus n and the samples."""
+    median, p10, p90, mean and cv (sample std, ddof=1, over the mean), plus n and the samples.
+
+    ``clock``: "host" (perf_counter samples) or "device" (GPU timestamps: the lab's
+    watchdog sees them)."""
     try:
-        stats = _lab.timing(samples_ms)
+        stats = _lab.timing(samples_ms, clock=clock)
     except ValueError as exc:
         raise RecordError(str(exc).replace("samples_ms: ", "samples_ms ")) from None
     return {"median_ms": stats.median_ms, "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms, "mean_ms": stats.mean_ms,

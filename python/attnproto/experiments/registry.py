@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import lab
 from ..findings import BACKENDS, Finding, make_finding, slugify
 from ..records import EXPERIMENT_NAME_RE, check_findings_against_records, make_record, validate_record
 
@@ -67,6 +68,9 @@ class ExperimentResult:
     findings: list[Finding]
     #: Optional condensed rows printed instead of the full record tables (e.g. best per shape, ratios).
     summary: list[dict[str, Any]] = field(default_factory=list)
+    #: The longest single timed device dispatch of the run (ms; 0 when nothing was device-timed),
+    #: set by :func:`run_experiment` from the lab's watchdog.
+    longest_dispatch_ms: float = 0.0
 
 
 @dataclass
@@ -282,12 +286,19 @@ def run_experiment(exp: Experiment, ctx: ExperimentContext,
                               f"(supports: {', '.join(exp.backends)})")
     if ctx.experiment != exp.name:
         raise ExperimentError(f"context is for experiment {ctx.experiment!r}, not {exp.name!r}")
-    result = exp.func(ctx) if runner is None else runner(exp, ctx)
-    return check_result(exp, ctx, result)
+    with lab.dispatch_watch() as watch:
+        result = exp.func(ctx) if runner is None else runner(exp, ctx)
+    if not watch.ok:
+        raise ExperimentError(
+            f"watchdog: experiment {exp.name!r} timed a single dispatch of {watch.longest_ms:.1f} ms, over the "
+            f"{lab.WATCHDOG_MAX_DISPATCH_MS:.0f} ms limit (attnproto.lab.WATCHDOG_MAX_DISPATCH_MS); split that work")
+    return check_result(exp, ctx, result, longest_dispatch_ms=watch.longest_ms)
 
 
-def check_result(exp: Experiment, ctx: ExperimentContext, result: Any) -> ExperimentResult:
-    """The contract of an experiment's result (see :func:`run_experiment`)."""
+def check_result(exp: Experiment, ctx: ExperimentContext, result: Any,
+                 longest_dispatch_ms: float = 0.0) -> ExperimentResult:
+    """The contract of an experiment's result (see :func:`run_experiment`); ``longest_dispatch_ms``: the
+    watchdog's longest timed dispatch of the run in this process (sharded points report theirs in the result)."""
     if not isinstance(result, ExperimentResult):
         raise ExperimentError(f"experiment {exp.name!r} returned {type(result).__name__}, expected ExperimentResult")
     records = [validate_record(r) for r in result.records]
@@ -315,4 +326,5 @@ def check_result(exp: Experiment, ctx: ExperimentContext, result: Any) -> Experi
                 f"{', '.join(seen.changed_fields(f))}): an id names one question, so one run gives it one "
                 "answer; put the question's parameters in config= and the measured choice in answer=")
     check_findings_against_records(findings, records)
-    return ExperimentResult(records=records, findings=findings, summary=list(result.summary))
+    return ExperimentResult(records=records, findings=findings, summary=list(result.summary),
+                            longest_dispatch_ms=max(longest_dispatch_ms, result.longest_dispatch_ms))

@@ -25,7 +25,7 @@ def build_configs(shapes) -> list[tuple[Any, stitch.StitchConfig]]:
 def measure_builds(ctx: ExperimentContext, arch: str, shapes) -> list[dict]:
     """One record per (distinct tile, mode): build and link ms of BUILD_REPEATS fresh builds."""
     records = []
-    for _, base in build_configs(shapes):
+    for _, base in ctx.progress(list(build_configs(shapes)), desc="proto2 builds"):
         tile = base.tile
         for mode in stitch.MODES:
             cfg = base.with_mode(mode)

@@ -135,6 +135,7 @@ def _breakeven_part(m: int, r: dict, base_ms: float, compile_ms: float, per_call
                 f"({fmt(compile_ms, 'ms')}) has no per-launch cost to win back")
     launches = compile_ms / delta_ms
     ev[f"mode{m}_breakeven_launches_count"] = launches
+    ev[f"mode{m}_breakeven_whole_launches_count"] = float(math.ceil(launches))   # what the claim prints
     return (f"mode {m}: {fmt(over, 'ns')}/call needs >= {fmt(need_ns, 'ns')} of work per call to stay under "
             f"{budget} (now {fmt(per_call_work_ns, 'ns')}); a specialised compile ({fmt(compile_ms, 'ms')}) "
             f"pays for itself after {fmt(math.ceil(launches))} launches")
@@ -184,13 +185,15 @@ def _recommendation_finding(ctx: ExperimentContext, records, shape) -> Finding:
     return ctx.finding(
         prototype=PROTOTYPE, title="How a production Attention<Q,K,V> should dispatch variants on CUDA",
         slug="dispatch-recommendation", claim=text,
-        evidence={f"mode{m}_overhead_pct": o for m, o in over.items()},
+        evidence={**{f"mode{m}_overhead_pct": o for m, o in over.items()},
+                  **({"link_ms": build[stitch.LINKED_MODE]["metrics"]["link_median_ms"]} if link else {})},
         config={"seq_len": n, "head_dim": d, "budget_pct": STITCH_BUDGET_PCT},
         answer={"under_budget_modes": [stitch.MODE_NAMES[m] for m in cheap],
                 "over_budget_modes": [stitch.MODE_NAMES[m] for m in costly],
                 "compose_stages_by": "nvjitlink_lto" if link else "compile_time_specialisation",
                 "runtime_dispatch_affordable": not costly},
-        cv=_cv(by_mode.values()), records=list(by_mode.values()))
+        cv=_cv(by_mode.values()),
+        records=list(by_mode.values()) + ([build[stitch.LINKED_MODE]] if link else []))
 
 
 def run_findings(ctx: ExperimentContext, records: list[dict]) -> list[Finding]:

@@ -114,7 +114,7 @@ def _sweep(ctx: ExperimentContext, be, notes: dict) -> tuple[list[dict], list[di
     contexts = QUICK["contexts"] if quick else CONTEXTS
     iters = QUICK_ITERS if quick else ITERS
     records, rejected = [], []
-    for d, g in ((d, g) for d in dims for g in groups):
+    for d, g in ctx.progress([(d, g) for d in dims for g in groups], desc="proto3[metal]"):
         for bs, part in ((bs, part) for bs in ps.BLOCK_SIZES for part in parts):
             if ps.paged_illegal_reason(d, bs, g, METAL_DTYPE, part) is not None:
                 continue  # in the budget map with its reason; never dispatched

@@ -50,7 +50,7 @@ def measure_first_launch(ctx: ExperimentContext, nat) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="attnproto-launch-") as tmp:
         nat.set_cache_dir(tmp)
         try:
-            for rep in range(LAUNCH_REPEATS):
+            for rep in ctx.progress(range(LAUNCH_REPEATS), desc="proto4 first launch"):
                 consts = {**cfg.constants(), SALT: LAUNCH_SALT_BASE + rep}  # a key never compiled before
                 torch.cuda.synchronize()
                 for origin, mode, expect in LAUNCH_STEPS:

@@ -39,7 +39,8 @@ def _cold_finding(ctx: ExperimentContext, cold: list[dict]) -> Finding:
         evidence={"per_variant_median_ms": largest["metrics"]["per_variant_median_ms"],
                   "per_variant_p90_ms": largest["metrics"]["per_variant_p90_ms"],
                   "batch_wall_ms": largest["metrics"]["batch_wall_ms"],
-                  "wall_per_variant_ms": largest["metrics"]["wall_per_variant_ms"]},
+                  "wall_per_variant_ms": largest["metrics"]["wall_per_variant_ms"],
+                  "legal_tiles_count": float(len(_base_configs()))},
         config={"kernel": KERNEL, "variant_counts": [r["config"]["variants"] for r in cold],
                 "arch": largest["config"]["arch"]},
         cv=largest["timing"]["cv"], records=cold)

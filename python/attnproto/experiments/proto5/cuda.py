@@ -65,7 +65,7 @@ def measured_records(ctx: ExperimentContext, head_dims: Tuple[int, ...], seq_len
     be = _backend.get("cuda")
     device = DeviceSpec.from_backend(be)
     records, notes, gates = [], {}, {}
-    for d in head_dims:
+    for d in ctx.progress(head_dims, desc="proto5[cuda]"):
         heads = HIDDEN // d
         for causal in (False, True):
             for n in seq_lens:

@@ -45,7 +45,8 @@ def _best_chunks(ctx, lin_recs, head_dims, long_ns, chunks, dtype, impl) -> tupl
                    f"{fmt_ratio(gmean[worst] / gmean[best])} slower. Times by chunk: "
                    + ", ".join(f"C={c}: {fmt(gmean[c], 'ms')}" for c in chunks) + "."),
             evidence={"best_chunk_count": float(best), "best_gmean_ms": gmean[best],
-                      "worst_over_best_x": gmean[worst] / gmean[best]},
+                      "worst_over_best_x": gmean[worst] / gmean[best],
+                      **{f"c{c}_gmean_ms": gmean[c] for c in chunks}},
             config={"head_dim": d, "seq_lens": long_ns, "chunks": chunks, "dtype": dtype, "impl": impl},
             answer={"chunk_size": best, "slowest_chunk_size": worst},
             cv=_cv(recs), records=recs))
@@ -177,7 +178,9 @@ def _fla_anchor(ctx, lin_recs, fla_recs, dtype) -> Finding:
                "from C++ (" + ", ".join(ours_algorithms) + "), FLA "
                + ("as CUDA-graph replays" if graphed else "eagerly (graph capture failed)") + "."),
         evidence={"worst_ratio_at_target_n_x": worst, "worst_same_chunk_ratio_at_target_n_x": worst_same,
-                  "best_ratio_x": max(best_ratios.values())},
+                  "best_ratio_x": max(best_ratios.values()),
+                  **{f"d{d}_n{n}_best_chunk_x": r for (d, n), r in best_ratios.items()},
+                  **{f"d{d}_n{n}_same_chunk_x": r for (d, n), r in ratios.items()}},
         config={"fla_chunk_size": FLA_CHUNK, "dtype": dtype, "target_min_seq_len": FLA_TARGET_MIN_N},
         answer={"target_met": met}, cv=_cv(recs), records=recs)
 
@@ -205,7 +208,8 @@ def _recommendation(ctx, lin_recs, best_chunk, cross, head_dims, seq_lens, softm
                "implementation measured here) " + "; ".join(cross_txt) + "." + extra),
         evidence=ev,
         config={"head_dims": head_dims, "seq_lens": seq_lens, "dtype": dtype, "impl": impl},
-        answer={"chunk_size": {str(d): best_chunk[d] for d in head_dims}, "crossover_tokens": crossover},
+        answer={"chunk_size": {str(d): best_chunk[d] for d in head_dims}, "crossover_tokens": crossover,
+                "notes": dict(sorted(notes.items()))},
         cv=_cv(recs), records=recs)
 
 

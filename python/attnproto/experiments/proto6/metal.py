@@ -74,7 +74,7 @@ def _sweep(ctx: ExperimentContext, be, timers: set) -> tuple[list[dict], list[di
     lens = QUICK["seq_lens"] if ctx.quick else METAL_SEQ_LENS
     iters = QUICK_ITERS if ctx.quick else ITERS
     records, rejected, b, h = [], [], METAL_BATCH, METAL_HEADS
-    for d in dims:
+    for d in ctx.progress(dims, desc="proto6[metal]"):
         passed = {}
         for c in chunks:
             ok, err, why = gate(be, ctx.rng, d, c)

@@ -170,6 +170,7 @@ static const NSUInteger MTLCounterDontSample = (NSUInteger)-1;
 @property (readonly) NSUInteger maxThreadgroupMemoryLength;
 @property (readonly) MTLSize maxThreadsPerThreadgroup;
 @property (readonly) uint64_t recommendedMaxWorkingSetSize;
+@property (readonly) NSUInteger currentAllocatedSize;
 @property (readonly) NSArray<id<MTLCounterSet>>* counterSets;
 - (BOOL)supportsFamily:(MTLGPUFamily)gpuFamily;
 - (BOOL)supportsCounterSampling:(MTLCounterSamplingPoint)samplingPoint;
