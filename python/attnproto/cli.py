@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import platform
 import sys
 import time
@@ -606,6 +607,16 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     from . import kernels  # noqa: PLC0415
 
     specs = kernels.all_specialisations()
+    if args.match:
+        from .backend import native  # noqa: PLC0415
+
+        try:
+            pattern = re.compile(args.match)
+        except re.error as exc:
+            raise CLIError(f"--match: not a regular expression: {exc}") from None
+        specs = [(n, c) for n, c in specs if pattern.search(native().kernel_key(n, c))]
+        if not specs:
+            raise CLIError(f"--match: no specialisation's kernel key matches {args.match!r}")
     if args.action == "list":
         from .backend import native  # noqa: PLC0415
 
@@ -875,6 +886,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile: NVRTC-compile each (no GPU needed); precompile: also store in the archive")
     p.add_argument("--arch", default="sm_90a", help="target, e.g. sm_90a, sm_80")
     p.add_argument("--jobs", type=_positive_int, default=None, help="parallel compiles (default: CPU count)")
+    p.add_argument("--match", default=None, metavar="REGEX",
+                   help="only the specialisations whose kernel key (`kernels list`) matches, e.g. 'ROPE=[12]'")
     p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("explain-kernel", help="which kernel family and tiles kernel='auto' runs for a shape, and why")
