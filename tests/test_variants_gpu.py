@@ -125,13 +125,18 @@ def _check(fam, torch, variant, dtype, d, causal, b=1, hq=4, hkv=2, nq=333, nkv=
     flash_forward(q, k, v, causal=causal, kernel=fam.name, config=cfg, out=out, lse=lse, **kw)
     torch.cuda.synchronize()
     host = [x.double().cpu().numpy() for x in (q, k, v)]
-    o_ref, lse_ref = ref.attention(*host, causal=causal, return_lse=True, **_ref_kwargs(kw))
+    rkw = _ref_kwargs(kw)
+    o_ref, lse_ref = ref.attention(*host, causal=causal, return_lse=True, **rkw)
     o_np, lse_np = out.double().cpu().numpy(), lse.double().cpu().numpy()
     seen = np.isfinite(lse_ref)
     assert not np.isnan(o_np).any(), f"{label}: unwritten (NaN) O"
     assert np.array_equal(np.isfinite(lse_np), seen), f"{label}: rows with/without keys differ"
-    ref.assert_allclose(o_np, o_ref, atol=ATOL, rtol=RTOL, msg=f"{label} O")
-    ref.assert_allclose(lse_np[seen], lse_ref[seen], atol=ATOL, rtol=RTOL, msg=f"{label} LSE")
+    # The tolerance check is against the exact attention of what the tensor cores multiply: with
+    # RoPE the rotated Q and K rounded to the input dtype (as torch's rotated tensors are); the
+    # 2x-torch check below is against the unrounded FP64 reference.
+    o_tol, lse_tol = (o_ref, lse_ref) if "rope" not in kw else _rounded_rope_reference(torch, q, k, v, causal, rkw)
+    ref.assert_allclose(o_np, o_tol, atol=ATOL, rtol=RTOL, msg=f"{label} O")
+    ref.assert_allclose(lse_np[seen], lse_tol[seen], atol=ATOL, rtol=RTOL, msg=f"{label} LSE")
     if seen.any():
         theirs = torch_variant(q, k, v, causal, 1.0 / math.sqrt(d), kw).double().cpu().numpy()
         err_t = np.abs(theirs - o_ref)[seen].max()
@@ -139,6 +144,20 @@ def _check(fam, torch, variant, dtype, d, causal, b=1, hq=4, hkv=2, nq=333, nkv=
         floor = 2.0 ** -MANTISSA_BITS[dtype] * np.abs(o_ref[seen]).max()
         assert ours <= max(SDPA_FACTOR * err_t, floor), f"{label}: error {ours:.3e} > 2 x torch's {err_t:.3e}"
     assert not (o_np[~seen] != 0).any(), f"{label}: rows without keys must be exact zeros"
+
+
+def _rounded_rope_reference(torch, q, k, v, causal, rkw):
+    """FP64 attention of rope(q), rope(k) rounded to the inputs' dtype (RoPE keywords consumed)."""
+    nq, nkv = q.shape[2], k.shape[2]
+    off, theta, style = rkw.get("rope_offset", 0), rkw.get("rope_theta", ref.DEFAULT_ROPE_THETA), rkw["rope"]
+    rest = {key: val for key, val in rkw.items() if key not in ("rope", "rope_offset", "rope_theta")}
+
+    def rounded(x, pos):
+        rot = ref.rope(x.double().cpu().numpy(), theta, pos, style)
+        return torch.from_numpy(rot).to(x.dtype).double().numpy()
+    qr = rounded(q, np.arange(nq) + off + nkv - nq)
+    kr = rounded(k, np.arange(nkv) + off)
+    return ref.attention(qr, kr, v.double().cpu().numpy(), causal=causal, return_lse=True, **rest)
 
 
 @pytest.fixture
