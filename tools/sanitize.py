@@ -169,9 +169,65 @@ def paged_decode(torch) -> None:
     print("ran contiguous decode D=64", flush=True)
 
 
+def variants(torch) -> None:
+    """Every Prototype 7 variant (variants.VARIANT_SPECIALISATIONS) on every CUDA flash family that
+    takes it, both masks, GQA, odd lengths; and the standalone RoPE / repeat_kv kernels."""
+    from attnproto.ops import families, flash as flash_ops, rope, variants as V
+
+    for var in V.VARIANT_SPECIALISATIONS:
+        for fam in families.for_backend("cuda"):
+            if fam.dsl or not set(var.features()) <= fam.variant_features:
+                continue
+            d = 128
+            for causal in (False, True):
+                q = torch.randn(1, 4, SMALL_N, d, device="cuda", dtype=torch.bfloat16)
+                k = torch.randn(1, 2, SMALL_N + 30, d, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                kw = {}
+                if var.rope:
+                    kw.update(rope=var.rope, rope_offset=3)
+                    if var.rope_source == "table":
+                        kw["rope_table"] = V.rope_tables(SMALL_N + 40, d)
+                if var.alibi:
+                    kw["alibi"] = True if var.alibi == "standard" else torch.rand(4, device="cuda")
+                if var.window:
+                    kw["window"] = SMALL_NKV
+                if var.softcap:
+                    kw["softcap"] = 30.0
+                flash_ops.flash_forward(q, k, v, causal=causal, kernel=fam.name, **kw)
+                torch.cuda.synchronize()
+                print(f"ran {fam.name} {var.label} causal={causal}", flush=True)
+    x = torch.randn(1, 3, SMALL_N, 128, device="cuda", dtype=torch.bfloat16)
+    for style in ("half", "interleaved"):
+        for table in (None, V.rope_tables(SMALL_N + 5, 128)):
+            rope.rope(x, style=style, offset=5, table=table)
+            rope.rope(x, style=style, offset=5, table=table, out=x)
+    rope.repeat_kv(x, 4)
+    torch.cuda.synchronize()
+    print("ran rope_apply / repeat_kv", flush=True)
+
+
+def rope_append(torch) -> None:
+    """RoPE fused into the paged KV store (paged_rope_append.cu) at three block sizes: the last
+    token of every PAGED_CTX context, q rotated out of place."""
+    from attnproto.ops import paged_rope, variants as V
+
+    cos, sin = V.rope_tables(max(PAGED_CTX), 128)
+    for page in (1, 16, 128):
+        k_cache, v_cache, table, _, _ = _small_pool(torch, page)
+        b, hkv, d = table.shape[0], k_cache.shape[2], k_cache.shape[3]
+        positions = torch.tensor([c - 1 for c in PAGED_CTX], dtype=torch.int32, device="cuda")
+        k_new = torch.randn(b, hkv, 1, d, device="cuda", dtype=k_cache.dtype)
+        q_new = torch.randn(b, 2 * hkv, 1, d, device="cuda", dtype=k_cache.dtype)
+        paged_rope.rope_append(q_new, k_new, torch.randn_like(k_new), k_cache, v_cache, table.cuda(), positions,
+                               cos, sin)
+        torch.cuda.synchronize()
+        print(f"ran paged_rope_append page={page}", flush=True)
+
+
 #: The workloads by name, in run order; $SANITIZE_WORKLOADS (comma-separated) narrows them.
-WORKLOADS = {"flash": flash, "paged_prefill": paged_prefill, "paged_decode": paged_decode, "linear": linear,
-             "stitch": stitch}
+WORKLOADS = {"flash": flash, "variants": variants, "paged_prefill": paged_prefill, "paged_decode": paged_decode,
+             "rope_append": rope_append, "linear": linear, "stitch": stitch}
 
 
 def workload() -> None:
