@@ -21,6 +21,7 @@ import re
 import platform
 import sys
 import time
+import traceback
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -360,6 +361,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             except (experiments.ExperimentError, RecordError, FindingError, OSError, shard.ShardError) as exc:
                 kept = f"{final} is unchanged" if final.exists() else "no results written"
                 print(f"attnproto: error: experiment {exp.name} failed: {exc} ({kept})", file=sys.stderr)
+                failures.append(exp.name)
+                row["wall_s"] = time.perf_counter() - started
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bug in an experiment: one line, the results kept
+                kept = f"{final} is unchanged" if final.exists() else "no results written"
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                print(f"attnproto: error: experiment {exp.name} failed: {type(exc).__name__}: {exc} "
+                      f"(at {Path(where.filename).name}:{where.lineno}; {kept})", file=sys.stderr)
                 failures.append(exp.name)
                 row["wall_s"] = time.perf_counter() - started
                 continue

@@ -7,6 +7,7 @@ NVRTC-compiled up front in parallel (the device has 16 cores; compiles, not laun
 a run this size); every point FP64-gated (gate.check) before it is timed with CUDA events."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Dict, List, Optional
@@ -131,7 +132,9 @@ def _family_point(run: Runner, fam: str, n: int, g: int, q, k, v, cases, table, 
         _precompile(q, k, v, cfg, cases, n, table, slopes)
     G.check(base_l, q, k, v, {}, None, f"{fam} base N={n} g={g}")
     base = run.record(C.OURS_BASE, n, g, "base", base_l.time(C.WARMUP, run.iters), fam, tile, **_resources(base_l))
-    full_l = prepare_forward(q, k, v, causal=False, kernel=fam, config=cfg)
+    # the same tiles without the mask (families whose config carries the mask get it switched off)
+    full_cfg = dataclasses.replace(cfg, causal=False) if hasattr(cfg, "causal") else cfg
+    full_l = prepare_forward(q, k, v, causal=False, kernel=fam, config=full_cfg)
     G.check(full_l, q, k, v, {}, None, f"{fam} base non-causal N={n} g={g}", causal=False)
     full = run.record(C.OURS_BASE_FULL, n, g, "base-noncausal", full_l.time(C.WARMUP, run.iters), fam, tile,
                       causal=False, **_resources(full_l))

@@ -7,6 +7,8 @@ overhead, CUDA-graph replay), ``e2e`` (prefill and decode per attention implemen
 """
 from __future__ import annotations
 
+import os
+
 from ..registry import ExperimentContext, ExperimentResult, experiment
 from . import common as C
 
@@ -52,7 +54,7 @@ def run(ctx: ExperimentContext) -> ExperimentResult:
     ids = torch.randint(0, model.config.vocab_size, (1, C.CPU_PROMPT), generator=torch.Generator().manual_seed(0))
     records = glue.framework_records(ctx, model, ids.to(device), device, dtype)
     if device == "cuda":
-        budget = e2e.Budget(C.FULL_GPU_BUDGET_S if full else C.GPU_BUDGET_S)
+        budget = e2e.Budget(C.FULL_GPU_BUDGET_S if full else float(os.environ.get(C.BUDGET_ENV, C.GPU_BUDGET_S)))
         points = ([(b, n) for n in C.DECODE_CONTEXTS for b in C.DECODE_BATCHES] if full
                   else list(C.DEFAULT_DECODE_POINTS))
         records += e2e.decode_points(ctx, model, C.E2E_IMPLS, points, device, budget, graphs=True)

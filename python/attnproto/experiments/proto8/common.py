@@ -21,6 +21,8 @@ FULL_DECODE_ITERS = 16
 #: Wall-clock budget of the whole GPU run (the default mode must end within 7 minutes on an H200),
 #: and what a point may take at most; a point whose estimate exceeds what is left is skipped, recorded.
 GPU_BUDGET_S = 330.0
+#: Environment variable that lowers (or raises) GPU_BUDGET_S for one run, e.g. to fit a device lease.
+BUDGET_ENV = "ATTNPROTO_PROTO8_BUDGET_S"
 FULL_GPU_BUDGET_S = 3600.0
 #: Points whose KV (one copy per implementation, HF's cat needs a second) exceed this are skipped.
 MAX_KV_BYTES = 40 * 2**30
