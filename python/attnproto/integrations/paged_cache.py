@@ -148,7 +148,8 @@ class PagedKVCache(Cache):
         for value, name in ((batch_size, "batch_size"), (max_cache_len, "max_cache_len")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        self.num_seqs, self.max_cache_len, self.block_size = batch_size, max_cache_len, block_size
+        # transformers' Cache exposes max_cache_len as a read-only property (5.17): ours returns this
+        self.num_seqs, self._max_cache_len, self.block_size = batch_size, max_cache_len, block_size
         self.max_blocks = math.ceil(max_cache_len / block_size)
         self.num_blocks = batch_size * self.max_blocks
         perm = torch.randperm(self.num_blocks, generator=torch.Generator().manual_seed(seed))
@@ -156,6 +157,11 @@ class PagedKVCache(Cache):
         self._tables: dict = {}
         layers = int(getattr(config, "num_hidden_layers"))
         super().__init__(layers=[PagedLayer(self) for _ in range(layers)])
+
+    @property
+    def max_cache_len(self) -> int:
+        """Tokens every sequence may hold (the table's capacity in whole blocks is at least this)."""
+        return self._max_cache_len
 
     def table(self, device: Any) -> torch.Tensor:
         """The block table on ``device`` (copied there once)."""
