@@ -86,14 +86,16 @@ class TimingStats:
         return min(self.samples_ms)
 
 
-def timing(samples_ms: Sequence[float], clock: str = "device") -> TimingStats:
-    """TimingStats of per-iteration samples (ms)."""
+def timing(samples_ms: Sequence[float], clock: str = "device", single_dispatch: bool = True) -> TimingStats:
+    """TimingStats of per-iteration samples (ms). ``single_dispatch=False``: each device sample spans
+    a region of many launches (a model's forward), which is not one dispatch: the watchdog does not
+    count it (its launches are each far shorter)."""
     samples = tuple(float(x) for x in samples_ms)
     if len(samples) < MIN_SAMPLES:
         raise ValueError(f"samples_ms: needs at least {MIN_SAMPLES} samples, got {len(samples)}")
     if any(not math.isfinite(x) or x < 0 for x in samples):
         raise ValueError("samples_ms: every sample must be finite and >= 0")
-    if clock == "device":
+    if clock == "device" and single_dispatch:
         _observe(samples)
     arr = np.asarray(samples, dtype=np.float64)
     mean = float(arr.mean())
