@@ -93,7 +93,10 @@ class PagedLayer(CacheLayerMixin):
         else:
             positions = self.lens.clone()
             self.lens.add_(new)
-        torch.ops.attnproto.append_kv(key_states, value_states, self.keys, self.values, table, positions)
+        # check=False: the table is this cache's own permutation of its pool and the positions are
+        # its lengths, kept within max_cache_len by update(): valid by construction, so the per-layer
+        # device check (a host sync per layer, 22 per forward) is skipped.
+        torch.ops.attnproto.append_kv(key_states, value_states, self.keys, self.values, table, positions, False)
         self.length += new
         self.pending = None
         return padded

@@ -57,10 +57,11 @@ def _(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float] = No
 
 @torch.library.custom_op(f"{NAMESPACE}::paged_decode", mutates_args=())
 def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
-                 scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    """Decode over a paged cache; q [B, Hq, D] or [B, Hq, Nq, D] (Nq <= 8)."""
+                 scale: Optional[float] = None, check: bool = True) -> Tuple[Tensor, Tensor]:
+    """Decode over a paged cache; q [B, Hq, D] or [B, Hq, Nq, D] (Nq <= 8). ``check``: verify every
+    table entry and length on the device first (one host sync; a caller owning the table skips it)."""
     if q.is_cuda:  # the front door launches on torch's current stream
-        return _paged.paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=scale)
+        return _paged.paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=scale, check=check)
     q4 = q.unsqueeze(2) if q.dim() == 3 else q
     # The numpy path reads [num_blocks, Hkv, block_size, D]: the same pool, permuted.
     o, lse = _cpu.paged_forward(q4, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), block_table,
@@ -71,17 +72,17 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tenso
 
 @paged_decode.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
-      scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+      scale: Optional[float] = None, check: bool = True) -> Tuple[Tensor, Tensor]:
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::paged_prefill", mutates_args=())
 def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
-                  scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+                  scale: Optional[float] = None, check: bool = True) -> Tuple[Tensor, Tensor]:
     """A chunk of Nq new tokens per sequence (the last Nq of its context_lens[b] keys), causal
     bottom-right, over the paged cache (CUDA: the Hopper wgmma kernel)."""
     if q.is_cuda:  # the front door launches on torch's current stream
-        return _paged.paged_prefill(q, k_cache, v_cache, block_table, context_lens, scale=scale)
+        return _paged.paged_prefill(q, k_cache, v_cache, block_table, context_lens, scale=scale, check=check)
     o, lse = _cpu.paged_forward(q, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), block_table,
                                 context_lens, causal=True, scale=scale)
     return torch.from_numpy(o).to(q.dtype), torch.from_numpy(lse)
@@ -89,23 +90,24 @@ def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
 
 @paged_prefill.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
-      scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+      scale: Optional[float] = None, check: bool = True) -> Tuple[Tensor, Tensor]:
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::append_kv", mutates_args=("k_cache", "v_cache"))
 def append_kv(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
-              positions: Tensor) -> None:
-    """Write the new tokens' K/V ([B, Hkv, T, D]) into their pages, at positions[b] + i."""
+              positions: Tensor, check: bool = True) -> None:
+    """Write the new tokens' K/V ([B, Hkv, T, D]) into their pages, at positions[b] + i (``check``:
+    as for paged_decode)."""
     if k_new.is_cuda:  # the front door launches on torch's current stream
-        _paged.append_kv(k_new, v_new, k_cache, v_cache, block_table, positions)
+        _paged.append_kv(k_new, v_new, k_cache, v_cache, block_table, positions, check=check)
         return
     _append_host(k_new, v_new, k_cache, v_cache, block_table, positions)
 
 
 @append_kv.register_fake
 def _(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
-      positions: Tensor) -> None:
+      positions: Tensor, check: bool = True) -> None:
     return None
 
 

@@ -94,7 +94,7 @@ def attnproto_attention(module: Any, query: Any, key: Any, value: Any, attention
         return out.transpose(1, 2).contiguous(), None
     table, lens = layer._cache.table(key.device), layer.lens
     op = torch.ops.attnproto.paged_decode if new <= MAX_DECODE_TOKENS else torch.ops.attnproto.paged_prefill
-    out, _ = op(query, layer.keys, layer.values, table, lens, scaling)
+    out, _ = op(query, layer.keys, layer.values, table, lens, scaling, False)   # the cache's own table (store())
     if padded:  # padding queries attend to nothing: zero rows, not whatever an empty softmax gives
         real = attention_mask[:, -new:].bool()[:, None, :, None]
         out = torch.where(real, out, torch.zeros((), dtype=out.dtype, device=out.device))
