@@ -1,5 +1,5 @@
 """``attnproto`` command line: info, list, run, report [--html], synthesize, leakcheck, kernels,
-explain-kernel, kb add|query|stats|list|show|validate|rm.
+explain-kernel, kb add|query|stats|list|show|validate|rederive|rm.
 
 Exit status: 0 success; 1 an experiment or the store failed, or ``kb add`` met
 bad lines (it still imports the good ones); 2 bad usage (unknown experiment or
@@ -732,6 +732,51 @@ def cmd_kb_validate(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def cmd_kb_rederive(args: argparse.Namespace) -> int:
+    """The findings of committed results computed again from their records (attnproto.rederive)."""
+    from . import rederive  # noqa: PLC0415
+
+    try:
+        outcomes = rederive.rederive(args.dirs or rederive.default_dirs(), write=not args.dry_run)
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    except rederive.RederiveError as exc:
+        print(f"attnproto: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if not outcomes:
+        raise CLIError(f"no results directory (one holding records.jsonl) under {' '.join(map(str, args.dirs))}")
+    for out in outcomes:
+        print(f"== {out.directory} ({out.experiment})")
+        rows = []
+        if out.merge is not None:
+            m = out.merge
+            rows += [{"finding": fid, "status": status} for status, ids in
+                     (("superseded", m.changed), ("added", m.new), ("retired", m.retired)) for fid in ids]
+        rows += [{"finding": fid, "status": f"kept as is: {why}"} for fid, why in out.kept]
+        if out.skipped:
+            print(f"skipped: {out.skipped}")
+        if rows:
+            print(format_table(rows, ["finding", "status"], max_width=QUERY_CELL_WIDTH * 2))
+        elif out.merge is not None:
+            print(f"{_plural(len(out.merge.unchanged), 'finding')} unchanged")
+        print()
+    print(format_table([o.row() for o in outcomes], max_width=QUERY_CELL_WIDTH))
+    if args.dry_run or args.no_kb:
+        return EXIT_OK
+    try:
+        store = FindingStore(args.db, create=False)
+    except MissingDatabaseError:
+        print("kb: no findings database; none created (attnproto kb add creates one)")
+        return EXIT_OK
+    try:
+        entries = [f for o in outcomes if o.written and o.merge is not None
+                   for f in (*o.merge.live, *o.merge.retired_entries)]
+        print(f"kb: {_add_summary(store.add(entries))} ({store.path})")
+    finally:
+        store.close()
+    return EXIT_OK
+
+
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from . import synthesis  # noqa: PLC0415
     from .findings import atomic_write_text  # noqa: PLC0415
@@ -967,6 +1012,14 @@ def build_parser() -> argparse.ArgumentParser:
                                            "evidence, conflicts, claim numbers); exit 1 on a violation")
     p.add_argument("dirs", nargs="*", metavar="DIR", help="results roots or directories (default: results)")
     p.set_defaults(func=cmd_kb_validate)
+    p = kb_sub.add_parser("rederive", help="compute the findings of results directories again from their records "
+                                           "(nothing measured): changed ones supersede, vanished ones retire")
+    p.add_argument("dirs", nargs="*", metavar="DIR",
+                   help="results roots or directories (default: the committed results/)")
+    p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    p.add_argument("--no-kb", action="store_true", help="do not update the findings database")
+    _add_db_option(p)
+    p.set_defaults(func=cmd_kb_rederive)
     p = kb_sub.add_parser("rm", help="remove a live finding and its history")
     p.add_argument("id", help="finding id")
     _add_db_option(p)

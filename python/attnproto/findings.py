@@ -73,6 +73,7 @@ __all__ = [
     "FindingError",
     "FindingsMerge",
     "LineError",
+    "MERGE_CAUSES",
     "SOURCES",
     "SUPERSEDED_KEYS",
     "append_findings",
@@ -137,6 +138,10 @@ SUPERSEDED_KEYS = ("at", "by_timestamp", "by_commit", "reason")
 # A file with a NUL byte in its first this-many bytes is binary, not JSON lines.
 _BINARY_SNIFF_BYTES = 8192
 _UTF8_BOM = b"\xef\xbb\xbf"
+
+
+#: What can produce the new findings of :func:`merge_findings`: a run, or re-deriving from the records.
+MERGE_CAUSES = ("run", "rederive")
 
 
 class FindingError(ValueError):
@@ -777,6 +782,7 @@ def merge_findings(
     timestamp: str | None = None,
     commit: str = "unknown",
     at: str | None = None,
+    cause: str = "run",
 ) -> FindingsMerge:
     """Merge a results directory's previous findings with a new, completed run's.
 
@@ -791,7 +797,13 @@ def merge_findings(
     retired (into history, by the run) when the run did not produce its id again:
     the records it cited are gone with the previous records.jsonl, and a live
     finding must cite records beside it.  Identical history entries are kept once.
+
+    ``cause``: what produced ``new``, for the supersede reasons: ``"run"`` (a new
+    measurement) or ``"rederive"`` (the finding generators re-run over the same records,
+    ``attnproto kb rederive``).
     """
+    if cause not in MERGE_CAUSES:
+        raise ValueError(f"cause must be one of {MERGE_CAUSES}, got {cause!r}")
     live = _unique_live(new, "merge_findings")
     by_id = {f.id: f for f in live}
     run_ts = utc_now_iso() if timestamp is None else _check_timestamp(timestamp, "timestamp")
@@ -820,13 +832,18 @@ def merge_findings(
         if current is not None and current.same_content(old):
             unchanged.append(old.id)
         elif current is not None:
+            what = "re-run" if cause == "run" else "re-derived from the same records"
             keep(old.superseded_by(by_timestamp=current.timestamp, by_commit=current.commit, at=at,
-                                   reason=f"re-run changed {', '.join(old.changed_fields(current))}"))
+                                   reason=f"{what} changed {', '.join(old.changed_fields(current))}"))
             changed.append(old.id)
         else:
-            entry = old.superseded_by(by_timestamp=run_ts, by_commit=commit, at=at,
-                                      reason=f"retired: the run of {run_ts} (commit {commit[:12]}) did not "
-                                             "produce this finding again, and the records it cited were replaced")
+            if cause == "run":
+                reason = (f"retired: the run of {run_ts} (commit {commit[:12]}) did not produce this finding "
+                          "again, and the records it cited were replaced")
+            else:
+                reason = (f"retired: re-derived from the same records at {run_ts} (commit {commit[:12]}), the "
+                          "finding generators no longer produce this finding")
+            entry = old.superseded_by(by_timestamp=run_ts, by_commit=commit, at=at, reason=reason)
             keep(entry)
             retired.append(entry)
     known = set(changed) | set(unchanged)

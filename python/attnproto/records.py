@@ -81,11 +81,13 @@ __all__ = [
     "read_records",
     "record_id",
     "results_dir",
+    "results_lock",
     "staged_results_dir",
     "timing_from_samples",
     "timing_to_dict",
     "validate_record",
     "write_experiment_results",
+    "write_merged_findings",
     "write_results",
 ]
 
@@ -465,16 +467,31 @@ def write_results(
     directory = Path(directory)
     lines = "".join(json.dumps(rec, allow_nan=False, separators=(",", ":")) + "\n" for rec in checked)
     atomic_write_text(directory / RECORDS_FILE, lines)
+    write_merged_findings(directory, merge)
+    info = dict(run_info)
+    info["experiment"] = experiment
+    atomic_write_text(directory / RUN_FILE, json.dumps(info, indent=2, allow_nan=False, sort_keys=True) + "\n")
+    return merge
+
+
+def write_merged_findings(directory: str | os.PathLike[str], merge: FindingsMerge) -> None:
+    """Write a merge's live findings to ``findings.jsonl`` and its history to ``findings_history.jsonl``
+    (removed when there is none), each atomically; nothing else in ``directory`` is touched."""
+    directory = Path(directory)
     write_findings(directory / FINDINGS_FILE, merge.live)
     history = directory / HISTORY_FILE
     if merge.history:
         write_findings(history, merge.history)
     else:
         history.unlink(missing_ok=True)
-    info = dict(run_info)
-    info["experiment"] = experiment
-    atomic_write_text(directory / RUN_FILE, json.dumps(info, indent=2, allow_nan=False, sort_keys=True) + "\n")
-    return merge
+
+
+@contextlib.contextmanager
+def results_lock(final: str | os.PathLike[str]) -> Iterator[None]:
+    """The lock a run holds on ``final``'s device directory from its merge to its swap
+    (:class:`StagedResults`): hold it to update ``final``'s findings in place."""
+    with _dir_lock(Path(final).parent):
+        yield
 
 
 @contextlib.contextmanager

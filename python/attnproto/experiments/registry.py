@@ -17,6 +17,13 @@ sharded run's records and findings come out of the same code as a serial run's. 
 point draws its inputs from :meth:`ExperimentContext.point_rng` (the run's seed and the
 point's key), never from a stream shared with other points, so a point's inputs do not
 depend on where or after which other points it ran.
+
+An experiment whose findings are functions of its records says so with
+``@experiment(..., rederive=fn)``: ``fn(ctx, records, previous) -> Rederivation`` runs the
+experiment's own finding generators over the records of a committed run (nothing measured;
+``previous``: that directory's live findings) and names, with the reason, the findings it
+cannot compute from the records, which are then kept as they are. ``attnproto kb rederive``
+(:mod:`attnproto.rederive`) calls it.
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ __all__ = [
     "Point",
     "PointResult",
     "PointsProtocol",
+    "Rederivation",
+    "RederiveHook",
     "UnknownExperimentError",
     "all_experiments",
     "experiment",
@@ -192,6 +201,26 @@ def run_points(protocol: PointsProtocol, ctx: ExperimentContext) -> ExperimentRe
 
 
 @dataclass(frozen=True)
+class Rederivation:
+    """What an experiment's rederive hook computed from a committed run's records.
+
+    ``findings``: the findings its generators produce from the records (live, stamped by the
+    context). ``kept``: slug -> why the finding of that slug needs data that is not in the
+    records (it is left as it is, not retired). ``unsupported``: non-empty when nothing can be
+    derived for this run (e.g. a backend whose findings rest on artefacts not recorded): the
+    reason; every previous finding is then left as it is.
+    """
+
+    findings: list[Finding] = field(default_factory=list)
+    kept: Mapping[str, str] = field(default_factory=dict)
+    unsupported: str = ""
+
+
+#: ``rederive(ctx, records, previous) -> Rederivation`` (see :class:`Rederivation`).
+RederiveHook = Callable[[ExperimentContext, list[dict[str, Any]], list[Finding]], Rederivation]
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str
     prototype: str
@@ -200,6 +229,8 @@ class Experiment:
     func: Callable[[ExperimentContext], ExperimentResult]
     #: The sweep as independent points, when it is one (shardable over GPUs); None: serial only.
     points: PointsProtocol | None = None
+    #: Re-runs the finding generators over committed records (module doc); None: not re-derivable.
+    rederive: RederiveHook | None = None
 
     @property
     def doc(self) -> str:
@@ -213,16 +244,19 @@ _REGISTRY: dict[str, Experiment] = {}
 
 
 def experiment(name: str, prototype: str, description: str, *, backends: Sequence[str],
-               points: PointsProtocol | None = None) -> Callable:
+               points: PointsProtocol | None = None, rederive: RederiveHook | None = None) -> Callable:
     """Register ``run(ctx) -> ExperimentResult`` under ``name``.
 
     ``backends`` lists the backends the experiment runs on (subset of
     ("cpu", "cuda", "metal")).  The function's docstring must state the
     hypothesis and the sweep.  ``points``: the sweep as independent points
-    (module doc); ``run`` should then be ``run_points(points, ctx)``.
+    (module doc); ``run`` should then be ``run_points(points, ctx)``.  ``rederive``: the
+    findings as a function of the records (module doc, :class:`Rederivation`).
     """
     if points is not None and not isinstance(points, PointsProtocol):
         raise TypeError(f"points must be a PointsProtocol, got {type(points).__name__}")
+    if rederive is not None and not callable(rederive):
+        raise TypeError(f"rederive must be callable, got {type(rederive).__name__}")
     if not isinstance(name, str) or not EXPERIMENT_NAME_RE.fullmatch(name):
         raise ValueError(f"experiment name {name!r} must match {EXPERIMENT_NAME_RE.pattern}")
     if not isinstance(prototype, str) or not prototype or slugify(prototype) != prototype:
@@ -245,7 +279,7 @@ def experiment(name: str, prototype: str, description: str, *, backends: Sequenc
                              "(mention both words)")
         if name in _REGISTRY and _REGISTRY[name].func is not func:
             raise ValueError(f"experiment {name!r} is already registered by {_REGISTRY[name].func.__module__}")
-        _REGISTRY[name] = Experiment(name, prototype, description.strip(), backends, func, points)
+        _REGISTRY[name] = Experiment(name, prototype, description.strip(), backends, func, points, rederive)
         return func
 
     return register

@@ -1,4 +1,7 @@
-"""``smoke``: an end-to-end check of the measure -> record -> finding pipeline."""
+"""``smoke``: an end-to-end check of the measure -> record -> finding pipeline.
+
+``rederive_findings`` computes the findings again from a committed run's records
+(``attnproto kb rederive``)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +14,7 @@ import numpy as np
 from .. import ref
 from ..findings import fmt, fmt_list, fmt_pct
 from ..records import timing_from_samples
-from .registry import ExperimentContext, ExperimentError, ExperimentResult, experiment
+from .registry import ExperimentContext, ExperimentError, ExperimentResult, Rederivation, experiment
 
 PROTOTYPE = "smoke"
 DTYPE = np.float32
@@ -145,7 +148,19 @@ def _median_ms(timing: Any) -> float:
     return float(timing["median_ms"] if isinstance(timing, dict) else timing.median_ms)
 
 
-@experiment("smoke", PROTOTYPE, "float32 matmul and tiled attention vs float64, timed", backends=("cpu", "cuda"))
+def rederive_findings(ctx: ExperimentContext, records: list[dict[str, Any]], previous: list) -> Rederivation:
+    """:func:`run`'s findings from a committed run's records (nothing measured)."""
+    by_op: dict[str, list[dict[str, Any]]] = {"matmul": [], "tiled_attention": []}
+    for r in records:
+        by_op[r["config"]["op"]].append(r)
+    found = [_matmul_finding(ctx, by_op["matmul"])] if by_op["matmul"] else []
+    if by_op["tiled_attention"]:
+        found.append(_attention_finding(ctx, by_op["tiled_attention"]))
+    return Rederivation(findings=found)
+
+
+@experiment("smoke", PROTOTYPE, "float32 matmul and tiled attention vs float64, timed", backends=("cpu", "cuda"),
+            rederive=rederive_findings)
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: the backend's float32 matmul stays within the gamma_k forward
     error bound of a float64 reference, a tiled online-softmax attention stays

@@ -8,6 +8,8 @@ The run writes ``tile_table.json`` (this sweep's table, the entries
 ``python3 tools/update_tile_table.py`` ships for the device's arch) and ``summary.json``.
 The sweep is a list of independent points (:data:`POINTS`): ``attnproto run proto1 --gpus N``
 measures them on N GPUs (attnproto.shard) and merges them as the serial run does.
+``rederive_findings`` computes the findings again from a committed run's records
+(``attnproto kb rederive``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..registry import (
     Point,
     PointResult,
     PointsProtocol,
+    Rederivation,
     experiment,
     run_points,
 )
@@ -43,8 +46,8 @@ from .sweep import candidates, measure_point, merge_points, sweep_points, sweep_
 
 __all__ = [
     "AUTO", "AUTO_BAR_RATIO", "DTYPE", "HEAD_DIMS", "HIDDEN", "POINTS", "PROTOTYPE", "SEQ_LENS", "TOKENS",
-    "auto_bar", "candidates", "finish", "label", "metal_summary_table", "points", "problem", "run", "run_point",
-    "summary_table", "sweep_specialisations",
+    "auto_bar", "candidates", "finish", "label", "metal_summary_table", "points", "problem", "rederive_findings", "run",
+    "run_point", "summary_table", "sweep_specialisations",
 ]
 
 
@@ -107,8 +110,25 @@ def finish(ctx: ExperimentContext, results: list[PointResult]) -> ExperimentResu
 
 POINTS = PointsProtocol(points=points, run_point=run_point, finish=finish)
 
+#: Slug of the finding on the configurations the correctness gates rejected (never timed, so not recorded).
+REJECTED_SLUG = "rejected-configs"
+
+
+def rederive_findings(ctx: ExperimentContext, records: list[dict], previous: list) -> Rederivation:
+    """:func:`finish`'s findings from a committed run's records (nothing measured). The configurations
+    the gates rejected were never timed, so they are not in the records: that finding is kept as it is."""
+    found = _findings.general(ctx, records, [])
+    if ctx.backend == "cuda":
+        found += _findings.cuda(ctx, records)
+    elif ctx.backend == "metal":
+        found += _findings.metal(ctx, records, [])
+    return Rederivation(findings=found + _findings.published_findings(),
+                        kept={REJECTED_SLUG: "the configurations the correctness gates rejected were never timed, "
+                                             "so records.jsonl does not hold them"})
+
 
 @experiment(name="proto1", prototype=PROTOTYPE, backends=("cpu", "cuda", "metal"), points=POINTS,
+            rederive=rederive_findings,
             description="Flash Attention forward: family x tile sweep, kernel='auto', causal cost, anchors")
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: a from-scratch FA2-style mma.sync kernel matches torch SDPA's flash backend

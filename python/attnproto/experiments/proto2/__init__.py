@@ -17,14 +17,15 @@ SM). On "cpu" the experiment measures what needs no GPU: NVRTC/nvJitLink build c
 ptxas's resource report (registers, stack frame, spills) per mode.
 
 Modules: ``common`` (constants), ``build`` (cpu and cuda: build cost), ``cuda`` (kernel
-times and bit identity), ``findings``.
+times and bit identity), ``findings``. ``rederive_findings`` computes the findings again from a
+committed run's records (``attnproto kb rederive``).
 """
 from __future__ import annotations
 
 import json
 
 from ..proto4 import compiler_or_reason
-from ..registry import ExperimentContext, ExperimentError, ExperimentResult, experiment
+from ..registry import ExperimentContext, ExperimentError, ExperimentResult, Rederivation, experiment
 from .build import build_configs, measure_builds
 from .common import (
     ARCH_FALLBACK,
@@ -44,11 +45,21 @@ from .findings import build_findings, run_findings
 __all__ = [
     "ARCH_FALLBACK", "BUILD_REPEATS", "DTYPE", "ITERS", "PROTOTYPE", "QUICK_ITERS", "QUICK_SHAPES", "SHAPES",
     "STITCH_BUDGET_PCT", "WARMUP", "build_configs", "build_findings", "compiler_or_reason", "measure_builds",
-    "measure_runs", "resident_warps", "run", "run_findings",
+    "measure_runs", "rederive_findings", "resident_warps", "run", "run_findings",
 ]
 
 
-@experiment(name="proto2", prototype=PROTOTYPE, backends=("cpu", "cuda"),
+def rederive_findings(ctx: ExperimentContext, records: list[dict], previous: list) -> Rederivation:
+    """:func:`run`'s findings from a committed run's records (nothing measured or compiled)."""
+    if not records:
+        return Rederivation(unsupported="the run recorded nothing (NVRTC or nvJitLink was missing)")
+    found = build_findings(ctx, records)
+    if ctx.backend == "cuda":
+        found += run_findings(ctx, records)
+    return Rederivation(findings=found)
+
+
+@experiment(name="proto2", prototype=PROTOTYPE, backends=("cpu", "cuda"), rederive=rederive_findings,
             description="Run-time dispatch vs specialisation: inline, noinline, function table, nvJitLink LTO")
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: in the tensor-core inner loop of Prototype 1, __noinline__ stages and a device

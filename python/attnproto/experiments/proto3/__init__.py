@@ -3,18 +3,60 @@ costs against contiguous KV, when splitting the context pays, and what packing a
 
 Modules: ``common`` (sweeps, names), ``cuda`` (the H200 sweep and its anchors), ``flex`` (the
 flex_attention paged anchor), ``cpu`` (the numpy path CI runs), ``findings``, ``summary`` (the report table).
+``rederive_findings`` computes the CUDA findings again from a committed run's records (``attnproto kb rederive``).
 """
 from __future__ import annotations
 
-from ..registry import ExperimentContext, ExperimentResult, experiment
+import re
+
+from ..registry import ExperimentContext, ExperimentResult, Rederivation, experiment
 from . import common as C
 from .summary import summary_table
 
-__all__ = ["run", "summary_table"]
+__all__ = ["budget_rows_from_finding", "rederive_findings", "run", "summary_table"]
+
+#: Slug of the budget-map finding, whose evidence holds the compiled kernel's resources per (D, block).
+BUDGET_SLUG = "paged-decode-budget-map"
+_BUDGET_KEY_RE = re.compile(r"d(?P<d>\d+)_bs(?P<bs>\d+)_(?P<what>smem_bytes|regs)")
+_BUDGET_FIELDS = {"smem_bytes": "smem_bytes", "regs": "registers"}
+
+
+def budget_rows_from_finding(finding) -> list[dict]:
+    """The budget map's rows (per D x block size: shared memory and registers of the compiled kernel,
+    which :func:`cuda.budget_map` reads from the driver) as the budget finding's evidence recorded them."""
+    rows: dict[tuple[int, int], dict] = {}
+    for key, value in finding.evidence.items():
+        m = _BUDGET_KEY_RE.fullmatch(key)
+        if m:
+            d, bs = int(m["d"]), int(m["bs"])
+            rows.setdefault((d, bs), {"head_dim": d, "block_size": bs})[_BUDGET_FIELDS[m["what"]]] = int(value)
+    return [rows[k] for k in sorted(rows) if set(_BUDGET_FIELDS.values()) <= set(rows[k])]
+
+
+def rederive_findings(ctx: ExperimentContext, records: list[dict], previous: list) -> Rederivation:
+    """The CUDA run's findings from its records (nothing measured). The budget map's kernel resources
+    come from the driver, not from a timed record: they are read back from the previous budget finding's
+    evidence (kept as it is when there is none)."""
+    if ctx.backend != "cuda":
+        return Rederivation(unsupported=f"proto3's {ctx.backend} findings are computed inside its measuring loop "
+                                        "(cpu) or name the run's timer (metal), not by a generator over records")
+    from .findings import best_block, budget, overhead, packing, recommendation, split, tiles  # noqa: PLC0415
+
+    blocks = best_block(ctx, records)
+    found = blocks + overhead(ctx, records) + split(ctx, records) + tiles(ctx, records)
+    kept = {}
+    old = next((f for f in previous if f.slug == BUDGET_SLUG), None)
+    rows = budget_rows_from_finding(old) if old is not None else []
+    if rows:
+        found.insert(len(blocks), budget(ctx, rows, records))
+    else:
+        kept[BUDGET_SLUG] = "the compiled kernel's shared memory and registers are not in records.jsonl"
+    found += [f for f in (packing(ctx, records), recommendation(ctx, records, blocks)) if f is not None]
+    return Rederivation(findings=found, kept=kept)
 
 
 @experiment("proto3", C.PROTOTYPE, "paged KV decode: block size, paging overhead, split-KV, GQA packing vs torch",
-            backends=("cpu", "cuda", "metal"))
+            backends=("cpu", "cuda", "metal"), rederive=rederive_findings)
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: decode is a pure read of K and V, so a kernel that gathers pages row by row
     through a cp.async ring (the page ids fetched one tile ahead) reads at the speed of a

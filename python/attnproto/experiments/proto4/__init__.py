@@ -14,13 +14,14 @@ experiment runs on "cpu" too (launch latencies only on "cuda").
 Modules: ``common`` (constants, compiler probe, wall clock, fresh-process runner),
 ``variants`` (the constant sets), ``nvrtc`` (cpu and cuda: cold compiles, phases, archive),
 ``cuda`` (first launch), ``findings``, ``metal`` and ``metal_findings`` (the Metal path),
-``summary`` (summary rows).
+``summary`` (summary rows). ``rederive_findings`` computes the findings again from a committed
+run's records (``attnproto kb rederive``).
 """
 from __future__ import annotations
 
 import json
 
-from ..registry import ExperimentContext, ExperimentError, ExperimentResult, experiment
+from ..registry import ExperimentContext, ExperimentError, ExperimentResult, Rederivation, experiment
 from .common import (
     ARCH_FALLBACK,
     CONSTANTS_BUDGET_MS,
@@ -91,12 +92,24 @@ __all__ = [
     "QUICK_MATRIX", "QUICK_PHASE_HEAD_DIMS", "QUICK_PHASE_REPEATS", "QUICK_VARIANT_COUNTS", "SALT", "SALTED_KERNEL",
     "SINGLE_REPEATS", "STITCH_BUDGET_PCT", "SUMMARY_METRICS", "VARIANT_COUNTS", "WARMUP_SALT", "compiler_or_reason",
     "compute_cache_disabled", "matrix_specs", "measure_archive", "measure_cold", "measure_first_launch",
-    "measure_phases", "metal_archive_load", "metal_findings", "metal_summary_row", "nvrtc_findings", "run", "run_metal",
+    "measure_phases", "metal_archive_load", "metal_findings", "metal_summary_row", "nvrtc_findings", "rederive_findings",
+    "run", "run_metal",
     "salted_variants", "summary_row",
 ]
 
 
-@experiment(name="proto4", prototype=PROTOTYPE, backends=("cpu", "cuda", "metal"),
+def rederive_findings(ctx: ExperimentContext, records: list[dict], previous: list) -> Rederivation:
+    """:func:`run`'s findings from a committed run's records (nothing compiled or launched); the Metal
+    sweep's requested variant counts follow from the run's ``quick`` flag, as in :func:`run_metal`."""
+    if ctx.backend == "metal":
+        requested = METAL_QUICK_VARIANT_COUNTS if ctx.quick else METAL_VARIANT_COUNTS
+        return Rederivation(findings=metal_findings(ctx, records, requested))
+    if not records:
+        return Rederivation(unsupported="the run recorded nothing (NVRTC was missing)")
+    return Rederivation(findings=nvrtc_findings(ctx, records))
+
+
+@experiment(name="proto4", prototype=PROTOTYPE, backends=("cpu", "cuda", "metal"), rederive=rederive_findings,
             description="Specialisation cost: cold NVRTC compiles / Metal pipeline builds, kernel archive, "
                         "first launch, compile phases")
 def run(ctx: ExperimentContext) -> ExperimentResult:

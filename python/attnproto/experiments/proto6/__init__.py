@@ -3,11 +3,14 @@ throughput, chunk size, bandwidth, and the crossover against softmax attention.
 
 Modules: ``common`` (constants, tolerances, the crossover), ``metrics`` (the records and
 their two FLOP conventions), ``cpu`` and ``cuda`` (the two sweeps), ``findings`` and
-``fused_findings``, ``summary`` (the report table).
+``fused_findings``, ``summary`` (the report table). ``rederive_findings`` computes the cuda and
+cpu findings again from a committed run's records (``attnproto kb rederive``).
 """
 from __future__ import annotations
 
-from ..registry import ExperimentContext, ExperimentResult, experiment
+import re
+
+from ..registry import ExperimentContext, ExperimentResult, Rederivation, experiment
 from .common import (
     CHECK_BATCH,
     CHECK_DTYPES,
@@ -69,13 +72,69 @@ __all__ = [
     "MIN_ITERS", "OURS", "OURS_FUSED_VARIANT", "OURS_TWO_PASS", "OUTPUT_RMS",
     "PROTOTYPE", "RETNET_DECAY_BASE_EXP", "SWEEP_DTYPE", "TARGET_TIMED_MS", "TOLERANCES",
     "WARMUP", "algorithm_findings", "findings_of_sweep", "fmt_n", "linear_flops", "run", "run_cpu", "run_cuda",
-    "softmax_flops", "summary_table",
+    "rederive_findings", "softmax_flops", "summary_table",
 ]
+
+#: The impl names of the records the cuda sweep writes besides ours (cuda.run_cuda).
+FLA_IMPL = "fla_chunk_simple_gla"
+COPY_IMPL = "torch_copy"
+SOFTMAX_OP = "softmax_attention_causal"
+#: The softmax baselines in the order run_cuda lists them; the cpu sweep's one baseline.
+CUDA_SOFTMAX_IMPLS = ("sdpa_cudnn", "proto1")
+CPU_SOFTMAX_IMPL = "cpu_flash"
+RECOMMENDATION_SLUG = "recommendation-{backend}"
+# A run note as _recommendation prints it in the claim: " Note (key): text."
+_NOTE_RE = re.compile(r" Note \((?P<key>[a-z0-9_]+)\): (?P<text>.*?)\.(?= Note \(|$)")
+
+
+def _run_notes(previous: list, backend: str) -> dict[str, str]:
+    """The run's notes (anchors that failed to load, the long FP64 check), which the records do not
+    hold: the previous recommendation's ``answer["notes"]``, or, for one that predates answers, the
+    notes its claim printed."""
+    old = next((f for f in previous if f.slug == RECOMMENDATION_SLUG.format(backend=backend)), None)
+    if old is None:
+        return {}
+    if isinstance(old.answer.get("notes"), dict):
+        return dict(old.answer["notes"])
+    return {m["key"]: m["text"] for m in _NOTE_RE.finditer(old.claim)}
+
+
+def rederive_findings(ctx: ExperimentContext, records: list[dict], previous: list) -> Rederivation:
+    """:func:`run_cuda` / :func:`run_cpu`'s findings from a committed run's records (nothing measured):
+    the records sorted back into the sweep's tables, in the order the run wrote them; the run's notes
+    come from the previous recommendation (:func:`_run_notes`)."""
+    if ctx.backend not in ("cuda", "cpu"):
+        return Rederivation(unsupported=f"proto6's {ctx.backend} findings name the run's timer, which the records "
+                                        "do not hold")
+    lin_recs, alt_recs, soft_recs, fla_recs, copy_rec = {}, {}, {}, {}, None
+    for r in records:
+        c = r["config"]
+        if c["impl"] == COPY_IMPL:
+            copy_rec = r
+        elif c["op"] == SOFTMAX_OP:
+            soft_recs[(c["impl"], c["head_dim"], c["seq_len"])] = r
+        elif c["impl"] == FLA_IMPL:
+            fla_recs[(c["head_dim"], c["seq_len"])] = r
+        elif c["impl"] == OURS_TWO_PASS:
+            alt_recs[(OURS_TWO_PASS, c["head_dim"], c["seq_len"], c["chunk_size"], 0)] = r
+        elif c["impl"] == OURS_FUSED_VARIANT:
+            alt_recs[(OURS_FUSED_VARIANT, c["head_dim"], c["seq_len"], c["chunk_size"],
+                      (c["block_dv"], c["state_warps"]))] = r
+        else:
+            lin_recs[(c["head_dim"], c["seq_len"], c["chunk_size"])] = r
+    if ctx.backend == "cpu":
+        return Rederivation(findings=findings_of_sweep(ctx, lin_recs, soft_recs, softmax_impls=(CPU_SOFTMAX_IMPL,),
+                                                       fla_recs={}, copy_gbps=None, notes={}))
+    impls = tuple(i for i in CUDA_SOFTMAX_IMPLS if any(key[0] == i for key in soft_recs))
+    copy_gbps = copy_rec["metrics"]["bandwidth_gbps"] if copy_rec is not None else None
+    found = findings_of_sweep(ctx, lin_recs, soft_recs, softmax_impls=impls, fla_recs=fla_recs, copy_gbps=copy_gbps,
+                              notes=_run_notes(previous, ctx.backend), copy_rec=copy_rec)
+    return Rederivation(findings=found + algorithm_findings(ctx, lin_recs, alt_recs))
 
 
 @experiment("proto6", PROTOTYPE,
             "chunked causal linear attention: chunk size x N x head dim, crossover vs softmax, FLA anchor",
-            backends=("cpu", "cuda", "metal"))
+            backends=("cpu", "cuda", "metal"), rederive=rederive_findings)
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: chunked causal linear attention (tensor cores, FP32 state) costs
     O(N D^2) and is memory-bound, so it overtakes causal softmax attention
