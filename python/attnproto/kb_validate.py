@@ -63,8 +63,9 @@ MIN_LIVE_FINDINGS = 60
 MIN_FINDINGS_PER_PROTOTYPE = {"proto1": 5, "proto2": 3, "proto3": 5, "proto4": 3, "proto5": 3,
                               "proto6": 5, "proto7": 4, "proto8": 2}
 #: Finding ``prototype`` labels that count for a prototype: Prototype 3's CUDA findings
-#: are labelled "paged" (experiments/proto3/common.py), its Metal ones "proto3".
-PROTOTYPE_LABELS = {"paged": "proto3"}
+#: are labelled "paged" (experiments/proto3/common.py), its Metal ones "proto3"; Prototype 7 and
+#: 8 findings are labelled "variants" and "framework" (their common.py PROTOTYPE).
+PROTOTYPE_LABELS = {"paged": "proto3", "variants": "proto7", "framework": "proto8"}
 #: "high" confidence needs a CV strictly below this (the findings module's own threshold).
 HIGH_CONFIDENCE_MAX_CV = CONFIDENCE_HIGH_MAX_CV
 #: Factors a claim may show a stored number in: itself, a percentage of a fraction, and

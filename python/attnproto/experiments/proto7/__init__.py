@@ -9,15 +9,28 @@ numpy path CI runs), ``metal`` (the Metal path), ``validation`` (AC-5.5), ``find
 """
 from __future__ import annotations
 
-from ..registry import ExperimentContext, ExperimentResult, experiment
+from ..registry import ExperimentContext, ExperimentResult, Rederivation, experiment
 from . import common as C
 from .summary import summary_table
 
-__all__ = ["run", "summary_table"]
+__all__ = ["rederive_findings", "run", "summary_table"]
+
+
+def rederive_findings(ctx: ExperimentContext, records: list, previous: list) -> Rederivation:
+    """The CUDA run's findings again from its committed records (``attnproto kb rederive``): the
+    sweep's findings (:func:`findings.findings_of`) and the AC-5.5 finding from its records."""
+    if ctx.backend != "cuda":
+        return Rederivation(unsupported=f"proto7's {ctx.backend} findings are built in the run's loop")
+    from .findings import findings_of  # noqa: PLC0415
+    from .validation import ac55_finding  # noqa: PLC0415
+
+    ac = [r for r in records if r["config"].get("sweep") == "ac55"]
+    sweep = [r for r in records if r["config"].get("sweep") != "ac55"]
+    return Rederivation(findings=findings_of(ctx, sweep) + ([ac55_finding(ctx, ac)] if ac else []))
 
 
 @experiment("proto7", C.PROTOTYPE, "RoPE / ALiBi / GQA / window / softcap as fused variants vs base, standalone, flex, SDPA",
-            backends=("cpu", "cuda", "metal"))
+            backends=("cpu", "cuda", "metal"), rederive=rederive_findings)
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: a variant that is a compile-time policy of the flash kernel costs almost
     nothing beyond its arithmetic: fused ALiBi (one multiply-add per score) stays within 3 % of

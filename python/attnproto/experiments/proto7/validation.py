@@ -112,9 +112,6 @@ def _named(message: str, arg: str) -> bool:
 def run_validation(ctx: ExperimentContext) -> Tuple[List[dict], Finding]:
     records: List[dict] = []
     nat, why = _nvrtc()
-    compile_ok = refuse_ok = 0
-    evidence: Dict[str, float] = {}
-    failures: List[str] = []
     if nat is not None:
         from ...ops import flash_wgmma as fw  # noqa: PLC0415
 
@@ -122,36 +119,42 @@ def run_validation(ctx: ExperimentContext) -> Tuple[List[dict], Finding]:
         for case, change, message in ILLEGAL_CONSTANTS:
             consts = {**base, **change}
             t, text = _attempt(lambda consts=consts: nat.cuda_compile(fw.KERNEL_NAME, consts, ARCH))
-            rejected, matched = bool(text), message in text
-            compile_ok += rejected and matched
-            if not (rejected and matched):
-                failures.append(f"{case}: " + ("compiled" if not rejected else "failed without the static_assert"))
             records.append(ctx.record({"sweep": "ac55", "case": case, "kernel": fw.KERNEL_NAME, "arch": ARCH,
                                        "constants": ",".join(f"{k}={v}" for k, v in sorted(change.items()))},
-                                      {"compile_ms": t.median_ms, "rejected_count": int(rejected),
-                                       "static_assert_matched_count": int(matched)}, t))
+                                      {"compile_ms": t.median_ms, "rejected_count": int(bool(text)),
+                                       "static_assert_matched_count": int(message in text)}, t))
     for case, arg, fn in _refusals():
         t, text = _attempt(fn)
-        refused, named = bool(text), bool(text) and _named(text, arg)
-        refuse_ok += refused and named
-        if not (refused and named):
-            failures.append(f"{case}: " + ("accepted" if not refused else f"refused without naming {arg}: {text[:80]}"))
         records.append(ctx.record({"sweep": "ac55", "case": case, "argument": arg},
-                                  {"call_ms": t.median_ms, "refused_count": int(refused),
-                                   "named_argument_count": int(named)}, t))
-    n_compile = len(ILLEGAL_CONSTANTS) if nat is not None else 0
-    n_refuse = len(records) - n_compile
-    evidence.update({"illegal_constant_sets_count": n_compile, "static_assert_failures_count": compile_ok,
-                     "front_door_requests_count": n_refuse, "refused_naming_argument_count": refuse_ok})
+                                  {"call_ms": t.median_ms, "refused_count": int(bool(text)),
+                                   "named_argument_count": int(bool(text) and _named(text, arg))}, t))
+    return records, ac55_finding(ctx, records, "" if nat is not None else why)
+
+
+def ac55_finding(ctx: ExperimentContext, records: List[dict], nvrtc_missing: str = "") -> Finding:
+    """The AC-5.5 finding from the validation's records (also what ``kb rederive`` rebuilds)."""
+    compiles = [r for r in records if r["config"].get("sweep") == "ac55" and "constants" in r["config"]]
+    refusals = [r for r in records if r["config"].get("sweep") == "ac55" and "argument" in r["config"]]
+    messages = {case: message for case, _, message in ILLEGAL_CONSTANTS}
+    failures = [f"{r['config']['case']}: " + ("compiled" if not r["metrics"]["rejected_count"]
+                                             else "failed without the static_assert")
+                for r in compiles if not (r["metrics"]["rejected_count"] and r["metrics"]["static_assert_matched_count"])]
+    failures += [f"{r['config']['case']}: " + ("accepted" if not r["metrics"]["refused_count"]
+                                              else f"refused without naming {r['config']['argument']}")
+                 for r in refusals if not (r["metrics"]["refused_count"] and r["metrics"]["named_argument_count"])]
+    compile_ok = sum(int(r["metrics"]["rejected_count"] and r["metrics"]["static_assert_matched_count"]) for r in compiles)
+    refuse_ok = sum(int(r["metrics"]["refused_count"] and r["metrics"]["named_argument_count"]) for r in refusals)
+    n_compile, n_refuse = len(compiles), len(refusals)
+    evidence = {"illegal_constant_sets_count": n_compile, "static_assert_failures_count": compile_ok,
+                "front_door_requests_count": n_refuse, "refused_naming_argument_count": refuse_ok}
     claim = (f"AC-5.5: {compile_ok} of {n_compile} illegal constant sets of flash_fwd_wgmma fail to compile "
              f"(NVRTC, {ARCH}) with their static_assert message ("
-             + "; ".join(f"{c}: '{m}'" for c, _, m in ILLEGAL_CONSTANTS) + ")"
-             + ("" if nat is not None else f" [NVRTC unavailable, not attempted: {why}]")
+             + "; ".join(f"{r['config']['case']}: '{messages.get(r['config']['case'], '')}'" for r in compiles) + ")"
+             + (f" [NVRTC unavailable, not attempted: {nvrtc_missing}]" if nvrtc_missing else "")
              + f"; {refuse_ok} of {n_refuse} illegal requests are refused by the front doors / the families' "
              "supports_spec() with a message naming the argument"
              + (f". Not met: {'; '.join(failures)}." if failures else "."))
-    finding = ctx.finding(prototype=C.PROTOTYPE, title="Illegal variant combinations fail at compile time (AC-5.5)",
-                          claim=claim, evidence=evidence, config={"check": "ac55"},
-                          cv=max(r["timing"]["cv"] for r in records), records=records, slug="ac55-illegal-combinations",
-                          answer={"all_rejected": not failures and nat is not None})
-    return records, finding
+    return ctx.finding(prototype=C.PROTOTYPE, title="Illegal variant combinations fail at compile time (AC-5.5)",
+                       claim=claim, evidence=evidence, config={"check": "ac55"},
+                       cv=max(r["timing"]["cv"] for r in records), records=records, slug="ac55-illegal-combinations",
+                       answer={"all_rejected": not failures and n_compile > 0})

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import os
 
-from ..registry import ExperimentContext, ExperimentResult, experiment
+from ..registry import ExperimentContext, ExperimentResult, Rederivation, experiment
 from . import common as C
 
 __all__ = ["run"]
 
 
+def rederive_findings(ctx: ExperimentContext, records: list, previous: list) -> Rederivation:
+    """The run's findings again from its committed records (``attnproto kb rederive``)."""
+    from .findings import e2e_findings, framework_findings  # noqa: PLC0415
+
+    return Rederivation(findings=framework_findings(ctx, records) + e2e_findings(ctx, records))
+
+
 @experiment("proto8", C.PROTOTYPE, "attnproto in PyTorch + transformers: glue, graph breaks, dispatch, end-to-end Llama",
-            backends=("cpu", "cuda"))
+            backends=("cpu", "cuda"), rederive=rederive_findings)
 def run(ctx: ExperimentContext) -> ExperimentResult:
     """Hypothesis: torch.library custom ops with fake implementations and transformers' attention
     interface take our kernels with a few hundred lines of glue, zero graph breaks and a dispatch
