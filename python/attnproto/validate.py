@@ -6,7 +6,9 @@ Every check names the offending argument in its message and raises
 * ``ValueError`` for a wrong rank, shape, stride, head count, size or value.
 
 The checks work on numpy arrays, on torch tensors (recognised only when torch is
-already imported by the caller: this module never imports torch) and on objects
+already imported by the caller: this module never imports torch), on MLX arrays (likewise
+only when ``mlx.core`` is already imported; device ``"mlx"``, row-major strides: MLX does not
+expose strides, and its custom kernels see row-contiguous copies) and on objects
 exposing ``__cuda_array_interface__`` (CuPy, Numba). Strides are reported in
 ELEMENTS, like the strides of :mod:`attnproto.params`.
 """
@@ -68,6 +70,9 @@ MAX_CHUNK_SIZE = 2**31 - 1
 # DLPack device type codes (dlpack.h, DLDeviceType) that the host can read directly.
 _DLPACK_HOST_DEVICES = {1: "cpu", 3: "cuda_host"}
 _DLPACK_DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 8: "metal", 13: "cuda_managed"}
+# Device name of an MLX array: unified memory, run on whichever stream MLX picks.
+MLX_DEVICE = "mlx"
+_MLX_DTYPE_PREFIX = "mlx.core."
 
 
 # --------------------------------------------------------------------------- tensors
@@ -76,7 +81,7 @@ class TensorInfo:
     """What the checks need to know about one array or tensor."""
 
     name: str
-    kind: str                   # "numpy" | "torch" | "cuda_array_interface"
+    kind: str                   # "numpy" | "torch" | "mlx" | "cuda_array_interface"
     shape: Tuple[int, ...]
     dtype: str                  # canonical name, e.g. "float16", "bfloat16", "int32"
     strides: Tuple[int, ...]    # in elements
@@ -101,11 +106,26 @@ def _is_torch(x: Any) -> bool:
     return tensor_type is not None and isinstance(x, tensor_type)
 
 
+def _is_mlx(x: Any) -> bool:
+    array_type = getattr(sys.modules.get("mlx.core"), "array", None)
+    return isinstance(array_type, type) and isinstance(x, array_type)
+
+
+def _row_major_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= extent
+    return tuple(reversed(strides))
+
+
 def dtype_name(dtype: Any) -> str:
-    """Canonical name of a numpy dtype, torch dtype or dtype string."""
+    """Canonical name of a numpy dtype, torch dtype, MLX dtype or dtype string."""
     text = str(dtype)
     if text.startswith("torch."):
         return text[len("torch."):]
+    if text.startswith(_MLX_DTYPE_PREFIX):
+        return text[len(_MLX_DTYPE_PREFIX):]
     try:
         return np.dtype(dtype).name
     except TypeError:
@@ -124,6 +144,9 @@ def tensor_info(x: Any, name: str) -> TensorInfo:
     if _is_torch(x):
         return TensorInfo(name, "torch", tuple(int(d) for d in x.shape), dtype_name(x.dtype),
                           tuple(int(s) for s in x.stride()), str(x.device.type))
+    if _is_mlx(x):
+        shape = tuple(int(d) for d in x.shape)
+        return TensorInfo(name, "mlx", shape, dtype_name(x.dtype), _row_major_strides(shape), MLX_DEVICE)
     interface = getattr(x, "__cuda_array_interface__", None)
     if isinstance(interface, dict):
         dtype = np.dtype(interface["typestr"])

@@ -114,12 +114,12 @@ def _check_real(value: Any, name: str, *, positive: bool = False, non_negative: 
     return value
 
 
-def _check_devices(*pairs: Tuple[Any, str]) -> None:
+def _check_devices(*pairs: Tuple[Any, str], devices: Tuple[str, ...] = INPUT_DEVICES) -> None:
     for x, name in pairs:
         device = _v.tensor_info(x, name).device
-        if device not in INPUT_DEVICES:
-            raise ValueError(f"{name}: on device '{device}'; the Metal op takes host arrays or torch "
-                             f"tensors on {' or '.join(INPUT_DEVICES)}")
+        if device not in devices:
+            raise ValueError(f"{name}: on device '{device}'; this Metal path takes arrays on "
+                             f"{' or '.join(devices)}")
 
 
 def _check_backend(backend: Any) -> Any:
@@ -156,8 +156,12 @@ def check_metal_flash_inputs(q: Any, k: Any, v: Any, *, causal: bool = False,
                              alibi_max_bias: float = DEFAULT_ALIBI_MAX_BIAS,
                              fixed_gqa_group: bool = False, block_r: Optional[int] = None,
                              block_c: Optional[int] = None, window: Optional[int] = None,
-                             softcap: Optional[float] = None) -> MetalFlashProblem:
+                             softcap: Optional[float] = None,
+                             input_devices: Tuple[str, ...] = INPUT_DEVICES) -> MetalFlashProblem:
     """Check everything about a Metal flash forward; each error names its argument.
+
+    ``input_devices``: where q, k and v may live (the native op: host or torch MPS;
+    :mod:`attnproto.integrations.mlx`: MLX arrays).
 
     TypeError: non-tensor, dtype other than float16/bfloat16, mixed dtypes, non-bool flags,
     non-int tile sizes. ValueError: rank, shapes, Hq % Hkv, head_dim (a multiple of 8 in
@@ -167,7 +171,7 @@ def check_metal_flash_inputs(q: Any, k: Any, v: Any, *, causal: bool = False,
     """
     shape = _v.check_attention_inputs(q, k, v, causal=causal, allowed_dtypes=METAL_DTYPES,
                                       contiguous_last_dim=False)
-    _check_devices((q, "q"), (k, "k"), (v, "v"))
+    _check_devices((q, "q"), (k, "k"), (v, "v"), devices=input_devices)
     d = shape.head_dim
     if d % _ms.FRAG or d > _ms.MAX_HEAD_DIM:
         raise ValueError(f"q: head_dim {d} not supported by the Metal kernel; expected a multiple of "
