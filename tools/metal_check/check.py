@@ -10,9 +10,11 @@
                    the host uses), with -Werror so an unknown selector fails.
   check_bindings() the shaders' [[buffer(N)]] / [[function_constant(N)]] against
                    shaders/metal/metal_bindings.h and the host's binding tables.
+  mlx_check.py     attnproto.integrations.mlx: the header + body it gives MLX, compiled as
+                   MLX would assemble them, against the native entry's bindings (--mlx).
 
 Each returns a list of Problem (empty = pass). CLI: python3 tools/metal_check/check.py
-[--shaders] [--host] [--bindings] (default: all); exit status 1 on any problem.
+[--shaders] [--host] [--bindings] [--mlx] (default: all); exit status 1 on any problem.
 Clean Debian 12 needs .ci/metal_deps.sh first.
 """
 from __future__ import annotations
@@ -161,7 +163,8 @@ FC_DECL = re.compile(
     r"^(?P<indent>[ \t]*)constant[ \t]+(?P<type>\w+)[ \t]+(?P<name>\w+)[ \t]*"
     r"\[\[[ \t]*function_constant[ \t]*\([ \t]*(?P<index>[^)\]]+?)[ \t]*\)[ \t]*\]\][ \t]*;",
     re.M)
-KERNEL_DECL = re.compile(r"\bkernel\s+void\s+(\w+)\s*\(")
+# `kernel void f(` or the attribute spelling `[[kernel]] void f(` (what MLX generates).
+KERNEL_DECL = re.compile(r"(?:\bkernel|\[\[\s*kernel\s*\]\])\s+void\s+(\w+)\s*\(")
 ATTR = re.compile(r"\[\[(.*?)\]\]", re.S)
 
 
@@ -259,7 +262,7 @@ POSITION_ATTRS = {  # attribute -> allowed parameter types (MSL 3.1, compute ker
 }
 RESOURCE_ATTRS = {"buffer", "threadgroup", "texture", "sampler", "function_constant"}
 OTHER_ATTRS = {"function_constant", "max_total_threads_per_threadgroup", "host_name", "visible",
-               "stitchable", "id"}
+               "stitchable", "id", "kernel"}
 KNOWN_ATTRS = set(POSITION_ATTRS) | RESOURCE_ATTRS | OTHER_ATTRS
 
 
@@ -283,7 +286,7 @@ def check_attributes(path: pathlib.Path) -> list[Problem]:
                     problems.append(Problem("attributes", f"{path}:{k.line} {k.name}",
                                             f"[[{a}]] parameter '{p.name}' has type '{type_text}'; "
                                             f"MSL allows {sorted(POSITION_ATTRS[a])}"))
-            if "buffer" in names and not re.match(r"^(device|constant)\b.*[*&]$", type_text):
+            if "buffer" in names and not re.match(r"^(const\s+)?(device|constant)\b.*[*&]$", type_text):
                 problems.append(Problem("attributes", f"{path}:{k.line} {k.name}",
                                         f"[[buffer]] parameter '{p.name}' must be a device/constant "
                                         f"pointer or constant reference, got '{type_text}'"))
@@ -298,13 +301,23 @@ def check_attributes(path: pathlib.Path) -> list[Problem]:
 
 # ------------------------------------------------------------------------------ shader compiles
 
+# A threadgroup array declared inside a kernel (MLX's custom kernels must declare their
+# threadgroup memory so: MLX sets no threadgroup allocation). clang refuses an automatic
+# variable in a non-default address space; `static` gives the stand-in MSL's meaning, one
+# instance shared by the threads of a group.
+TG_ARRAY_DECL = re.compile(r"^(?P<indent>[ \t]*)(?=threadgroup[ \t]+[\w:<>, ]+?[ \t]+\w+[ \t]*\[[^\]\n]+\][ \t]*;)",
+                           re.M)
+
+
 def rewrite_for_cxx(text: str) -> str:
     """The shader as the stand-in compiles it: `constant T NAME [[function_constant(I)]];`
-    becomes ATTNPROTO_FUNCTION_CONSTANT(T, NAME, I); and the remaining [[attribute]] lists are
-    blanked (their names would otherwise meet the address-space macros, e.g. threadgroup(0);
+    becomes ATTNPROTO_FUNCTION_CONSTANT(T, NAME, I); a kernel-scope `threadgroup T name[N];`
+    becomes `static` (TG_ARRAY_DECL); and the remaining [[attribute]] lists are blanked (their
+    names would otherwise meet the address-space macros, e.g. threadgroup(0);
     check_attributes() validates them). Line numbers are kept."""
     text = FC_DECL.sub(lambda m: f"{m['indent']}ATTNPROTO_FUNCTION_CONSTANT({m['type']}, {m['name']}, {m['index']});",
                        text)
+    text = TG_ARRAY_DECL.sub(lambda m: f"{m['indent']}static ", text)
     return ATTR.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
 
 
@@ -584,8 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--shaders", action="store_true", help="compile every shader x spec")
     ap.add_argument("--host", action="store_true", help="syntax-check the Objective-C++ host")
     ap.add_argument("--bindings", action="store_true", help="cross-check binding indices")
+    ap.add_argument("--mlx", action="store_true", help="check the MLX integration's kernel strings")
     args = ap.parse_args(argv)
-    run_all = not (args.shaders or args.host or args.bindings)
+    run_all = not (args.shaders or args.host or args.bindings or args.mlx)
     problems: list[Problem] = []
     if run_all or args.bindings:
         problems += check_bindings()
@@ -593,6 +607,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems += check_shaders()
     if run_all or args.host:
         problems += check_host()
+    if run_all or args.mlx:
+        if str(TOOL_DIR) not in sys.path:
+            sys.path.insert(0, str(TOOL_DIR))
+        import mlx_check  # noqa: PLC0415  (imports this file as `check`)
+        problems += mlx_check.check_mlx()
     for p in problems:
         print(p)
     if not problems:
