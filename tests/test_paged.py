@@ -72,7 +72,10 @@ def test_specialisations_cover_every_page_size_and_head_dim():
 
 
 def test_illegal_constants_fail_to_compile(nvrtc):
-    base = dict(HEAD_DIM=128, PAGE_SIZE=16, HEADS=8, NQ=1, WARPS=4, KEYS_PER_WARP=16, STAGES=3, SPLIT=0, DTYPE=1)
+    from attnproto.ops.variants import BASE
+
+    base = dict(HEAD_DIM=128, PAGE_SIZE=16, HEADS=8, NQ=1, WARPS=4, KEYS_PER_WARP=16, STAGES=3, SPLIT=0, DTYPE=1,
+                **BASE.constants())
     for bad, text in ((dict(PAGE_SIZE=12), "PAGE_SIZE"), (dict(NQ=9), "NQ"), (dict(HEADS=64, NQ=8), "register")):
         with pytest.raises(Exception, match=text):
             nvrtc.cuda_compile("paged_decode", dict(base, **bad), "sm_90a")

@@ -424,7 +424,8 @@ def _paged_loader(k_cache: Array, v_cache: Array, row: Array, block_size: int) -
 def paged_forward(q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens: Any, *,
                   block_c: Optional[int] = None, block_r: Optional[int] = None,
                   causal: bool = False, scale: Optional[float] = None, alibi: bool = False,
-                  alibi_max_bias: float = DEFAULT_ALIBI_MAX_BIAS, p_dtype: Optional[str] = None
+                  alibi_max_bias: float = DEFAULT_ALIBI_MAX_BIAS, p_dtype: Optional[str] = None,
+                  alibi_slopes: Any = None, window: Optional[int] = None, softcap: Optional[float] = None
                   ) -> Tuple[Array, Array]:
     """Attention over a paged KV cache; returns (O [B, Hq, Nq, D], LSE [B, Hq, Nq]) float32.
 
@@ -432,7 +433,10 @@ def paged_forward(q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens
     [B, max_blocks_per_seq]; seq_lens int32 [B]. Token t of sequence b is read
     from block block_table[b, t // block_size], slot t % block_size, tile by
     tile (``block_c``, default block_size). Sequence b's Nq queries are its
-    last Nq tokens (bottom-right); a sequence of length 0 gives (0, -inf).
+    last Nq tokens (bottom-right: query i at position seq_lens[b] - Nq + i); a
+    sequence of length 0 gives (0, -inf). ``alibi`` / ``alibi_slopes`` [Hq], ``window`` and
+    ``softcap`` follow :func:`attnproto.ref.attention` at those positions (key tiles wholly
+    left of every row's window are skipped, as in :func:`flash_forward`).
     """
     shape = _v.check_paged_inputs(q, k_cache, v_cache, block_table, seq_lens,
                                   allowed_dtypes=CPU_DTYPES, device="cpu")
@@ -441,7 +445,8 @@ def paged_forward(q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens
     block_r = shape.seq_q if block_r is None else _v.check_positive_int(block_r, "block_r")
     scale = _v.check_scale(scale, shape.head_dim)
     p_dtype = _check_p_dtype(p_dtype)
-    slopes = _head_slopes(alibi, shape.num_heads, shape.num_kv_heads, alibi_max_bias)
+    slopes = _head_slopes(alibi, shape.num_heads, shape.num_kv_heads, alibi_max_bias, alibi_slopes)
+    window, softcap = _check_window_softcap(window, softcap)
     q5 = _group_q(_load(q, "q"), shape.num_kv_heads)
     kc, vc = _v.to_host_numpy(k_cache, "k_cache"), _v.to_host_numpy(v_cache, "v_cache")
     table = _v.to_host_numpy(block_table, "block_table")
@@ -455,7 +460,7 @@ def paged_forward(q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens
         o_b, lse_b = _flash_core(q5[b:b + 1], _paged_loader(kc, vc, table[b], shape.block_size),
                                  length, key_offset=0, seq_kv_total=length, scale=scale,
                                  block_r=block_r, block_c=block_c, causal=causal, slopes=slopes,
-                                 p_dtype=p_dtype)
+                                 p_dtype=p_dtype, window=window, softcap=softcap)
         o[b], lse[b] = o_b[0], lse_b[0]
     return _ungroup(o), _ungroup(lse)
 

@@ -485,13 +485,16 @@ def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
                     block_table: ArrayLike, seq_lens: ArrayLike, *,
                     scale: Optional[float] = None, causal: bool = False, alibi: bool = False,
                     alibi_max_bias: float = DEFAULT_ALIBI_MAX_BIAS, rope: bool = False,
-                    rope_theta: float = DEFAULT_ROPE_THETA, return_lse: bool = False
+                    rope_theta: float = DEFAULT_ROPE_THETA, return_lse: bool = False,
+                    alibi_slopes: Optional[ArrayLike] = None, window: Optional[int] = None,
+                    softcap: Optional[float] = None
                     ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Attention of Q [B, Hq, Nq, D] over each sequence's paged K/V (float64).
 
     Sequence b has seq_lens[b] keys; its Nq queries are its last Nq tokens
-    (bottom-right alignment), so decode is Nq = 1 and prefill Nq = seq_lens[b].
-    A sequence of length 0 gives O = 0 and LSE = -inf.
+    (bottom-right alignment: query i at position seq_lens[b] - Nq + i), so decode is
+    Nq = 1 and prefill Nq = seq_lens[b]. A sequence of length 0 gives O = 0 and LSE = -inf.
+    ``alibi_slopes``, ``window`` and ``softcap`` are those of :func:`attention`, per sequence.
     """
     for value, name in ((causal, "causal"), (alibi, "alibi"), (rope, "rope"),
                         (return_lse, "return_lse")):
@@ -501,6 +504,15 @@ def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
     table, lens = _as_index(block_table, "block_table"), _as_index(seq_lens, "seq_lens")
     shape = _v.check_paged_inputs(q, k_cache, v_cache, table, lens, allowed_dtypes=("float64",),
                                   index_dtypes=_v.INDEX_DTYPES, contiguous_last_dim=False)
+    # checked here too, so a bad value is refused even where every sequence is empty
+    if alibi_slopes is not None:
+        if not alibi:
+            raise ValueError("alibi_slopes: given without alibi=True")
+        alibi_slopes = _check_slopes(alibi_slopes, shape.num_heads)
+    if window is not None:
+        window = _v.check_positive_int(window, "window")
+    if softcap is not None:
+        softcap = _check_softcap(softcap)
     ks = paged_gather(k_cache, table, lens, shape.block_size)
     vs = paged_gather(v_cache, table, lens, shape.block_size)
     o = np.zeros(q.shape, dtype=np.float64)
@@ -510,7 +522,8 @@ def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
             continue
         o_b, lse_b = attention(q[b:b + 1], ks[b][None], vs[b][None], scale=scale, causal=causal,
                                alibi=alibi, alibi_max_bias=alibi_max_bias, rope=rope,
-                               rope_theta=rope_theta, return_lse=True)
+                               rope_theta=rope_theta, return_lse=True, alibi_slopes=alibi_slopes,
+                               window=window, softcap=softcap)
         o[b], lse[b] = o_b[0], lse_b[0]
     return (o, lse) if return_lse else o
 

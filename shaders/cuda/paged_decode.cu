@@ -11,7 +11,8 @@
 //
 // Launch: grid (p.num_partitions, Hkv * (Hq / Hkv) / HEADS, B), block (WARPS * 32), dynamic
 // shared memory kSmemBytes (mirrored by python/attnproto/ops/paged.py). Arguments:
-//   (p, q, k_cache, v_cache, block_table, context_lens, o, lse, part_o, part_lse)
+//   (p, q, k_cache, v_cache, block_table, context_lens, o, lse, part_o, part_lse, alibi_slopes)
+//   alibi_slopes: float32 [Hq] (ALIBI = 2; else null)
 // CTA (partition, head block, b) takes keys [partition * p.partition_size, + p.partition_size)
 // of sequence b (p.partition_size a multiple of the CTA's key tile) and all HEADS x NQ query
 // rows of its head block together, so each K/V row is read once per kv head. SPLIT = 0: one
@@ -41,11 +42,26 @@
 // [0, num_blocks), or ctx outside [0, capacity], is never dereferenced and makes the
 // sequence's rows NaN (O and LSE): never a silently wrong result.
 //
+// Variants (include/variants.cuh, Prototype 7; the semantics of attnproto.ref.attention with
+// query i at position ctx - NQ + i): soft cap and ALiBi turn the raw scores into log2-domain
+// logits before the masks (variant::ScoreMod, then the exp2 multiplier is 1); the left sliding
+// window is a third mask beside the partition end and the diagonal, and the key tiles of a
+// partition wholly left of every row's window are never loaded (the walk starts at the tile of
+// the first row's first visible key; a partition left of the window loads no tile and writes
+// O = 0, LSE = -inf, which the reduce weighs 0). ALiBi uses the per-element form
+// -slope |pos_q - key| (ScoreMod<false>), not the causal per-column form with a row constant
+// added back to LSE: a thread's rows belong to different query heads (different slopes), so a
+// per-column bias would not be shared, and every partition's LSE stays the row's true partial
+// LSE, so the reduce merges them unchanged. RoPE is refused: paged K is stored rotated
+// (paged_rope_append.cu rotates Q and K where K is written).
+//
 // Constants (all required): HEAD_DIM, PAGE_SIZE, HEADS, NQ, WARPS, KEYS_PER_WARP, STAGES,
-// SPLIT, DTYPE (0 = float16, 1 = bfloat16).
+// SPLIT, DTYPE (0 = float16, 1 = bfloat16), and the variant constants ROPE (must be 0),
+// ROPE_TABLE (must be 0), ALIBI, WINDOW, SOFTCAP (variants.cuh).
 #include "common/attn_params.h"
 #include "cuda/include/common.cuh"
 #include "cuda/include/paged_kv.cuh"
+#include "cuda/include/variants.cuh"
 
 #ifndef HEAD_DIM
 #error "HEAD_DIM must be defined"
@@ -158,6 +174,9 @@ static_assert(kAccRegs <= kMaxAccRegs,
               "thread exceed 192: put fewer heads in a CTA or use a smaller KEYS_PER_WARP");
 static_assert(kSmemBytes <= kSmemLimit, "shared memory (Q tile + 2 * STAGES K/V tiles) exceeds 227 KB: lower STAGES");
 static_assert(kRowsPadded <= kThreads, "epilogue: one thread per query row");
+static_assert(!variant::kRope && !variant::kRopeTable,
+              "ROPE with paged decode: paged K is stored already rotated (RoPE where K is written, "
+              "paged_rope_append); rotate Q there too and run paged_decode with ROPE=0");
 
 // Byte offset of chunk `c` of row `r` in a tile (chunk c stored at c ^ (r % 8) in its group of 8).
 __device__ __forceinline__ u32 chunk_offset(int r, int c) {
@@ -224,12 +243,17 @@ extern "C" __global__ void __launch_bounds__(pd::kThreads)
 paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u16* __restrict__ k,
              const ap::u16* __restrict__ v, const int* __restrict__ block_table, const int* __restrict__ context_lens,
              ap::u16* __restrict__ o, float* __restrict__ lse, float* __restrict__ part_o,
-             float* __restrict__ part_lse) {
+             float* __restrict__ part_lse, const float* __restrict__ alibi_slopes) {
     using namespace pd;
     extern __shared__ __attribute__((aligned(128))) unsigned char smem[];
     // The host sizes the launch from its mirror of kSmemBytes (ops/families/paged_decode.py:
     // shared_bytes, the budget map of Prototype 3): a mismatch traps instead of overrunning.
     if (p.head_dim != HEAD_DIM || ap::dynamic_smem_size() < (u32)kSmemBytes) ap::trap();
+    // A variant without the buffer or value it reads (the host checks all of these).
+    if constexpr (variant::kAlibi || variant::kWindow || variant::kSoftcap)
+        if ((ALIBI == variant::kAlibiSlopes && alibi_slopes == nullptr) || (variant::kWindow && p.window == 0) ||
+            (variant::kSoftcap && !(p.softcap > 0.f)))
+            ap::trap();
 
     const int tid = threadIdx.x;
     const int warp = tid / ap::kWarpSize;
@@ -239,7 +263,8 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
     const int group = (int)(p.num_heads / p.num_kv_heads);
     const int head0 = blockIdx.y * HEADS;             // first query head of the block
     const int kv_head = head0 / group;
-    const float scale_log2 = p.scale * ap::kLog2e;
+    // The exp2 multiplier: scale * log2(e), or 1 where ScoreMod made the scores log2-domain logits.
+    const float scale_log2 = variant::kScoreMod ? 1.0f : p.scale * ap::kLog2e;
 
     // Keys of the sequence, clamped to what the table (or the contiguous K/V) holds.
     const int capacity = KV::capacity(p);
@@ -249,7 +274,12 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
     const int start = partition * (int)p.partition_size;
     if (kSplit && start >= ctx && !bad) return;       // the reduce reads partitions below ctx only
     const int end = min(ctx, start + (int)p.partition_size);
-    const int n_tiles = end > start ? (end - start + kTileKeys - 1) / kTileKeys : 0;
+    // WINDOW: query i sees keys j > ctx - NQ + i - window; the walk starts at the tile (of this
+    // partition) holding the first row's first visible key. Without a window it starts at `start`.
+    const int window = (int)p.window;
+    const int key_begin = variant::kWindow
+        ? start + max(0, (variant::first_visible_key(ctx - NQ, window) - start) / kTileKeys) * kTileKeys : start;
+    const int n_tiles = end > key_begin ? (end - key_begin + kTileKeys - 1) / kTileKeys : 0;
     const int diag = ctx - NQ;                        // query i sees keys j <= diag + i
     const int* table_row = block_table + (long long)seq * p.max_blocks_per_seq;
 
@@ -276,13 +306,13 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
 #pragma unroll
     for (int t = 0; t < STAGES - 1; ++t) {
         if (t < n_tiles) {
-            lookup(pg, table_row, seq, start + t * kTileKeys, end, r0);
-            bad |= copy_tile(s_k + t * kKVTileBytes, s_v + t * kKVTileBytes, k, v, pg, start + t * kTileKeys, end,
+            lookup(pg, table_row, seq, key_begin + t * kTileKeys, end, r0);
+            bad |= copy_tile(s_k + t * kKVTileBytes, s_v + t * kKVTileBytes, k, v, pg, key_begin + t * kTileKeys, end,
                              kv_head, r0, lane, p);
         }
         ap::cp_async_commit();
     }
-    if (STAGES - 1 < n_tiles) lookup(pg, table_row, seq, start + (STAGES - 1) * kTileKeys, end, r0);
+    if (STAGES - 1 < n_tiles) lookup(pg, table_row, seq, key_begin + (STAGES - 1) * kTileKeys, end, r0);
 
     // ldmatrix lane addresses (fragment layouts in common.cuh):
     //   A of Q K^T (Q) and B of P V (V, .trans): lane -> row lane % 16, half lane / 16;
@@ -306,6 +336,16 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
         row_sum[m][0] = row_sum[m][1] = 0.0f;
     }
     u32 q_frag[kQInRegs ? kMTiles : 1][kQInRegs ? kQKSteps : 1][4];
+    // Soft cap and ALiBi of each accumulator row (its query head's slope; padding rows take the
+    // last real row's head, so a slopes buffer is never read past Hq).
+    variant::ScoreMod<false> mod[kMTiles][2];
+    if constexpr (variant::kScoreMod) {
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                mod[m][h].init(p, head0 + min(m * kMmaM + g + h * (kMmaM / 2), kRows - 1) / NQ, alibi_slopes);
+    }
 
     // Q (the oldest group) landed for every thread and is visible to every warp: the only CTA
     // barrier before the merge. (A CTA with no tile skips it together: n_tiles is uniform.)
@@ -322,7 +362,7 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
 
     for (int j = 0; j < n_tiles; ++j) {
         const int stage = j % STAGES;
-        const int key0 = start + j * kTileKeys;
+        const int key0 = key_begin + j * kTileKeys;
         // The warp's rows of tile j landed (its own copies); the warp is done with its rows of
         // tile j - 1, whose slot the copies below overwrite. No other warp reads them.
         ap::cp_async_wait<STAGES - 2>();
@@ -330,9 +370,9 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
         const int next = j + STAGES - 1;
         if (next < n_tiles) {
             const int slot = next % STAGES;
-            bad |= copy_tile(s_k + slot * kKVTileBytes, s_v + slot * kKVTileBytes, k, v, pg, start + next * kTileKeys,
-                             end, kv_head, r0, lane, p);
-            if (next + 1 < n_tiles) lookup(pg, table_row, seq, start + (next + 1) * kTileKeys, end, r0);
+            bad |= copy_tile(s_k + slot * kKVTileBytes, s_v + slot * kKVTileBytes, k, v, pg,
+                             key_begin + next * kTileKeys, end, kv_head, r0, lane, p);
+            if (next + 1 < n_tiles) lookup(pg, table_row, seq, key_begin + (next + 1) * kTileKeys, end, r0);
         }
         ap::cp_async_commit();
 
@@ -372,8 +412,26 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
             }
         }
 
-        // Mask keys past the partition end and (NQ > 1) right of each row's diagonal.
-        if (col0 + KEYS_PER_WARP > end || col0 + KEYS_PER_WARP - 1 > diag) {
+        // Soft cap and ALiBi: log2-domain logits (before the masks, as the reference orders them).
+        if constexpr (variant::kScoreMod) {
+#pragma unroll
+            for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int pos = diag + (m * kMmaM + g + h * (kMmaM / 2)) % NQ;
+#pragma unroll
+                    for (int n = 0; n < kSTiles; ++n)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            s[m][n][2 * h + e] = mod[m][h].logit_log2(s[m][n][2 * h + e], 0.0f,
+                                                                      (float)(pos - (col0 + n * kMmaN + 2 * tq + e)));
+                }
+        }
+
+        // Mask keys past the partition end and (NQ > 1) right of each row's diagonal; WINDOW: keys
+        // left of a row's window (the newest row, at diag + NQ - 1, has the rightmost window start).
+        const bool crosses_window = variant::kWindow && col0 <= diag + NQ - 1 - window;
+        if (col0 + KEYS_PER_WARP > end || col0 + KEYS_PER_WARP - 1 > diag || crosses_window) {
 #pragma unroll
             for (int m = 0; m < kMTiles; ++m)
 #pragma unroll
@@ -384,7 +442,9 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
                     for (int n = 0; n < kSTiles; ++n)
 #pragma unroll
                         for (int e = 0; e < 2; ++e)
-                            if (col0 + n * kMmaN + 2 * tq + e > limit) s[m][n][2 * h + e] = ap::neg_inf();
+                            if (col0 + n * kMmaN + 2 * tq + e > limit ||
+                                variant::outside_window(diag + row % NQ, col0 + n * kMmaN + 2 * tq + e, window))
+                                s[m][n][2 * h + e] = ap::neg_inf();
                 }
         }
 
@@ -481,8 +541,10 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
             l = fmaf(base[kRowsPadded + row], f, l);
         }
         // Geometry decides "no key" (ref.py policy): the row sees a key of this partition iff
-        // the partition is not empty and its first key is at or left of the row's diagonal.
-        const bool has_key = end > start && start <= diag + row % NQ;
+        // the partition is not empty and its first key is at or left of the row's diagonal
+        // (WINDOW: and its last key is not left of the row's window).
+        const bool has_key = end > start && start <= diag + row % NQ &&
+                             (!variant::kWindow || end - 1 >= variant::first_visible_key(diag + row % NQ, window));
         const float inv = has_key ? 1.0f / l : 0.0f;
         const float row_lse = bad ? ap::quiet_nan()
                             : l > 0.0f ? (mx_scaled + ap::log2_approx(l)) * ap::kLn2
@@ -515,7 +577,8 @@ paged_decode(const AttentionParams p, const ap::u16* __restrict__ q, const ap::u
                 o1 = fmaf(f, src[1], o1);
             }
         }
-        const bool has_key = end > start && start <= diag + row % NQ;
+        const bool has_key = end > start && start <= diag + row % NQ &&
+                             (!variant::kWindow || end - 1 >= variant::first_visible_key(diag + row % NQ, window));
         if (!has_key && !bad) o0 = o1 = 0.0f;
         const int head = head0 + row / NQ;
         const int tok = row % NQ;

@@ -3,6 +3,7 @@
     torch.ops.attnproto.flash_attention(q, k, v, causal, scale) -> (O, LSE)
     torch.ops.attnproto.paged_decode(q, k_cache, v_cache, block_table, context_lens, scale) -> (O, LSE)
     torch.ops.attnproto.paged_prefill(q, k_cache, v_cache, block_table, context_lens, scale) -> (O, LSE)
+        (both also take check, alibi_slopes [Hq] float32, window, softcap: the Prototype 7 variants)
     torch.ops.attnproto.append_kv(k_new, v_new, k_cache, v_cache, block_table, positions) -> ()   # mutates the caches
     torch.ops.attnproto.rope_append(q, k_new, v_new, k_cache, v_cache, block_table, positions, cos, sin) -> q_rot
     torch.ops.attnproto.fused_prefill(q, k_new, v_new, k_cache, v_cache, block_table, positions, cos, sin, scale)
@@ -55,42 +56,60 @@ def _(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float] = No
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+def _variant_kwargs(alibi_slopes: Optional[Tensor], window: Optional[int], softcap: Optional[float],
+                    cuda: bool) -> dict:
+    """The variant keywords of the CUDA front door (``alibi`` = the slopes) or of the numpy path."""
+    if cuda:
+        return dict(alibi=False if alibi_slopes is None else alibi_slopes, window=window, softcap=softcap)
+    return dict(alibi=alibi_slopes is not None, alibi_slopes=None if alibi_slopes is None else alibi_slopes.numpy(),
+                window=window, softcap=softcap)
+
+
 @torch.library.custom_op(f"{NAMESPACE}::paged_decode", mutates_args=())
 def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
-                 scale: Optional[float] = None, check: bool = True) -> Tuple[Tensor, Tensor]:
+                 scale: Optional[float] = None, check: bool = True, alibi_slopes: Optional[Tensor] = None,
+                 window: Optional[int] = None, softcap: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """Decode over a paged cache; q [B, Hq, D] or [B, Hq, Nq, D] (Nq <= 8). ``check``: verify every
-    table entry and length on the device first (one host sync; a caller owning the table skips it)."""
+    table entry and length on the device first (one host sync; a caller owning the table skips it).
+    ``alibi_slopes`` (float32 [Hq]), ``window``, ``softcap``: the variants of :mod:`attnproto.ops.paged`."""
     if q.is_cuda:  # the front door launches on torch's current stream
-        return _paged.paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=scale, check=check)
+        return _paged.paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=scale, check=check,
+                                   **_variant_kwargs(alibi_slopes, window, softcap, True))
     q4 = q.unsqueeze(2) if q.dim() == 3 else q
     # The numpy path reads [num_blocks, Hkv, block_size, D]: the same pool, permuted.
     o, lse = _cpu.paged_forward(q4, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), block_table,
-                                context_lens, causal=q4.shape[2] > 1, scale=scale)
+                                context_lens, causal=q4.shape[2] > 1, scale=scale,
+                                **_variant_kwargs(alibi_slopes, window, softcap, False))
     o, lse = torch.from_numpy(o).to(q.dtype), torch.from_numpy(lse)
     return (o.squeeze(2), lse.squeeze(2)) if q.dim() == 3 else (o, lse)
 
 
 @paged_decode.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
-      scale: Optional[float] = None, check: bool = True) -> Tuple[Tensor, Tensor]:
+      scale: Optional[float] = None, check: bool = True, alibi_slopes: Optional[Tensor] = None,
+      window: Optional[int] = None, softcap: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::paged_prefill", mutates_args=())
 def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
-                  scale: Optional[float] = None, check: bool = True) -> Tuple[Tensor, Tensor]:
+                  scale: Optional[float] = None, check: bool = True, alibi_slopes: Optional[Tensor] = None,
+                  window: Optional[int] = None, softcap: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """A chunk of Nq new tokens per sequence (the last Nq of its context_lens[b] keys), causal
-    bottom-right, over the paged cache (CUDA: the Hopper wgmma kernel)."""
+    bottom-right, over the paged cache (CUDA: the Hopper wgmma kernel); variants as paged_decode."""
     if q.is_cuda:  # the front door launches on torch's current stream
-        return _paged.paged_prefill(q, k_cache, v_cache, block_table, context_lens, scale=scale, check=check)
+        return _paged.paged_prefill(q, k_cache, v_cache, block_table, context_lens, scale=scale, check=check,
+                                    **_variant_kwargs(alibi_slopes, window, softcap, True))
     o, lse = _cpu.paged_forward(q, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), block_table,
-                                context_lens, causal=True, scale=scale)
+                                context_lens, causal=True, scale=scale,
+                                **_variant_kwargs(alibi_slopes, window, softcap, False))
     return torch.from_numpy(o).to(q.dtype), torch.from_numpy(lse)
 
 
 @paged_prefill.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
-      scale: Optional[float] = None, check: bool = True) -> Tuple[Tensor, Tensor]:
+      scale: Optional[float] = None, check: bool = True, alibi_slopes: Optional[Tensor] = None,
+      window: Optional[int] = None, softcap: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 

@@ -8,6 +8,13 @@
 Layouts and checks: :mod:`attnproto.ops.paged_problem`. Kernels: :mod:`.families.paged_decode`
 (partition + reduce). Every launch goes to torch's current CUDA stream, so a decode step
 (append + decode) records into a CUDA graph captured on that stream.
+
+Variants (Prototype 7, :mod:`attnproto.ops.variants`): decode and prefill take ``alibi`` (False,
+True: the standard slopes of ``alibi_max_bias``, or float32 slopes ``[Hq]`` on q's device),
+``window`` (a left sliding window of that many tokens) and ``softcap`` (Gemma 2's
+cap * tanh(s / cap)), with the semantics of :func:`attnproto.ref.attention` at query i of
+sequence b at position ctx[b] - Nq + i. ``rope`` is refused: paged K is stored rotated
+(:func:`attnproto.ops.paged_rope.rope_append` / ``fused_prefill`` rotate Q and K where K is written).
 """
 from __future__ import annotations
 
@@ -18,7 +25,9 @@ import numpy as np
 
 from .. import lab as _lab
 from .. import params as _params
+from .. import ref as _ref
 from .. import validate as _v
+from . import variants as _variants
 from .families import paged_decode as _fam
 from .paged_problem import (DTYPES, MAX_DECODE_TOKENS, PagedProblem, check_cache, check_contiguous, check_index,
                             check_paged, check_table_values)
@@ -27,6 +36,23 @@ __all__ = ["AppendShape", "DecodePlan", "PrefillPlan", "append_kv", "check_appen
            "prepare_contiguous_decode", "prepare_paged_decode", "prepare_paged_prefill"]
 
 LSE_DTYPE = "float32"
+#: Why the paged kernels take no RoPE variant (the message of the refusal).
+ROPE_REFUSAL = ("paged K is stored rotated; use rope_append / fused_prefill (attnproto.ops.paged_rope), "
+                "which rotate Q and K where K is written")
+
+
+def check_paged_variant(p: PagedProblem, *, rope: Any = None, alibi: Any = False,
+                        alibi_max_bias: Any = _ref.DEFAULT_ALIBI_MAX_BIAS, window: Any = None,
+                        softcap: Any = None) -> Tuple[_variants.Variant, _variants.VariantValues]:
+    """The variant of a paged call, checked by :func:`attnproto.ops.variants.check_variant` over the
+    table's capacity (TypeError / ValueError naming the argument); any RoPE is refused."""
+    if rope is not None and rope is not False:
+        _ref.rope_style(rope)  # a malformed value is named as such first
+        raise ValueError(f"rope: {ROPE_REFUSAL}")
+    shape = _v.AttentionShape(p.batch, p.num_heads, p.num_kv_heads, p.seq_q, p.capacity, p.head_dim, p.dtype,
+                              "cuda")
+    return _variants.check_variant(p.q, shape, "cuda", alibi=alibi, alibi_max_bias=alibi_max_bias, window=window,
+                                   softcap=softcap)
 
 
 def _backend():
@@ -94,12 +120,13 @@ class DecodePlan:
 
 
 def _params_of(p: PagedProblem, *, num_partitions: int = 0, partition_size: int = 0, o_stride=(0, 0, 0),
-               lse_stride=(0, 0)) -> np.void:
+               lse_stride=(0, 0), values: Optional[_variants.VariantValues] = None) -> np.void:
+    variant_fields = (_variants.VariantValues() if values is None else values).params()
     return _params.make_params(
         batch=p.batch, num_heads=p.num_heads, num_kv_heads=p.num_kv_heads, seq_q=p.seq_q, seq_kv=p.capacity,
         head_dim=p.head_dim, scale=p.scale, q_stride=p.q_stride, k_stride=p.k_stride, v_stride=p.v_stride,
         o_stride=o_stride, lse_stride=lse_stride, block_size=p.block_size, max_blocks_per_seq=p.max_blocks,
-        num_partitions=num_partitions, partition_size=partition_size, num_blocks=p.num_blocks)
+        num_partitions=num_partitions, partition_size=partition_size, num_blocks=p.num_blocks, **variant_fields)
 
 
 def _outputs(p: PagedProblem, out: Any, lse: Any) -> Tuple[Any, Any]:
@@ -126,14 +153,19 @@ def prepare_paged_decode(q: Any, k_cache: Any, v_cache: Any, block_table: Any, c
                          scale: Optional[float] = None, num_partitions: Any = "auto",
                          max_context: Optional[int] = None, layout: str = "nhd", packed: bool = True,
                          config: Optional[_fam.DecodeConfig] = None, out: Any = None, lse: Any = None,
-                         check: bool = True) -> DecodePlan:
+                         check: bool = True, rope: Any = None, alibi: Any = False,
+                         alibi_max_bias: float = _ref.DEFAULT_ALIBI_MAX_BIAS, window: Optional[int] = None,
+                         softcap: Optional[float] = None) -> DecodePlan:
     """Check the inputs, choose the tile and the partitions, allocate the workspace: a plan whose
-    ``launch()`` runs the step (and may be replayed, or captured, as often as wanted)."""
+    ``launch()`` runs the step (and may be replayed, or captured, as often as wanted). Variants:
+    the module doc (``rope`` is refused)."""
     backend = _backend()
     _check_compute(backend)
     p = check_paged(q, k_cache, v_cache, block_table, context_lens, layout=layout, scale=scale,
                     max_q_tokens=MAX_DECODE_TOKENS, check=check)
-    return _plan(backend, p, num_partitions, max_context, packed, config, out, lse)
+    variant, values = check_paged_variant(p, rope=rope, alibi=alibi, alibi_max_bias=alibi_max_bias, window=window,
+                                          softcap=softcap)
+    return _plan(backend, p, num_partitions, max_context, packed, config, out, lse, variant, values)
 
 
 def prepare_contiguous_decode(q: Any, k: Any, v: Any, context_lens: Any, *, scale: Optional[float] = None,
@@ -149,7 +181,8 @@ def prepare_contiguous_decode(q: Any, k: Any, v: Any, context_lens: Any, *, scal
 
 
 def _plan(backend: Any, p: PagedProblem, num_partitions: Any, max_context: Optional[int], packed: bool,
-          config: Optional[_fam.DecodeConfig], out: Any, lse: Any) -> DecodePlan:
+          config: Optional[_fam.DecodeConfig], out: Any, lse: Any, variant: Optional[_variants.Variant] = None,
+          values: Optional[_variants.VariantValues] = None) -> DecodePlan:
     if config is None:
         config, why = _fam.choose_config(p.head_dim, p.seq_q, p.group, packed=packed)
     else:
@@ -160,13 +193,15 @@ def _plan(backend: Any, p: PagedProblem, num_partitions: Any, max_context: Optio
     if not ok:
         raise ValueError(f"config: {config.label()} is illegal: {reason}")
     parts, size, part_why = _fam.partition_plan(p, config, int(backend.info.get("multiprocessors", 1)),
-                                                num_partitions, max_context)
+                                                num_partitions, max_context,
+                                                window=0 if values is None else values.window)
     out, lse = _outputs(p, out, lse)
     o_stride = tuple(int(s) for s in out.stride()[:3])
     lse_stride = tuple(int(s) for s in lse.stride()[:2])
-    params = _params_of(p, num_partitions=parts, partition_size=size, o_stride=o_stride, lse_stride=lse_stride)
+    params = _params_of(p, num_partitions=parts, partition_size=size, o_stride=o_stride, lse_stride=lse_stride,
+                        values=values)
     split = parts > 1
-    kern = backend.kernel(_fam.KERNEL, **_fam.constants(p, config, split))
+    kern = backend.kernel(_fam.KERNEL, **_fam.constants(p, config, split, variant))
     grid = (parts, p.num_heads // config.heads, p.batch)
     block = (config.warps * _fam.WARP, 1, 1)
     smem = _fam.shared_bytes(config, p.head_dim, p.seq_q)
@@ -177,7 +212,9 @@ def _plan(backend: Any, p: PagedProblem, num_partitions: Any, max_context: Optio
         part_lse = torch.empty((p.batch, p.num_heads, p.seq_q, parts), dtype=torch.float32, device=p.device)
     else:  # not read: any mapped address
         part_o = part_lse = lse
-    args = [params, p.q, p.k_cache, p.v_cache, p.block_table, p.context_lens, out, lse, part_o, part_lse]
+    # the partition kernel's last argument: the ALiBi slopes buffer (variants.buffer_args; null without one)
+    slopes = _variants.buffer_args(values)[_variants.BUFFER_ALIBI_SLOPES]
+    args = [params, p.q, p.k_cache, p.v_cache, p.block_table, p.context_lens, out, lse, part_o, part_lse, slopes]
     launches = [Launch(kern, grid, block, args, smem)]
     if split:
         red = backend.kernel(_fam.REDUCE_KERNEL, **_fam.reduce_constants(p))
@@ -189,16 +226,20 @@ def _plan(backend: Any, p: PagedProblem, num_partitions: Any, max_context: Optio
 
 def paged_decode(q: Any, k_cache: Any, v_cache: Any, block_table: Any, context_lens: Any, *,
                  scale: Optional[float] = None, num_partitions: Any = "auto", max_context: Optional[int] = None,
-                 layout: str = "nhd", out: Any = None, lse: Any = None, check: bool = True) -> Tuple[Any, Any]:
+                 layout: str = "nhd", out: Any = None, lse: Any = None, check: bool = True, rope: Any = None,
+                 alibi: Any = False, alibi_max_bias: float = _ref.DEFAULT_ALIBI_MAX_BIAS,
+                 window: Optional[int] = None, softcap: Optional[float] = None) -> Tuple[Any, Any]:
     """Decode attention of q ``[B, Hq, D]`` (or ``[B, Hq, Nq, D]``, Nq <= 8, causal among the new
-    tokens) over the paged cache; returns (O like q, LSE float32 ``[B, Hq(, Nq)]``)."""
+    tokens) over the paged cache; returns (O like q, LSE float32 ``[B, Hq(, Nq)]``). Variants:
+    the module doc."""
     squeeze = _v.tensor_info(q, "q").ndim == 3
     if squeeze:  # [B, Hq, D] outputs are views of the [B, Hq, 1, D] ones the kernels write
         out = None if out is None else out.unsqueeze(2)
         lse = None if lse is None else lse.unsqueeze(2)
     plan = prepare_paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=scale,
                                 num_partitions=num_partitions, max_context=max_context, layout=layout,
-                                out=out, lse=lse, check=check)
+                                out=out, lse=lse, check=check, rope=rope, alibi=alibi,
+                                alibi_max_bias=alibi_max_bias, window=window, softcap=softcap)
     o, l = plan.launch()
     return (o.squeeze(2), l.squeeze(2)) if squeeze else (o, l)
 
@@ -236,30 +277,40 @@ class PrefillPlan:
 
 def prepare_paged_prefill(q: Any, k_cache: Any, v_cache: Any, block_table: Any, context_lens: Any, *,
                           scale: Optional[float] = None, causal: bool = True, layout: str = "nhd",
-                          config: Any = None, out: Any = None, lse: Any = None, check: bool = True) -> PrefillPlan:
+                          config: Any = None, out: Any = None, lse: Any = None, check: bool = True,
+                          rope: Any = None, alibi: Any = False,
+                          alibi_max_bias: float = _ref.DEFAULT_ALIBI_MAX_BIAS, window: Optional[int] = None,
+                          softcap: Optional[float] = None) -> PrefillPlan:
     """Chunked prefill: q ``[B, Hq, Nq, D]`` holds the last Nq tokens of every sequence (query i of
     sequence b at position ctx[b] - Nq + i; causal bottom-right by default) attending to the
-    sequence's ``context_lens[b]`` keys in the paged cache."""
+    sequence's ``context_lens[b]`` keys in the paged cache. Variants: the module doc."""
     from .paged_prefill_wgmma import prepare_paged_prefill_wgmma  # noqa: PLC0415
 
     _v.check_bool(causal, "causal")
     backend = _backend()
     _check_compute(backend, PREFILL_MIN_COMPUTE, "paged prefill (the Hopper wgmma kernel) and its TMA boxes")
     p = check_paged(q, k_cache, v_cache, block_table, context_lens, layout=layout, scale=scale, check=check)
+    variant, values = check_paged_variant(p, rope=rope, alibi=alibi, alibi_max_bias=alibi_max_bias, window=window,
+                                          softcap=softcap)
     out, lse = _outputs(p, out, lse)
     # The kernel's tensor maps walk [num_blocks, block_size, Hkv, D]: an "hnd" pool as that view.
     kc, vc = (x.permute(0, 2, 1, 3) if layout == "hnd" else x for x in (p.k_cache, p.v_cache))
     prepared = prepare_paged_prefill_wgmma(p.q, kc, vc, p.block_table, p.context_lens, scale=p.scale, causal=causal,
-                                           out=out, lse=lse, config=config, backend=backend)
+                                           out=out, lse=lse, config=config, backend=backend, variant=variant,
+                                           values=values)
     return PrefillPlan(prepared, p)
 
 
 def paged_prefill(q: Any, k_cache: Any, v_cache: Any, block_table: Any, context_lens: Any, *,
                   scale: Optional[float] = None, causal: bool = True, layout: str = "nhd", config: Any = None,
-                  out: Any = None, lse: Any = None, check: bool = True) -> Tuple[Any, Any]:
-    """Paged (chunked) prefill; returns (O like q, LSE float32 ``[B, Hq, Nq]``)."""
+                  out: Any = None, lse: Any = None, check: bool = True, rope: Any = None, alibi: Any = False,
+                  alibi_max_bias: float = _ref.DEFAULT_ALIBI_MAX_BIAS, window: Optional[int] = None,
+                  softcap: Optional[float] = None) -> Tuple[Any, Any]:
+    """Paged (chunked) prefill; returns (O like q, LSE float32 ``[B, Hq, Nq]``). Variants: the module doc."""
     return prepare_paged_prefill(q, k_cache, v_cache, block_table, context_lens, scale=scale, causal=causal,
-                                 layout=layout, config=config, out=out, lse=lse, check=check).launch()
+                                 layout=layout, config=config, out=out, lse=lse, check=check, rope=rope,
+                                 alibi=alibi, alibi_max_bias=alibi_max_bias, window=window,
+                                 softcap=softcap).launch()
 
 
 # ----------------------------------------------------------------------------- append

@@ -11,8 +11,13 @@ A chunk of Nq new queries per sequence attends to that sequence's keys in a bloc
                                             sees keys j <= i + ctx[b] - Nq when causal
 
     prepare_paged_prefill_wgmma(q, k_cache, v_cache, block_table, context_lens, *, scale,
-                                causal, out, lse, config=None) -> PreparedLaunch
+                                causal, out, lse, config=None, variant=None, values=None) -> PreparedLaunch
     paged_layout(...) -> PagedLayout     the arguments of the launch, computed without a device
+
+Variants (Prototype 7): ``variant`` / ``values`` as :func:`attnproto.ops.variants.check_variant`
+returns them (ALiBi, window, soft cap; the kernel refuses RoPE with PAGE_SIZE > 0: paged K is
+stored rotated). The kernel places query i of sequence b at position i + ctx[b] - Nq (its
+per-sequence diagonal), which the ALiBi distances, the window and the causal mask all use.
 
 The inputs are torch CUDA tensors that the caller (the public ``paged_prefill`` op) has
 already checked: shapes, dtypes, devices and the table's values against the pool. What this
@@ -29,9 +34,15 @@ from typing import Any, Optional, Tuple
 
 from .. import params as _params
 from . import flash_wgmma as fw
+from . import variants as _variants
 from .paged_problem import INDEX_DTYPE, PAGE_SIZES
 
-__all__ = ["PAGE_SIZES", "PagedLayout", "box_rows", "paged_layout", "prepare_paged_prefill_wgmma"]
+__all__ = ["PAGE_SIZES", "VARIANT_SPECIALISATIONS", "PagedLayout", "box_rows", "paged_layout",
+           "prepare_paged_prefill_wgmma"]
+#: The paged prefill's variants CI NVRTC-compiles (families.wgmma.paged_specialisations): each
+#: non-RoPE feature of variants.VARIANT_SPECIALISATIONS alone, then all of them at once.
+VARIANT_SPECIALISATIONS = tuple(v for v in _variants.VARIANT_SPECIALISATIONS if v.rope is None) + (
+    _variants.Variant(alibi="slopes", window=True, softcap=True),)
 #: Keys are 32-bit ints in the kernel; the capacity max_blocks * block_size stays below this.
 MAX_CAPACITY = 2**30
 MAX_NUM_BLOCKS = 2**31 - 1            # the page coordinate of the TMA map is a signed 32-bit int
@@ -103,8 +114,13 @@ class PagedLayout:
 
 
 def paged_layout(q: Any, k_cache: Any, v_cache: Any, block_table: Any, *, scale: float, causal: bool,
-                 out: Any, lse: Any, config: Any = None) -> PagedLayout:
-    """The launch arguments of a paged prefill (tensors may live anywhere: no device is used)."""
+                 out: Any, lse: Any, config: Any = None, variant: Any = None, values: Any = None) -> PagedLayout:
+    """The launch arguments of a paged prefill (tensors may live anywhere: no device is used);
+    ``variant`` None is the base kernel."""
+    from .variants import VariantValues  # noqa: PLC0415
+
+    if variant is not None and variant.rope is not None:
+        raise ValueError("rope: paged K is stored rotated; use rope_append / fused_prefill")
     b, hq, nq, d = (int(x) for x in q.shape)
     nb, page, hkv, dk = (int(x) for x in k_cache.shape)
     if tuple(v_cache.shape) != tuple(k_cache.shape):
@@ -144,15 +160,17 @@ def paged_layout(q: Any, k_cache: Any, v_cache: Any, block_table: Any, *, scale:
         batch=b, num_heads=hq, num_kv_heads=hkv, seq_q=nq, seq_kv=capacity, head_dim=d, scale=scale,
         q_stride=tuple(q.stride())[:3], k_stride=(ks[0], ks[2], ks[1]), v_stride=(vs[0], vs[2], vs[1]),
         o_stride=tuple(out.stride())[:3], lse_stride=tuple(lse.stride())[:2],
-        block_size=page, max_blocks_per_seq=max_blocks, num_blocks=nb)
+        block_size=page, max_blocks_per_seq=max_blocks, num_blocks=nb,
+        **(VariantValues() if values is None else values).params())
     return PagedLayout(cfg, dtype, page, rows, nb, max_blocks, capacity, (d, page, hkv, nb),
                        tuple(k_bytes), tuple(v_bytes), (grid_x, 1, 1), (cfg.threads, 1, 1),
-                       fw.shared_bytes(cfg, d), fw.constants(cfg, d, causal, dtype, page), prm)
+                       fw.shared_bytes(cfg, d, variant), fw.constants(cfg, d, causal, dtype, page, variant), prm)
 
 
 def prepare_paged_prefill_wgmma(q: Any, k_cache: Any, v_cache: Any, block_table: Any, context_lens: Any, *,
                                 scale: Optional[float] = None, causal: bool = True, out: Any = None,
-                                lse: Any = None, config: Any = None, backend: Any = None) -> Any:
+                                lse: Any = None, config: Any = None, backend: Any = None, variant: Any = None,
+                                values: Any = None) -> Any:
     """The launch (a :class:`attnproto.ops.problem.PreparedLaunch`) of one paged prefill.
 
     ``out`` [B, Hq, Nq, D] (q's dtype) and ``lse`` float32 [B, Hq, Nq] are written in place
@@ -164,6 +182,7 @@ def prepare_paged_prefill_wgmma(q: Any, k_cache: Any, v_cache: Any, block_table:
     from .. import backend as _backend  # noqa: PLC0415
     from .. import validate as _v  # noqa: PLC0415
     from .problem import CUDA, FlashProblem, PreparedLaunch  # noqa: PLC0415
+    from .variants import BASE, VariantValues  # noqa: PLC0415
 
     b, hq, nq, d = (int(x) for x in q.shape)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -173,7 +192,7 @@ def prepare_paged_prefill_wgmma(q: Any, k_cache: Any, v_cache: Any, block_table:
         lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     _index_tensor(context_lens, "context_lens")
     layout = paged_layout(q, k_cache, v_cache, block_table, scale=scale, causal=causal, out=out, lse=lse,
-                          config=config)
+                          config=config, variant=variant, values=values)
     be = _backend.get("cuda") if backend is None else backend
     tdt = fw.TMA_DTYPES[layout.dtype]
     q_bytes = fw._tma_strides(tuple(q.shape), tuple(q.stride()), "q")
@@ -185,12 +204,13 @@ def prepare_paged_prefill_wgmma(q: Any, k_cache: Any, v_cache: Any, block_table:
     tm_v = be.tensor_map(v_cache, tdt, list(layout.pool_dims), list(layout.v_strides_bytes), box,
                          fw.SWIZZLE_BYTES, False)
     kern = be.kernel(fw.KERNEL_NAME, **layout.constants)
-    args = [layout.params, tm_q, tm_k, tm_v, out, lse, block_table, context_lens, *fw.variant_args(None)]
+    args = [layout.params, tm_q, tm_k, tm_v, out, lse, block_table, context_lens, *fw.variant_args(values)]
     hkv = int(k_cache.shape[2])
     shape = _v.AttentionShape(b, hq, hkv, nq, layout.capacity, d, layout.dtype, "cuda")
     problem = FlashProblem(q, k_cache, v_cache, out, lse, shape, bool(causal), scale, tuple(q.stride())[:3],
                            tuple(int(x) for x in layout.params["k_stride"]),
                            tuple(int(x) for x in layout.params["v_stride"]), tuple(out.stride())[:3],
-                           tuple(lse.stride())[:2], CUDA)
+                           tuple(lse.stride())[:2], CUDA, variant=BASE if variant is None else variant,
+                           values=VariantValues() if values is None else values)
     return PreparedLaunch(be, kern, layout.grid, layout.block, args, layout.shared_bytes, problem, layout.config,
                           family="wgmma", reason=f"paged prefill, block size {layout.page_size}")

@@ -155,6 +155,10 @@ class VariantValues:
                     window=self.window or None, softcap=self.softcap or None)
 
 
+#: Index of the ALiBi slopes in :func:`buffer_args` (the paged decode kernel takes that one alone).
+BUFFER_ALIBI_SLOPES = 2
+
+
 def buffer_args(values: Optional[VariantValues]) -> list:
     """The variant buffer arguments the CUDA flash kernels take last: rope_cos, rope_sin,
     alibi_slopes (null pointers where the variant reads none; all null for None)."""

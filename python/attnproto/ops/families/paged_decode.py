@@ -16,6 +16,13 @@ mostly idle wave only adds a tail: the split findings of results/nvidia-h200/pro
 ``MIN_PARTITION_KEYS`` keys (below that the per-CTA prologue, merge
 and the reduce's extra traffic outweigh the parallelism). Prototype 3 sweeps the partition count to measure both
 constants (finding "when split-KV pays").
+
+Variants (Prototype 7, :mod:`attnproto.ops.variants`): ALiBi (standard or given slopes), a left
+sliding window and a logit soft cap are compile-time constants of the partition kernel
+(:data:`VARIANT_FEATURES`; RoPE is not: paged K is stored rotated). With a window only the last
+``window + Nq - 1`` keys of a sequence are visible, so :func:`partition_plan` sizes the
+partitions over that span instead of the whole context (the partitions left of the window load
+no tile and cost one near-empty CTA each).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..paged_problem import CONTIGUOUS, HEAD_DIMS, MAX_DECODE_TOKENS, PAGE_SIZES, PagedProblem
+from ..variants import BASE, Variant
 
 KERNEL = "paged_decode"
 REDUCE_KERNEL = "paged_decode_reduce"
@@ -49,6 +57,19 @@ TARGET_CTAS_PER_SM = 2
 MIN_PARTITION_KEYS = 64
 #: Most partitions of one sequence (bounds the workspace and the reduce's loop).
 MAX_PARTITIONS = 1024
+#: The variant features the partition kernel takes (attnproto.ops.variants.FEATURES).
+VARIANT_FEATURES = ("alibi_standard", "alibi_slopes", "window", "softcap")
+#: The variants CI NVRTC-compiles beside the base kernel: each feature alone, Gemma 2's window +
+#: soft cap, and all three at once with each slope source.
+VARIANT_SPECIALISATIONS = (
+    Variant(alibi="standard"),
+    Variant(alibi="slopes"),
+    Variant(window=True),
+    Variant(softcap=True),
+    Variant(window=True, softcap=True),
+    Variant(alibi="standard", window=True, softcap=True),
+    Variant(alibi="slopes", window=True, softcap=True),
+)
 
 
 @dataclass(frozen=True)
@@ -133,15 +154,20 @@ def choose_config(head_dim: int, nq: int, group: int, *, packed: bool = True) ->
 
 
 def partition_plan(problem: PagedProblem, config: DecodeConfig, num_sms: int, num_partitions: Any = "auto",
-                   max_context: Optional[int] = None) -> Tuple[int, int, str]:
+                   max_context: Optional[int] = None, window: int = 0) -> Tuple[int, int, str]:
     """(partitions in the grid, keys per partition, why). The grid always covers the table's whole
     capacity (a context may grow up to it without a new plan); ``max_context`` (the longest context
-    the caller expects, default the capacity) sizes the partitions."""
+    the caller expects, default the capacity) sizes the partitions. ``window`` (0: none): the
+    visible span of one step is window + Nq - 1 keys, which then sizes them (never fewer keys per
+    partition than cover the capacity in MAX_PARTITIONS)."""
     capacity = problem.capacity
     tile = config.tile_keys
     hint = capacity if max_context is None else int(max_context)
     if not 1 <= hint <= capacity:
         raise ValueError(f"max_context: {max_context} out of range [1, {capacity}] (the table's capacity)")
+    windowed = window > 0 and window + problem.seq_q - 1 < hint
+    if windowed:
+        hint = window + problem.seq_q - 1
     if num_partitions == "auto":
         ctas = problem.batch * problem.num_kv_heads * (problem.group // config.heads)
         slots = TARGET_CTAS_PER_SM * num_sms
@@ -158,6 +184,9 @@ def partition_plan(problem: PagedProblem, config: DecodeConfig, num_sms: int, nu
             raise ValueError(f"num_partitions: expected 'auto' or a positive int, got {num_partitions!r}")
         parts, why = min(num_partitions, MAX_PARTITIONS), "given"
     size = math.ceil(math.ceil(hint / parts) / tile) * tile
+    if windowed:  # the partitions of the span, repeated over the capacity: within MAX_PARTITIONS
+        size = max(size, math.ceil(math.ceil(capacity / MAX_PARTITIONS) / tile) * tile)
+        why += f"; sized over the window's {hint} visible keys"
     grid = math.ceil(capacity / size)
     if grid > MAX_PARTITIONS:
         raise ValueError(f"max_context: partitions of {size} keys over a capacity of {capacity} need {grid} "
@@ -165,11 +194,26 @@ def partition_plan(problem: PagedProblem, config: DecodeConfig, num_sms: int, nu
     return grid, size, why
 
 
-def constants(problem: PagedProblem, config: DecodeConfig, split: bool) -> Dict[str, int]:
+def check_variant_features(variant: Variant) -> None:
+    """ValueError naming the argument of a feature the partition kernel does not take."""
+    for feature in variant.features():
+        if feature not in VARIANT_FEATURES:
+            arg = "rope" if feature.startswith("rope") else feature.split("_")[0]
+            raise ValueError(f"{arg}: the paged decode kernel takes {', '.join(VARIANT_FEATURES)}, not {feature}"
+                             + (" (paged K is stored rotated; use rope_append / fused_prefill)"
+                                if arg == "rope" else ""))
+
+
+def constants(problem: PagedProblem, config: DecodeConfig, split: bool,
+              variant: Optional[Variant] = None) -> Dict[str, int]:
+    """The partition kernel's constants; ``variant`` None is the base kernel (every variant constant 0)."""
+    variant = BASE if variant is None else variant
+    check_variant_features(variant)
     page = 0 if problem.layout == CONTIGUOUS else problem.block_size
     return {"HEAD_DIM": problem.head_dim, "PAGE_SIZE": page, "HEADS": config.heads,
             "NQ": problem.seq_q, "WARPS": config.warps, "KEYS_PER_WARP": config.keys_per_warp,
-            "STAGES": config.stages, "SPLIT": int(split), "DTYPE": DTYPE_CODES[problem.dtype]}
+            "STAGES": config.stages, "SPLIT": int(split), "DTYPE": DTYPE_CODES[problem.dtype],
+            **variant.constants()}
 
 
 def reduce_constants(problem: PagedProblem) -> Dict[str, int]:
@@ -180,11 +224,14 @@ def specialisations() -> List[Tuple[str, Dict[str, int]]]:
     """What CI compiles and the device precompiles, every constant value at least once: each page
     size (and the contiguous policy, 0) x split x dtype at D = 128, one token, the packed group of 8
     (Prototype 3's main shape); and each D x dtype x NQ in {1, 4} x heads per CTA (groups 1, 4, 8)
-    at page 16, split and not; plus the reduce of every D x NQ x dtype."""
-    def spec(d: int, page: int, heads: int, nq: int, split: int, code: int) -> Tuple[str, Dict[str, int]]:
+    at page 16, split and not; plus the reduce of every D x NQ x dtype; and each of
+    :data:`VARIANT_SPECIALISATIONS` at the main shape (split, bf16; NQ 4 for the window)."""
+    def spec(d: int, page: int, heads: int, nq: int, split: int, code: int,
+             variant: Variant = BASE) -> Tuple[str, Dict[str, int]]:
         cfg = DecodeConfig(heads=heads, stages=default_stages(d))
         return (KERNEL, {"HEAD_DIM": d, "PAGE_SIZE": page, "HEADS": heads, "NQ": nq, "WARPS": cfg.warps,
-                         "KEYS_PER_WARP": cfg.keys_per_warp, "STAGES": cfg.stages, "SPLIT": split, "DTYPE": code})
+                         "KEYS_PER_WARP": cfg.keys_per_warp, "STAGES": cfg.stages, "SPLIT": split, "DTYPE": code,
+                         **variant.constants()})
 
     out: List[Tuple[str, Dict[str, int]]] = []
     main_heads = choose_config(128, 1, 8)[0].heads
@@ -198,6 +245,11 @@ def specialisations() -> List[Tuple[str, Dict[str, int]]]:
                     for split in (0, 1):
                         out.append(spec(d, 16, h, nq, split, code))
                 out.append((REDUCE_KERNEL, {"HEAD_DIM": d, "NQ": nq, "DTYPE": code}))
+    bf16 = DTYPE_CODES["bfloat16"]
+    for variant in VARIANT_SPECIALISATIONS:
+        nq = 4 if variant.window else 1
+        out.append(spec(128, 16, choose_config(128, nq, 8)[0].heads, nq, 1, bf16, variant))
+    out.append(spec(64, 128, 4, 1, 0, DTYPE_CODES["float16"], VARIANT_SPECIALISATIONS[-1]))
     seen, unique = set(), []
     for name, c in out:
         key = (name, tuple(sorted(c.items())))

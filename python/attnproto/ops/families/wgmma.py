@@ -111,12 +111,18 @@ class WgmmaFamily(Family):
 
 def paged_specialisations() -> List[Spec]:
     """Paged prefill (attnproto.ops.paged_prefill_wgmma): block size x head dim x mask x dtype
-    at the default tiles."""
-    from .. import paged_prefill_wgmma as _pp  # noqa: PLC0415
+    at the default tiles; and its variants (paged_prefill_wgmma.VARIANT_SPECIALISATIONS) causal, bf16,
+    at block size 16 and D = 128, the last (every feature at once) also at block sizes 1 and 128, D = 64."""
+    from .. import chooser, paged_prefill_wgmma as _pp  # noqa: PLC0415
 
-    return [(_fw.KERNEL_NAME, _fw.constants(_fw.default_config(d, causal), d, causal, dtype, page))
-            for page in _pp.PAGE_SIZES for d in _fw.HEAD_DIMS for causal in (False, True)
-            for dtype in _fw.DTYPE_CODES]
+    out = [(_fw.KERNEL_NAME, _fw.constants(_fw.default_config(d, causal), d, causal, dtype, page))
+           for page in _pp.PAGE_SIZES for d in _fw.HEAD_DIMS for causal in (False, True)
+           for dtype in _fw.DTYPE_CODES]
+    points = [(16, 128, var) for var in _pp.VARIANT_SPECIALISATIONS]
+    points += [(page, 64, _pp.VARIANT_SPECIALISATIONS[-1]) for page in (1, 128)]
+    out += [(_fw.KERNEL_NAME, _fw.constants(_fw.default_config(d, True), d, True, chooser.SWEEP_DTYPE, page, var))
+            for page, d, var in points]
+    return out
 
 
 FAMILY = WgmmaFamily()
