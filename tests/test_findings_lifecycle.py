@@ -400,7 +400,7 @@ def _failing(exc, write_artefact=True):
     (FindingError("bad finding"), cli.EXIT_FAILED),
     (OSError(28, "No space left on device"), cli.EXIT_FAILED),
     (KeyboardInterrupt(), cli.EXIT_INTERRUPTED),
-    (RuntimeError("a bug"), RuntimeError),
+    (RuntimeError("a bug"), cli.EXIT_FAILED),    # a bug in an experiment: one line naming it, no traceback
 ])
 def test_failed_run_leaves_previous_results_byte_identical(tmp_path, monkeypatch, capsys, exc, expected):
     monkeypatch.setenv("ATTNPROTO_NO_TQDM", "1")
@@ -420,7 +420,10 @@ def test_failed_run_leaves_previous_results_byte_identical(tmp_path, monkeypatch
     (device_dir,) = out.iterdir()
     assert [p.name for p in device_dir.iterdir()] == ["smoke"]        # no staging directory left
     if expected == cli.EXIT_FAILED:
-        assert f"experiment smoke failed: {exc}" in err and "is unchanged" in err and "Traceback" not in err
+        assert f"experiment smoke failed: " in err and str(exc) in err and "is unchanged" in err
+        assert "Traceback" not in err
+    if type(exc) is RuntimeError:
+        assert "RuntimeError: a bug (at test_findings_lifecycle.py:" in err    # the type and where it was raised
 
 
 def test_failed_first_run_creates_no_directories(tmp_path, monkeypatch, capsys):
