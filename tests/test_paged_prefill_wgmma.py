@@ -35,7 +35,12 @@ def _torch():
 # ------------------------------------------------------------------ specialisations
 def test_every_paged_specialisation_is_listed_for_ci():
     listed = wgmma_family.FAMILY.specialisations()
-    paged = [(n, c) for n, c in listed if c["PAGE_SIZE"]]
+    variant_keys = ("ROPE", "ROPE_TABLE", "ALIBI", "WINDOW", "SOFTCAP")
+    # the base variant at every block size x D x mask x dtype; the paged variant specialisations
+    # (ALiBi / window / soft cap, never RoPE) come on top of them
+    paged_variants = [c for _, c in listed if c["PAGE_SIZE"] and any(c[k] for k in variant_keys)]
+    assert paged_variants and not any(c["ROPE"] or c["ROPE_TABLE"] for c in paged_variants)
+    paged = [(n, c) for n, c in listed if c["PAGE_SIZE"] and not any(c[k] for k in variant_keys)]
     want = {(p, d, causal, dt) for p in pp.PAGE_SIZES for d in fw.HEAD_DIMS for causal in (0, 1)
             for dt in fw.DTYPE_CODES.values()}
     got = {(c["PAGE_SIZE"], c["HEAD_DIM"], c["CAUSAL"], c["DTYPE"]) for _, c in paged}
