@@ -7,22 +7,4 @@
 # Idempotent: returns at once when everything is already installed.
 set -eu
 
-PACKAGES="clang-19 g++ libgnustep-base-dev"
-
-missing=""
-for pkg in $PACKAGES; do
-  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-    missing="$missing $pkg"
-  fi
-done
-
-if [ -z "$missing" ]; then
-  echo "metal_deps: all present ($PACKAGES)"
-  exit 0
-fi
-
-echo "metal_deps: installing$missing"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-# shellcheck disable=SC2086
-apt-get install -y -qq --no-install-recommends $missing
+exec sh "$(dirname "$0")/debian_packages.sh" metal_deps clang-19 g++ libgnustep-base-dev
