@@ -25,7 +25,6 @@ a GPU and so its numerical behaviour can be studied on the host.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
@@ -123,16 +122,6 @@ def _load(x: Any, name: str) -> Array:
 def _check_flags(**flags: Any) -> None:
     for name, value in flags.items():
         _v.check_bool(value, name)
-
-
-def _check_real(value: Any, name: str, *, positive: bool = False) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0.0):
-        raise ValueError(f"{name}: must be finite{' and positive' if positive else ''}, "
-                         f"got {value}")
-    return value
 
 
 # ------------------------------------------------------------- position terms
@@ -275,7 +264,7 @@ def _head_slopes(alibi: bool, num_heads: int, num_kv_heads: int,
     if slopes is not None:
         m = _check_slopes(_v.to_host_numpy(slopes, "alibi_slopes"), num_heads).astype(_F32)
     else:
-        m = _alibi_slopes32(num_heads, _check_real(max_bias, "alibi_max_bias"))
+        m = _alibi_slopes32(num_heads, _v.check_real(max_bias, "alibi_max_bias"))
     return m.reshape(num_kv_heads, num_heads // num_kv_heads)
 
 
@@ -320,7 +309,7 @@ def flash_forward(q: Any, k: Any, v: Any, *, block_r: int, block_c: int, causal:
     slopes = _head_slopes(alibi, shape.num_heads, shape.num_kv_heads, alibi_max_bias, alibi_slopes)
     q32, k32, v32 = _load(q, "q"), _load(k, "k"), _load(v, "v")
     if style is not None:
-        theta = _check_real(rope_theta, "rope_theta", positive=True)
+        theta = _v.check_real(rope_theta, "rope_theta", positive=True)
         q32 = _rope32(q32, theta, np.arange(shape.seq_q) + (rope_offset + shape.seq_kv - shape.seq_q), style)
         k32 = _rope32(k32, theta, np.arange(shape.seq_kv) + rope_offset, style)
     window, softcap = _check_window_softcap(window, softcap)
@@ -536,7 +525,7 @@ def linear_chunk_o(q: Any, k: Any, v: Any, states: Any, *, chunk_size: int,
     Returns O [B, H, N, Dv].
     """
     shape, log_g, chunk_size = _linear_setup(q, k, v, chunk_size, decay)
-    scale = _check_real(scale, "scale")
+    scale = _v.check_real(scale, "scale")
     num_chunks = -(-shape.seq_len // chunk_size)
     expected = (shape.batch, shape.num_heads, num_chunks, shape.key_dim, shape.value_dim)
     si = _v.check_tensor(states, "states", ndim=5, allowed_dtypes=("float32", "float64"),

@@ -209,6 +209,16 @@ def check_bool(value: Any, name: str) -> bool:
     return bool(value)
 
 
+def check_real(value: Any, name: str, *, positive: bool = False) -> float:
+    """A finite real number (and > 0 with ``positive``); TypeError for bools and non-numbers."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0.0):
+        raise ValueError(f"{name}: must be finite{' and positive' if positive else ''}, got {value}")
+    return value
+
+
 def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")

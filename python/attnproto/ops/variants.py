@@ -21,7 +21,6 @@ another is refused with the argument's name and the reason (AC-5.5), and the ker
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -170,15 +169,6 @@ def buffer_args(values: Optional[VariantValues]) -> list:
     return [null if x is None else x for x in (values.rope_cos, values.rope_sin, values.alibi_slopes)]
 
 
-def _finite(value: Any, name: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0.0):
-        raise ValueError(f"{name}: must be finite{' and positive' if positive else ''}, got {value}")
-    return value
-
-
 def _check_buffer(x: Any, name: str, shape: Tuple[int, ...], q: Any, location: str) -> None:
     info = _v.tensor_info(x, name)
     if info.dtype != "float32":
@@ -213,7 +203,7 @@ def check_variant(q: Any, shape: _v.AttentionShape, location: str, *, rope: Any 
     else:
         if shape.head_dim % 2:
             raise ValueError(f"rope: RoPE needs an even head_dim, got {shape.head_dim}")
-        values["rope_theta"] = _finite(rope_theta, "rope_theta", positive=True)
+        values["rope_theta"] = _v.check_real(rope_theta, "rope_theta", positive=True)
         offset = _v.check_nonnegative_int(rope_offset, "rope_offset")
         if offset + shape.seq_kv > MAX_WINDOW:
             raise ValueError(f"rope_offset: positions up to {offset + shape.seq_kv} exceed {MAX_WINDOW}")
@@ -238,7 +228,7 @@ def check_variant(q: Any, shape: _v.AttentionShape, location: str, *, rope: Any 
     alibi_mode = None
     if alibi is True:
         alibi_mode = "standard"
-        values["alibi_max_bias"] = _finite(alibi_max_bias, "alibi_max_bias", positive=False)
+        values["alibi_max_bias"] = _v.check_real(alibi_max_bias, "alibi_max_bias")
     elif alibi is not False and alibi is not None:
         _check_buffer(alibi, "alibi", (shape.num_heads,), q, location)
         alibi_mode = "slopes"
@@ -251,7 +241,7 @@ def check_variant(q: Any, shape: _v.AttentionShape, location: str, *, rope: Any 
         # kernels' 32-bit position - window arithmetic far from overflow.
         values["window"] = min(w, max(1, shape.seq_kv))
     if softcap is not None:
-        values["softcap"] = _finite(softcap, "softcap", positive=True)
+        values["softcap"] = _v.check_real(softcap, "softcap", positive=True)
     variant = Variant(rope=style, rope_source=rope_source, alibi=alibi_mode, window=window is not None,
                       softcap=softcap is not None)
     return variant, VariantValues(**values)
