@@ -18,7 +18,7 @@ from different prototypes mean the same thing:
   experiment runner fails an experiment whose longest one exceeds
   :data:`WATCHDOG_MAX_DISPATCH_MS`.
 
-Nothing here needs a GPU or torch.
+Nothing here needs a GPU or torch (capture_cuda_graph imports torch when called).
 """
 from __future__ import annotations
 
@@ -149,6 +149,23 @@ def from_native(stats: Any) -> TimingStats:
     """The native module's TimingStats (GPU backends' time_launch / time / time_sequence);
     its samples reach the watchdog here too (:func:`timing`, device clock)."""
     return timing(list(stats.samples_ms), clock="device")
+
+
+def capture_cuda_graph(fn: Callable[[], Any]) -> Any:
+    """``fn`` run once on a side stream (its lazy work done: kernels compiled, workspaces sized),
+    then captured into a torch CUDA graph, which is returned (``.replay()`` runs it). Imports torch
+    only when called; capture errors propagate to the caller."""
+    import torch  # noqa: PLC0415
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 # ---- the watchdog (NFR-12) ----

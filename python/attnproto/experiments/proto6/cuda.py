@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Optional
 
-from ... import ref
+from ... import lab, ref
 from ...findings import fmt_ratio
 from ...ops import linear as lin
 from ..registry import ExperimentContext, ExperimentError, ExperimentResult
@@ -67,14 +67,7 @@ def _time_cuda(be: Any, fn: Callable[[], Any], quick: bool) -> Any:
 def _graphed(torch: Any, fn: Callable[[], Any]) -> tuple[Callable[[], Any], bool]:
     """fn captured in a CUDA graph (launch gaps out of the timing), or fn itself."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = lab.capture_cuda_graph(fn)
         torch.cuda.synchronize()
         return graph.replay, True
     except Exception:  # noqa: BLE001 - any capture failure falls back to eager launches (recorded)

@@ -128,15 +128,7 @@ def _decode_fn(model: Any, impl: str, batch: int, context: int, device: str, gra
 
     if not graph:
         return step
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    return g.replay
+    return lab.capture_cuda_graph(step).replay
 
 
 def read_bandwidth(device: str) -> Optional[Dict[str, Any]]:

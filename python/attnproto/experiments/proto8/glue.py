@@ -142,15 +142,7 @@ def dispatch(ctx: ExperimentContext, device: str, dtype: Any) -> List[dict]:
             "dtype": str(dtype).replace("torch.", ""), "calls": calls}
     paths = {"op": op, "direct": direct, "sdpa": sdpa}
     if device == "cuda":
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            op()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            op()
-        paths["graph_replay"] = graph.replay
+        paths["graph_replay"] = lab.capture_cuda_graph(op).replay
     for name, fn in paths.items():
         t = per_call_us(fn, sync, calls, C.DISPATCH_SAMPLES)
         rows.append(ctx.record({**base, "path": name}, {"per_call_us": t.median_ms * C.US_PER_MS}, t))
