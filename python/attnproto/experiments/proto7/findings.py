@@ -39,8 +39,8 @@ def _overhead(ctx: ExperimentContext, recs: List[dict], n: int, feature: str, ta
     if target is not None:
         ev["target_pct"] = 100.0 * target
     claim = (f"Fused {feature} on the wgmma kernel (N={n}, B={C.batch_of(n)}, {C.NUM_HEADS} query heads, D={C.HEAD_DIM}, "
-             f"bf16, causal, the base kernel's tiles {worst['config'].get('tile', '')}): over the base kernel of the same "
-             "run by " + ", ".join(f"{r['config']['case']} g{r['config']['group']} "
+             f"bf16, causal, tiles {', '.join(sorted({r['config'].get('tile', '') for r in rows}))}): over the base "
+             "kernel of the same run at the same tiles by " + ", ".join(f"{r['config']['case']} g{r['config']['group']} "
                                    f"{fmt_pct(r['metrics']['over_base_pct'] / 100.0)}" for r in rows)
              + f"; worst {worst['config']['case']} at group {worst['config']['group']}"
              + (f"; target <= {fmt_pct(target)}: {_met(ok)}" if target is not None else " (the issue sets no target)"))
